@@ -1,0 +1,1 @@
+"""tristage data package: sources, buckets, the cache pass and the feature loader."""

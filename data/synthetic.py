@@ -1,0 +1,243 @@
+"""The offline demo world: coloured shapes on plain backgrounds.
+
+The world is small enough to learn on two CPU cores in minutes, yet it has the
+structure the three PixArt stages need: 18 classes (colour x shape) for the
+class-conditional stage 1, LLaVA-style captions for stage 2, and a scored,
+multi-aspect, higher-resolution set for stage 3.  Six colour/shape/background
+combinations are held out of the text stages so that samples for them test
+composition rather than memorisation.
+
+Every writer emits the *raw* formats the real readers consume (ImageNet-style
+webdataset tars with ``.cls``, SA-1B tars with a LLaVA caption file, an
+aesthetic image folder with JSONL metadata), so the demo exercises the same
+code paths as a real run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 40),
+    "purple": (140, 60, 180),
+    "orange": (240, 130, 30),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+}
+# (colour, shape, background) triples that never appear in stage 2 or stage 3 data.
+HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
+    {
+        ("red", "triangle", "black"),
+        ("green", "circle", "gray"),
+        ("blue", "square", "white"),
+        ("yellow", "triangle", "gray"),
+        ("purple", "square", "black"),
+        ("orange", "circle", "white"),
+    }
+)
+# Stage 1 classes: colour x shape, in a fixed order (class id = index).
+CLASSES: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
+
+_POSITIONS = {
+    (0, 0): "in the top left",
+    (0, 1): "near the top",
+    (0, 2): "in the top right",
+    (1, 0): "on the left",
+    (1, 1): "centered",
+    (1, 2): "on the right",
+    (2, 0): "in the bottom left",
+    (2, 1): "near the bottom",
+    (2, 2): "in the bottom right",
+}
+_TEMPLATES = (
+    "The image shows a {core}, {where}.",
+    "In this picture there is a {core}. The shape is {where}.",
+    "This is a simple illustration of a {core}, {where}.",
+    "A {size} {core}. It is {where}.",
+    "The picture features a {core}; the {shape} is {size} and {where}.",
+)
+
+
+def class_name(index: int) -> str:
+    """Human label of stage-1 class ``index``, e.g. ``"red circle"``."""
+    colour, shape = CLASSES[index]
+    return f"{colour} {shape}"
+
+
+def core_phrase(colour: str, shape: str, background: str) -> str:
+    """The phrase every caption contains: ``a {colour} {shape} on a {background} background``."""
+    return f"a {colour} {shape} on a {background} background"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One drawn image: what is in it and where."""
+
+    colour: str
+    shape: str
+    background: str
+    height: int
+    width: int
+    cx: float  # centre x, pixels
+    cy: float  # centre y, pixels
+    side: float  # shape size, pixels
+
+
+def sample_scene(rng: random.Random, colour: str, shape: str, background: str, height: int, width: int) -> Scene:
+    """Random position and a size of 30-60% of the short side, fully inside the image."""
+    side = rng.uniform(0.30, 0.60) * min(height, width)
+    cx = rng.uniform(side / 2, width - side / 2)
+    cy = rng.uniform(side / 2, height - side / 2)
+    return Scene(colour, shape, background, height, width, cx, cy, side)
+
+
+def render(scene: Scene, supersample: int = 4) -> Image.Image:
+    """Draw ``scene`` with anti-aliased edges (drawn large, then downsampled)."""
+    s = supersample
+    img = Image.new("RGB", (scene.width * s, scene.height * s), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    fill = COLOURS[scene.colour]
+    cx, cy, r = scene.cx * s, scene.cy * s, scene.side * s / 2
+    if scene.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif scene.shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    return img.resize((scene.width, scene.height), Image.LANCZOS)
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """A LLaVA-style caption that always contains :func:`core_phrase`."""
+    row = min(int(3 * scene.cy / scene.height), 2)
+    col = min(int(3 * scene.cx / scene.width), 2)
+    size = "large" if scene.side > 0.45 * min(scene.height, scene.width) else "small"
+    template = rng.choice(_TEMPLATES)
+    core = core_phrase(scene.colour, scene.shape, scene.background)
+    return template.format(core=core, where=_POSITIONS[(row, col)], size=size, shape=scene.shape)
+
+
+def text_combinations() -> list[tuple[str, str, str]]:
+    """All (colour, shape, background) triples allowed in the text stages."""
+    return [
+        (c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS if (c, s, b) not in HELD_OUT
+    ]
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        img.save(buf, format="JPEG", quality=95, subsampling=0)
+    else:
+        img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def _shard_chunks(n: int, per_shard: int) -> Iterator[range]:
+    for start in range(0, n, per_shard):
+        yield range(start, min(n, start + per_shard))
+
+
+def write_stage1(out: Path, n: int, size: int = 64, seed: int = 0, per_shard: int = 500) -> Path:
+    """ImageNet-style webdataset tars (``KEY.png`` + ``KEY.cls``) plus ``synsets.txt``.
+
+    Backgrounds are random; every class gets the same number of images.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    (out / "synsets.txt").write_text("".join(f"n{i:08d} {class_name(i)}\n" for i in range(len(CLASSES))))
+    for shard, idx in enumerate(_shard_chunks(n, per_shard)):
+        with tarfile.open(out / f"imagenet-{shard:05d}.tar", "w") as tar:
+            for i in idx:
+                label = i % len(CLASSES)
+                colour, shape = CLASSES[label]
+                scene = sample_scene(rng, colour, shape, rng.choice(list(BACKGROUNDS)), size, size)
+                _add(tar, f"{i:08d}.png", _encode(render(scene), "PNG"))
+                _add(tar, f"{i:08d}.cls", str(label).encode())
+    return out
+
+
+def write_stage2(out: Path, n: int, size: int = 64, seed: int = 1, per_shard: int = 500) -> Path:
+    """SA-1B-style tars (``sa_N.jpg`` + ``sa_N.json``) and a LLaVA caption JSONL (id -> caption)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    combos = text_combinations()
+    with open(out / "llava_captions.jsonl", "w") as captions:
+        for shard, idx in enumerate(_shard_chunks(n, per_shard)):
+            with tarfile.open(out / f"sa_{shard:06d}.tar", "w") as tar:
+                for i in idx:
+                    scene = sample_scene(rng, *combos[i % len(combos)], size, size)
+                    image_id = f"sa_{i + 1}"
+                    meta = {"image": {"image_id": i + 1, "width": size, "height": size, "file_name": f"{image_id}.jpg"}}
+                    _add(tar, f"{image_id}.jpg", _encode(render(scene), "JPEG"))
+                    _add(tar, f"{image_id}.json", json.dumps(meta).encode())
+                    captions.write(json.dumps({"id": image_id, "caption": caption(scene, rng)}) + "\n")
+    return out
+
+
+# (height, width) of the stage-3 images: three aspect-ratio buckets at 128 px.
+STAGE3_SIZES: tuple[tuple[int, int], ...] = ((128, 128), (96, 160), (160, 96))
+
+
+def write_stage3(out: Path, n: int, seed: int = 2) -> Path:
+    """An aesthetic image folder with ``metadata.jsonl`` (file, caption, aesthetic_score).
+
+    About a quarter of the images are "low quality" (a smaller, off-centre shape)
+    and get a score below 5.0, so the stage's score threshold has work to do.
+    """
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    combos = text_combinations()
+    with open(out / "metadata.jsonl", "w") as meta:
+        for i in range(n):
+            height, width = STAGE3_SIZES[i % len(STAGE3_SIZES)]
+            scene = sample_scene(rng, *combos[(i // len(STAGE3_SIZES)) % len(combos)], height, width)
+            score = rng.uniform(5.5, 7.5) if rng.random() > 0.25 else rng.uniform(3.0, 4.9)
+            name = f"{i:06d}.png"
+            render(scene).save(images / name)
+            record = {"file": name, "caption": caption(scene, rng), "aesthetic_score": round(score, 3)}
+            meta.write(json.dumps(record) + "\n")
+    return out
+
+
+def shape_colour(image: Image.Image | np.ndarray) -> str | None:
+    """Name the palette colour of the shape in ``image``, or None if no shape stands out.
+
+    The background is the median of the border pixels; shape pixels are those
+    far (> 60 RGB units) from it.  Their median colour is matched to the nearest
+    palette entry.  This is the demo's adherence metric.
+    """
+    arr = np.asarray(image, dtype=np.float32)[..., :3]
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    background = np.median(border, axis=0)
+    mask = np.linalg.norm(arr - background, axis=-1) > 60
+    if mask.sum() < 0.02 * mask.size:
+        return None
+    centre = np.median(arr[mask], axis=0)  # median: robust to anti-aliased edge pixels
+    names = list(COLOURS)
+    dists = [np.linalg.norm(centre - np.array(COLOURS[n])) for n in names]
+    return names[int(np.argmin(dists))]

@@ -1,0 +1,1 @@
+"""tristage training package."""
