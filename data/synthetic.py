@@ -66,12 +66,11 @@ _POSITIONS = {
     (2, 2): "in the bottom right",
 }
 _TEMPLATES = (
-    "The image shows a {core}, {where}.",
-    "In this picture there is a {core}. The shape is {where}.",
-    "This is a simple illustration of a {core}, {where}.",
-    "A {size} {core}. It is {where}.",
-    "The picture features a {core}; the {shape} is {size} and {where}.",
-)
+    "The image shows {core}, {where}.",
+    "In this picture there is {core}. The shape is {where}.",
+    "This is a simple illustration of {core}, {where}.",
+    "A {size} shape: {core}. It is {where}.",
+    "The picture features {core}; the {shape} is {size} and {where}.")
 
 
 def class_name(index: int) -> str:
