@@ -1,0 +1,412 @@
+"""Training objective: noise schedule, targets and the IDDPM hybrid loss.
+
+The trainer never computes a loss itself (DiT style); it calls ``Objective.loss(model, batch)``.
+
+Conventions
+-----------
+* Discrete diffusion ("epsilon", "v"): integer timesteps ``t`` in ``[0, T)``, ``x_t = a x0 + b eps`` with
+  ``a = sqrt(alpha_bar_t)`` and ``b = sqrt(1 - alpha_bar_t)`` (Ho et al. 2020).
+* Rectified flow ("flow"): continuous ``s`` in ``[0, 1)``, ``x_t = (1 - s) x0 + s eps``. The model, the
+  ``timesteps`` metric and the ``timesteps=`` override all use ``s * T`` (a float), so the same timestep
+  embedder serves both and ``FlowMatchEulerDiscreteScheduler``'s ``sigma * 1000`` convention matches.
+* Every prediction is linear in ``(x0, eps)``: ``pred = c x0 + d eps``. With ``x_t = a x0 + b eps`` the
+  2x2 system inverts to ``x0 = (d x_t - b pred) / det`` and ``eps = (a pred - c x_t) / det`` with
+  ``det = a d - b c``; ``to_eps`` / ``to_x0`` use that for all three parameterisations.
+
+The schedule is built once in float64 (as IDDPM does in numpy) and cast to the working dtype when
+gathered. Nothing here calls ``.item()`` or otherwise syncs with the host.
+
+References: Nichol & Dhariwal 2021, "Improved DDPM" (IDDPM, arXiv:2102.09672), and its code
+``improved_diffusion/gaussian_diffusion.py``; DiT (Peebles & Xie 2023, ``diffusion/gaussian_diffusion.py``),
+which PixArt-alpha reuses; Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"
+(arXiv:2303.09556); Liu et al. 2022, "Flow Straight and Fast" (rectified flow).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+LN2 = math.log(2.0)
+
+# Beta schedules, named as diffusers names them so `scheduler_kwargs` can pass the name straight through.
+# Both are computed in float64; diffusers computes them in float32 (differences ~1e-7 relative).
+BETA_SCHEDULES: dict[str, Callable[[float, float, int], torch.Tensor]] = {
+    "linear": lambda start, end, n: torch.linspace(start, end, n, dtype=torch.float64),
+    "scaled_linear": lambda start, end, n: torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2,
+}
+
+# Target coefficients (c, d) of `pred = c x0 + d eps` given the mixing coefficients (a, b).
+TARGET_COEFFICIENTS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
+    "epsilon": lambda a, b: (torch.zeros_like(a), torch.ones_like(a)),
+    "v": lambda a, b: (-b, a),  # Salimans & Ho 2022: v = a eps - b x0
+    "flow": lambda a, b: (-torch.ones_like(a), torch.ones_like(a)),  # velocity d x_t / d s = eps - x0
+}
+
+# Min-SNR-gamma (Hang et al. 2023, eq. 12 and its v variant): weight = min(SNR, gamma) / denominator.
+MIN_SNR_DENOMINATOR: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "epsilon": lambda snr: snr,
+    "v": lambda snr: snr + 1.0,
+}
+
+# The diffusers `prediction_type` that matches each exportable prediction.
+DIFFUSERS_PREDICTION_TYPE: dict[str, str] = {"epsilon": "epsilon", "v": "v_prediction"}
+
+WEIGHTINGS = ("none", "min_snr")
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the denoiser predicts, the noise schedule and the loss weighting."""
+
+    prediction: str = "epsilon"
+    """Model target: "epsilon" (noise, PixArt/DiT default), "v" (v-prediction) or "flow" (rectified flow)."""
+    learn_sigma: bool = True
+    """IDDPM learned-range variance: the model outputs 2*C channels and the loss adds the VLB term."""
+    num_timesteps: int = 1000
+    """Number of discrete diffusion steps T (for "flow": the scale of the model's timestep input)."""
+    beta_start: float = 1e-4
+    """First beta of the schedule (PixArt / DiT: 1e-4)."""
+    beta_end: float = 0.02
+    """Last beta of the schedule (PixArt / DiT: 0.02)."""
+    beta_schedule: str = "linear"
+    """How betas go from beta_start to beta_end: "linear" (PixArt / DiT) or "scaled_linear" (SD)."""
+    weighting: str = "none"
+    """Per-timestep MSE weighting: "none" or "min_snr" (Hang et al. 2023; epsilon and v only)."""
+    min_snr_gamma: float = 5.0
+    """The gamma of min-SNR-gamma weighting (the paper's default is 5)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field if any value is out of range or inconsistent."""
+        _check_choice("prediction", self.prediction, TARGET_COEFFICIENTS)
+        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _check_choice("weighting", self.weighting, WEIGHTINGS)
+        if not isinstance(self.learn_sigma, bool):
+            raise ValueError(f"ObjectiveConfig.learn_sigma must be a bool, got {self.learn_sigma!r}")
+        if isinstance(self.num_timesteps, bool) or not isinstance(self.num_timesteps, int):
+            raise ValueError(f"ObjectiveConfig.num_timesteps must be an int, got {self.num_timesteps!r}")
+        if self.num_timesteps < 2:
+            raise ValueError(f"ObjectiveConfig.num_timesteps must be >= 2, got {self.num_timesteps}")
+        if not 0.0 < self.beta_start < 1.0:
+            raise ValueError(f"ObjectiveConfig.beta_start must be in (0, 1), got {self.beta_start!r}")
+        if not self.beta_start <= self.beta_end < 1.0:
+            raise ValueError(
+                f"ObjectiveConfig.beta_end must be in [beta_start, 1) = [{self.beta_start!r}, 1), "
+                f"got {self.beta_end!r}"
+            )
+        if not self.min_snr_gamma > 0.0:
+            raise ValueError(f"ObjectiveConfig.min_snr_gamma must be > 0, got {self.min_snr_gamma!r}")
+        if self.prediction == "flow" and self.learn_sigma:
+            raise ValueError(
+                "ObjectiveConfig.learn_sigma must be False with prediction='flow': "
+                "rectified flow has no Gaussian reverse variance to learn"
+            )
+        if self.prediction == "flow" and self.weighting == "min_snr":
+            raise ValueError(
+                "ObjectiveConfig.weighting='min_snr' is defined for prediction 'epsilon' or 'v', not 'flow'"
+            )
+
+
+def _check_choice(field: str, value: Any, choices: Mapping[str, Any] | tuple[str, ...]) -> None:
+    """Raise ValueError naming `field` when `value` is not one of `choices`."""
+    if value not in choices:
+        raise ValueError(f"ObjectiveConfig.{field} must be one of {sorted(choices)}, got {value!r}")
+
+
+def _mean_flat(x: torch.Tensor) -> torch.Tensor:
+    """Mean over all but the batch dimension: (B, ...) -> (B,)."""
+    return x.flatten(1).mean(dim=1)
+
+
+def normal_kl(
+    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
+) -> torch.Tensor:
+    """Elementwise KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats (IDDPM ``losses.normal_kl``)."""
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Tanh approximation of the standard normal CDF, as IDDPM uses (kept for parity with DiT/PixArt)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
+) -> torch.Tensor:
+    """Elementwise log-likelihood (nats) of `x` in [-1, 1] under a Gaussian discretised to 256 bins.
+
+    The edge bins extend to -inf / +inf (IDDPM ``losses.discretized_gaussian_log_likelihood``). PixArt's
+    latents are not 8-bit data, but DiT and PixArt use this decoder term at t == 0 all the same.
+    """
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    inner = torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
+    return torch.where(x < -0.999, log_cdf_plus, inner)
+
+
+def build_schedule(config: ObjectiveConfig) -> dict[str, torch.Tensor]:
+    """All per-timestep float64 buffers (T,) of the discrete schedule (IDDPM ``GaussianDiffusion.__init__``).
+
+    beta_start / beta_end are used as given; IDDPM's ``1000 / T`` rescaling of the linear schedule for
+    other step counts is not applied (diffusers does not apply it either).
+    """
+    betas = BETA_SCHEDULES[config.beta_schedule](config.beta_start, config.beta_end, config.num_timesteps)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    return {
+        "betas": betas,
+        "log_betas": torch.log(betas),
+        "alphas_cumprod": alphas_cumprod,
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),
+        "sqrt_one_minus_alphas_cumprod": (1.0 - alphas_cumprod).sqrt(),
+        "sqrt_recip_alphas_cumprod": (1.0 / alphas_cumprod).sqrt(),
+        "sqrt_recipm1_alphas_cumprod": (1.0 / alphas_cumprod - 1.0).sqrt(),
+        "snr": alphas_cumprod / (1.0 - alphas_cumprod),
+        # The posterior variance is 0 at t == 0; IDDPM clips its log by repeating the t == 1 value.
+        "posterior_log_variance_clipped": torch.log(
+            torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+        ),
+        "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
+    }
+
+
+class Objective:
+    """Noise schedule, targets and loss for one training stage, built from an `ObjectiveConfig`."""
+
+    def __init__(self, config: ObjectiveConfig) -> None:
+        config.validate()  # again: the config may have been mutated after construction
+        self.config = config
+        self._schedule = build_schedule(config)
+        self._on_device: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """alpha_bar_t for t in [0, T), float64 on the CPU, shape (T,). Unused by "flow"."""
+        return self._schedule["alphas_cumprod"]
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """beta_t for t in [0, T), float64 on the CPU, shape (T,)."""
+        return self._schedule["betas"]
+
+    def _buffers(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The schedule on `device`, copied once per device (float32 on MPS, which lacks float64)."""
+        key = str(device)
+        if key not in self._on_device:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._on_device[key] = {k: v.to(device=device, dtype=dtype) for k, v in self._schedule.items()}
+        return self._on_device[key]
+
+    def _gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Buffer `name` at integer timesteps t (B,), cast to `like`'s dtype, shaped (B, 1, ..., 1)."""
+        values = self._buffers(t.device)[name][t].to(like.dtype)  # (B,)
+        return values.view(-1, *([1] * (like.ndim - 1)))  # (B, 1, 1, 1)
+
+    def _mixing(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) of x_t = a x0 + b eps, each (B, 1, ..., 1)."""
+        if self.config.prediction == "flow":
+            s = (t.to(like.dtype) / self.config.num_timesteps).view(
+                -1, *([1] * (like.ndim - 1))
+            )  # (B, 1, 1, 1)
+            return 1.0 - s, s
+        return self._gather("sqrt_alphas_cumprod", t, like), self._gather(
+            "sqrt_one_minus_alphas_cumprod", t, like
+        )
+
+    def sample_timesteps(
+        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Uniform timesteps (B,): int64 in [0, T), or for "flow" float s*T with s ~ U[0, 1).
+
+        Drawn on the generator's device (a CPU generator cannot fill a CUDA tensor), then moved to `device`.
+        """
+        source = generator.device if generator is not None else device
+        if self.config.prediction == "flow":
+            s = torch.rand(batch_size, generator=generator, device=source, dtype=torch.float64)  # (B,)
+            return (s * self.config.num_timesteps).to(device=device, dtype=torch.float32)
+        t = torch.randint(0, self.config.num_timesteps, (batch_size,), generator=generator, device=source)
+        return t.to(device)  # (B,)
+
+    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal noise shaped like `latents`, drawn on the generator's device then moved."""
+        source = generator.device if generator is not None else latents.device
+        noise = torch.randn(latents.shape, generator=generator, device=source, dtype=latents.dtype)
+        return noise.to(latents.device)  # (B, C, H, W)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = a x0 + b eps (discrete: a = sqrt(alpha_bar_t); flow: a = 1 - s, b = s with s = t / T)."""
+        a, b = self._mixing(t, x0)
+        return a * x0 + b * noise  # (B, C, H, W)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target: eps, v = a eps - b x0, or the flow velocity eps - x0."""
+        c, d = TARGET_COEFFICIENTS[self.config.prediction](*self._mixing(t, x0))
+        return c * x0 + d * noise  # (B, C, H, W)
+
+    def _solve(
+        self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) from a prediction `pred = c x0 + d eps` and `x_t = a x0 + b eps`."""
+        a, b = self._mixing(t, x_t)
+        c, d = TARGET_COEFFICIENTS[self.config.prediction](a, b)
+        det = a * d - b * c  # epsilon: a; v: a^2 + b^2 = 1; flow: 1
+        return (d * x_t - b * pred) / det, (a * pred - c * x_t) / det
+
+    def to_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Noise estimate from a prediction (the first C channels when learn_sigma)."""
+        return self._solve(model_output, x_t, t)[1]
+
+    def to_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Clean-sample estimate from a prediction (the first C channels when learn_sigma)."""
+        return self._solve(model_output, x_t, t)[0]
+
+    def mse_weight(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Per-sample MSE weight (B,). min-SNR-gamma: min(SNR, g) / SNR for eps, / (SNR + 1) for v.
+
+        Hang et al. 2023. This is NOT the official PixArt ``snr_loss``, which is no min-SNR at all: it
+        switches to an x0 target for t <= 249. We do not replicate that.
+        """
+        if self.config.weighting == "none":
+            return torch.ones(t.shape, dtype=dtype, device=t.device)
+        snr = self._buffers(t.device)["snr"][t]  # (B,)
+        weight = snr.clamp(max=self.config.min_snr_gamma) / MIN_SNR_DENOMINATOR[self.config.prediction](snr)
+        return weight.to(dtype)
+
+    def q_posterior(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (B, C, H, W) and clipped log-var (B, 1, 1, 1) of q(x_{t-1} | x_t, x0), IDDPM eq. 10-12."""
+        mean = (
+            self._gather("posterior_mean_coef1", t, x0) * x0
+            + self._gather("posterior_mean_coef2", t, x0) * x_t
+        )
+        return mean, self._gather("posterior_log_variance_clipped", t, x0)
+
+    def model_log_variance(self, var_values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """IDDPM eq. 15: v in [-1, 1] mixes log(beta_t) (v = 1) and the clipped posterior log-var (v = -1)."""
+        frac = (var_values + 1.0) / 2.0  # (B, C, H, W)
+        max_log = self._gather("log_betas", t, var_values)
+        min_log = self._gather("posterior_log_variance_clipped", t, var_values)
+        return frac * max_log + (1.0 - frac) * min_log  # (B, C, H, W)
+
+    def vlb(
+        self,
+        x0: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        var_values: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-sample VLB term L_t in bits (B,): KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0 and the
+        discretised decoder NLL -log p(x0|x1) for t == 0 (IDDPM ``_vb_terms_bpd``, clip_denoised=False).
+
+        Pass a detached `eps` to train only the variance through this term, as ``loss`` does.
+        """
+        pred_x0 = self._gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+        pred_x0 = pred_x0 - self._gather("sqrt_recipm1_alphas_cumprod", t, x_t) * eps  # (B, C, H, W)
+        model_mean, _ = self.q_posterior(pred_x0, x_t, t)
+        model_log_var = self.model_log_variance(var_values, t)  # (B, C, H, W)
+        true_mean, true_log_var = self.q_posterior(x0, x_t, t)
+        kl = _mean_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / LN2  # (B,)
+        log_lik = discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+        decoder_nll = -_mean_flat(log_lik) / LN2  # (B,)
+        return torch.where(t == 0, decoder_nll, kl)
+
+    def loss_terms(
+        self,
+        model_output: torch.Tensor,
+        x0: torch.Tensor,
+        noise: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (weighted MSE, VLB), each (B,), from the raw model output (2*C channels if learn_sigma).
+
+        Hybrid loss as DiT (LossType.MSE, ModelVarType.LEARNED_RANGE): the VLB sees the mean through a
+        stop-gradient, so it trains only the variance. DiT does not multiply the VLB by T / 1000 (that is
+        IDDPM's RESCALED_MSE); neither do we. For "v", the detached v is converted to eps for the VLB mean.
+        """
+        channels = x0.shape[1]
+        expected = channels * (2 if self.config.learn_sigma else 1)
+        if model_output.shape[1] != expected:
+            raise ValueError(
+                f"model output has {model_output.shape[1]} channels, expected {expected} for {channels} "
+                f"latent channels with ObjectiveConfig.learn_sigma={self.config.learn_sigma}"
+            )
+        pred, var_values = model_output[:, :channels], model_output[:, channels:]  # (B, C, H, W) each
+        mse = _mean_flat((self.target(x0, noise, t) - pred) ** 2) * self.mse_weight(t, x0.dtype)  # (B,)
+        if not self.config.learn_sigma:
+            return mse, torch.zeros_like(mse)
+        eps = self.to_eps(pred.detach(), x_t, t)  # stop-grad mean
+        return mse, self.vlb(x0, x_t, t, eps, var_values)
+
+    def loss(
+        self,
+        model: Callable[..., Any],
+        batch: Mapping[str, Any],
+        generator: torch.Generator | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One training loss on ``batch = {"latents": x0 (B, C, H, W), "cond": {model kwargs}}``.
+
+        Draws timesteps then noise (from `generator` if given), unless overridden by `timesteps` (in the
+        model's units, see the module docstring) or `noise`. Calls
+        ``model(x_t, timestep=t, return_dict=False, **cond)[0]``. The loss is computed in at least float32;
+        the model gets x_t in the latents' dtype. Returns the scalar mean loss and detached metric tensors:
+        "loss_mse" and "loss_vlb" (batch means; "loss_mse" weighted as it enters the loss), "per_sample_loss"
+        (B,) and "timesteps" (B,), for per-timestep-bucket logging without a host sync.
+        """
+        latents = batch["latents"]
+        x0 = latents.to(torch.promote_types(latents.dtype, torch.float32))  # (B, C, H, W)
+        if timesteps is None:
+            timesteps = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        if noise is None:
+            noise = self.sample_noise(x0, generator)
+        noise = noise.to(x0.dtype)
+        x_t = self.add_noise(x0, noise, timesteps)  # (B, C, H, W)
+        out = model(x_t.to(latents.dtype), timestep=timesteps, return_dict=False, **batch.get("cond", {}))[0]
+        mse, vlb = self.loss_terms(out.to(x0.dtype), x0, noise, x_t, timesteps)
+        per_sample = mse + vlb  # (B,)
+        metrics = {
+            "loss_mse": mse.detach().mean(),
+            "loss_vlb": vlb.detach().mean(),
+            "per_sample_loss": per_sample.detach(),
+            "timesteps": timesteps.detach(),
+        }
+        return per_sample.mean(), metrics
+
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for a diffusers DDPM-family scheduler (DDPM, DDIM, DPMSolverMultistep, ...)
+        with this training schedule. With learn_sigma, samplers use only the first C output channels
+        (PixArtAlphaPipeline does this itself). "flow" raises: it has no beta schedule to export.
+        """
+        if self.config.prediction not in DIFFUSERS_PREDICTION_TYPE:
+            raise ValueError(
+                f"ObjectiveConfig.prediction={self.config.prediction!r} cannot be exported to a DDPM-family "
+                "scheduler such as DPMSolverMultistepScheduler (rectified flow has no beta schedule)"
+            )
+        return {
+            "num_train_timesteps": self.config.num_timesteps,
+            "beta_start": self.config.beta_start,
+            "beta_end": self.config.beta_end,
+            "beta_schedule": self.config.beta_schedule,
+            "prediction_type": DIFFUSERS_PREDICTION_TYPE[self.config.prediction],
+        }
