@@ -129,7 +129,9 @@ class ClassConditionalDiT(ModelMixin, ConfigMixin):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def condition(self, timestep: torch.Tensor, class_labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def condition(
+        self, timestep: torch.Tensor, class_labels: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
         """c = e_t + e_y, the shared conditioning vector."""
         t_emb = self.timestep_embedder(self.time_proj(timestep).to(dtype))  # (B, D)
         return t_emb + self.class_embedder(class_labels).to(dtype)  # (B, D)
@@ -163,7 +165,9 @@ def unpatchify(x: torch.Tensor, height: int, width: int, patch: int) -> torch.Te
     return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], -1, h * patch, w * patch)
 
 
-def build_dit(size: Size, sample_size: int, in_channels: int, out_channels: int, num_classes: int) -> ClassConditionalDiT:
+def build_dit(
+    size: Size, sample_size: int, in_channels: int, out_channels: int, num_classes: int
+) -> ClassConditionalDiT:
     """A freshly initialised stage-1 DiT."""
     return ClassConditionalDiT(
         sample_size=sample_size,
@@ -224,3 +228,54 @@ def init_pixart_weights(model: PixArtTransformer2DModel) -> None:
         nn.init.zeros_(block.attn2.to_out[0].bias)
     nn.init.zeros_(model.proj_out.weight)
     nn.init.zeros_(model.proj_out.bias)
+
+
+def dit_inputs(batch: dict) -> dict:
+    """Model keyword arguments of a stage-1 batch."""
+    return {"class_labels": batch["labels"]}
+
+
+def pixart_inputs(batch: dict) -> dict:
+    """Model keyword arguments of a text batch (micro-conditions are ignored unless the model is MS)."""
+    return {
+        "encoder_hidden_states": batch["text"],
+        "encoder_attention_mask": batch["text_mask"],
+        "added_cond_kwargs": {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]},
+    }
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the trainer builds, feeds and reloads one model family."""
+
+    model_class: type  # diffusers-style class with from_pretrained / save_pretrained
+    build: object  # (ModelConfig, out_channels) -> model
+    inputs: object  # batch -> model keyword arguments
+
+
+def _build_dit(cfg, out_channels: int) -> ClassConditionalDiT:
+    return build_dit(size_of(cfg.size), cfg.sample_size, cfg.in_channels, out_channels, cfg.num_classes)
+
+
+def _build_pixart(cfg, out_channels: int) -> PixArtTransformer2DModel:
+    return build_pixart(
+        size_of(cfg.size),
+        cfg.sample_size,
+        cfg.in_channels,
+        out_channels,
+        cfg.caption_channels,
+        cfg.interpolation_scale,
+        cfg.use_additional_conditions,
+    )
+
+
+FAMILIES: dict[str, Family] = {
+    "dit": Family(ClassConditionalDiT, _build_dit, dit_inputs),
+    "pixart": Family(PixArtTransformer2DModel, _build_pixart, pixart_inputs),
+}
+
+
+def family_of(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"model.family: unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]

@@ -237,11 +237,18 @@ class Objective:
         Drawn on the generator's device (a CPU generator cannot fill a CUDA tensor), then moved to `device`.
         """
         source = generator.device if generator is not None else device
+        u = torch.rand(batch_size, generator=generator, device=source, dtype=torch.float64)  # (B,)
+        return self.timesteps_from_uniform(u).to(device)
+
+    def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
+        """Map draws u ~ U[0, 1) to timesteps: int64 floor(u*T), or for "flow" float32 s*T with s = u.
+
+        The feature loader draws u per global batch so that timesteps do not depend on the process count.
+        """
+        scaled = u.to(torch.float64) * self.config.num_timesteps
         if self.config.prediction == "flow":
-            s = torch.rand(batch_size, generator=generator, device=source, dtype=torch.float64)  # (B,)
-            return (s * self.config.num_timesteps).to(device=device, dtype=torch.float32)
-        t = torch.randint(0, self.config.num_timesteps, (batch_size,), generator=generator, device=source)
-        return t.to(device)  # (B,)
+            return scaled.to(torch.float32)
+        return scaled.floor().long().clamp_(max=self.config.num_timesteps - 1)
 
     def sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Standard normal noise shaped like `latents`, drawn on the generator's device then moved."""

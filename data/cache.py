@@ -1,0 +1,271 @@
+"""The caching pass: frozen VAE + T5 over raw source units -> webdataset feature shards + manifest.
+
+Each source unit ``i`` becomes ``features-{i:05d}.tar``.  Units are dealt to
+processes round-robin (``i % world == rank``), so no two processes ever write
+the same file.  A shard is written under a temporary name, fsynced, renamed, and
+only then marked complete by ``features-{i:05d}.done.json`` (counts and skips).
+A rerun skips units that carry a done marker, so a killed pass resumes with
+every sample exactly once.  Rank 0 writes ``manifest.json`` last.
+
+Per sample the shard holds ``KEY.feat.safetensors`` (VAE posterior mean and std,
+and, for text stages, the T5 features trimmed to the caption's real length) and
+``KEY.json`` (caption, label, original size, crop, bucket, score).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from PIL import Image
+from safetensors.torch import save as st_save
+from safetensors.torch import save_file
+
+from data.buckets import RatioOutOfRange, place
+from data.fingerprint import fingerprint, first_difference
+from data.sources import RawItem, Skips, Unit, class_names, open_source
+from train.config import Config
+
+MANIFEST = "manifest.json"
+NULL_CAPTION = "null_caption.safetensors"
+MIN_SIDE = 32  # images smaller than this (either side) are skipped as too small
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class Encoders:
+    """The frozen encoders of a cache pass (T5 parts are None for class-conditional stages)."""
+
+    vae: torch.nn.Module
+    tokenizer: object | None
+    text_encoder: torch.nn.Module | None
+    device: torch.device
+
+    @classmethod
+    def load(cls, cfg: Config, device: torch.device) -> Encoders:
+        from diffusers import AutoencoderKL
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        vae = AutoencoderKL.from_pretrained(cfg.encoders.vae).to(device).eval().requires_grad_(False)
+        if cfg.model.family == "dit" or cfg.encoders.text_encoder is None:
+            return cls(vae, None, None, device)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.encoders.tokenizer)
+        t5 = T5EncoderModel.from_pretrained(cfg.encoders.text_encoder).to(device).eval().requires_grad_(False)
+        return cls(vae, tokenizer, t5, device)
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) in [-1, 1] -> posterior mean and std, each (B, C, H/8, W/8)."""
+        dist = self.vae.encode(pixels.to(self.device)).latent_dist
+        return dist.mean, dist.std
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], max_tokens: int) -> list[torch.Tensor]:
+        """Captions -> T5 features trimmed to each caption's real token count, each (L_i, C)."""
+        batch = self.tokenizer(
+            captions, max_length=max_tokens, truncation=True, padding="longest", return_tensors="pt"
+        )
+        ids, mask = batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+        feats = self.text_encoder(ids, attention_mask=mask).last_hidden_state  # (B, L, C)
+        return [f[: int(m.sum())] for f, m in zip(feats, mask)]
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def decode(item: RawItem, cfg: Config, skips: Skips) -> tuple[Image.Image, dict] | None:
+    """Decode, check size and ratio, and fit into a bucket; None (counted) when unusable."""
+    try:
+        image = Image.open(io.BytesIO(item.image))
+        image.load()
+        image = image.convert("RGB")
+    except Exception:  # PIL raises many types for bad files; all mean "undecodable"
+        skips.add("undecodable_image", item.key)
+        return None
+    if min(image.size) < MIN_SIDE:
+        skips.add("too_small", item.key)
+        return None
+    try:
+        fitted, where = place(image, cfg.data.resolution, cfg.data.multi_aspect)
+    except RatioOutOfRange:
+        skips.add("aspect_ratio_out_of_range", item.key)
+        return None
+    meta = {
+        "key": item.key,
+        "caption": item.caption,
+        "label": item.label,
+        "score": item.score,
+        "original_size": list(where.original),
+        "crop": list(where.crop),
+        "bucket": list(where.bucket),
+    }
+    return fitted, meta
+
+
+class ShardWriter:
+    """Writes one unit's feature shard atomically, batching encoder calls per bucket."""
+
+    def __init__(self, cfg: Config, encoders: Encoders, path: Path):
+        self.cfg, self.encoders, self.path = cfg, encoders, path
+        self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        self.writer = wds.TarWriter(str(self.tmp))
+        self.pending: dict[tuple, list] = defaultdict(list)
+        self.written = 0
+        self.dtype = DTYPES[cfg.encoders.feature_dtype]
+
+    def add(self, image: Image.Image, meta: dict) -> None:
+        bucket = tuple(meta["bucket"])
+        self.pending[bucket].append((image, meta))
+        if len(self.pending[bucket]) >= self.cfg.encoders.batch_size:
+            self._flush(bucket)
+
+    def _flush(self, bucket: tuple) -> None:
+        items, self.pending[bucket] = self.pending[bucket], []
+        if not items:
+            return
+        pixels = torch.stack([to_pixels(img) for img, _ in items])  # (B, 3, H, W)
+        mean, std = self.encoders.encode_images(pixels)
+        texts = self._texts([m["caption"] for _, m in items])
+        for i, (_, meta) in enumerate(items):
+            tensors = {"mean": mean[i].to(self.dtype), "std": std[i].to(self.dtype)}
+            if texts is not None:
+                tensors["t5"] = texts[i].to(self.dtype)
+                meta["tokens"] = int(texts[i].shape[0])
+            sample = {"__key__": meta["key"], "feat.safetensors": st_save(_cpu(tensors)), "json": meta}
+            self.writer.write(sample)
+            self.written += 1
+
+    def _texts(self, captions: list) -> list[torch.Tensor] | None:
+        if self.encoders.text_encoder is None:
+            return None
+        return self.encoders.encode_text(captions, self.cfg.encoders.max_tokens)
+
+    def close(self, skips: Skips) -> None:
+        """Flush, fsync, rename into place, then write the completeness marker."""
+        for bucket in list(self.pending):
+            self._flush(bucket)
+        self.writer.close()
+        _fsync(self.tmp)
+        os.replace(self.tmp, self.path)
+        done = {"samples": self.written, "skips": skips.to_dict()}
+        _atomic_write(done_marker(self.path), json.dumps(done))
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def shard_path(cache_dir: Path, unit: Unit) -> Path:
+    return cache_dir / f"features-{unit.index:05d}.tar"
+
+
+def done_marker(shard: Path) -> Path:
+    return shard.with_name(shard.name.replace(".tar", ".done.json"))
+
+
+def cache_unit(cfg: Config, encoders: Encoders, source, unit: Unit, cache_dir: Path) -> int:
+    """Encode one unit into its shard; returns the number of images read."""
+    skips = Skips()
+    writer = ShardWriter(cfg, encoders, shard_path(cache_dir, unit))
+    seen = 0
+    for item in source.read(unit, skips):
+        seen += 1
+        decoded = decode(item, cfg, skips)
+        if decoded is not None:
+            writer.add(*decoded)
+    writer.close(skips)
+    return seen
+
+
+def write_null_caption(cfg: Config, encoders: Encoders, cache_dir: Path) -> None:
+    """T5("") -- the CFG null condition diffusers' PixArt pipeline uses -- for caption dropout."""
+    if encoders.text_encoder is None:
+        return
+    (null,) = encoders.encode_text([""], cfg.encoders.max_tokens)
+    save_file(
+        {"t5": null.to(DTYPES[cfg.encoders.feature_dtype]).cpu().contiguous()}, cache_dir / NULL_CAPTION
+    )
+
+
+def write_manifest(cfg: Config, units: list[Unit], cache_dir: Path, fp: dict, scaling_factor: float) -> dict:
+    """Collect the done markers into ``manifest.json`` and ``skipped.json`` (rank 0, after all units)."""
+    skips, shards = Skips(), []
+    for unit in units:
+        shard = shard_path(cache_dir, unit)
+        done = json.loads(done_marker(shard).read_text())
+        skips.merge(done["skips"])
+        shards.append({"file": shard.name, "samples": done["samples"]})
+    manifest = {
+        "fingerprint": fp,
+        "shards": shards,
+        "samples": sum(s["samples"] for s in shards),
+        "scaling_factor": scaling_factor,
+        "class_names": {str(k): v for k, v in class_names(cfg.data.source).items()},
+        "null_caption": NULL_CAPTION if (cache_dir / NULL_CAPTION).exists() else None,
+        "skipped": dict(skips.counts),
+    }
+    _atomic_write(cache_dir / "skipped.json", json.dumps(skips.to_dict(), indent=1))
+    _atomic_write(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
+    return manifest
+
+
+def pending_units(units: list[Unit], cache_dir: Path, rank: int, world: int) -> list[Unit]:
+    """This process's units that have no completeness marker yet."""
+    mine = [u for u in units if u.index % world == rank]
+    return [u for u in mine if not done_marker(shard_path(cache_dir, u)).exists()]
+
+
+def check_existing(cache_dir: Path, fp: dict) -> None:
+    """Refuse to mix features from a different configuration into an existing cache dir."""
+    path = cache_dir / MANIFEST
+    if path.exists():
+        old = json.loads(path.read_text())["fingerprint"]
+        diff = first_difference(fp, old)
+        if diff is not None:
+            raise ValueError(f"{path}: cache was built with a different '{diff}'; use a new data.cache_dir")
+
+
+def run_cache(cfg: Config, accelerator) -> dict | None:
+    """The whole pass for one stage config, under an ``accelerate`` process group."""
+    from tqdm.auto import tqdm
+
+    cache_dir = Path(cfg.data.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    source = open_source(cfg.data.source)
+    units = source.units()
+    fp = fingerprint(cfg)
+    check_existing(cache_dir, fp)
+    encoders = Encoders.load(cfg, accelerator.device)
+    todo = pending_units(units, cache_dir, accelerator.process_index, accelerator.num_processes)
+    bar = tqdm(total=len(todo), unit="shard", disable=not accelerator.is_main_process, desc="cache")
+    for unit in todo:
+        images = cache_unit(cfg, encoders, source, unit, cache_dir)
+        bar.set_postfix(images=images)
+        bar.update(1)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    write_null_caption(cfg, encoders, cache_dir)
+    return write_manifest(cfg, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))

@@ -1,0 +1,79 @@
+"""Tiny frozen text encoder for the offline demo: a word-level tokenizer and a 2-layer T5.
+
+The real stages use ``google/t5-v1_1-xxl``.  The demo builds a T5EncoderModel of
+the same class from a small config (random, frozen, seeded) and a tokenizer
+whose vocabulary covers the demo captions, saves both with ``save_pretrained``
+and everything downstream loads them back through ``from_pretrained`` -- the
+same path a real hub id takes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from data import synthetic
+
+_EXTRA_WORDS = (
+    "a an the of on in at is it this that there shows image picture photo illustration simple shape shapes "
+    "features large small big tiny near top bottom left right centered center middle corner background "
+    "colour color colored coloured and with one single plain solid bright dark light object drawing "
+    "scene view , . ; : !"
+)
+
+
+def demo_vocabulary() -> list[str]:
+    """Special tokens (T5's ids: pad 0, eos 1, unk 2), then every word the demo captions use."""
+    words: set[str] = set(_EXTRA_WORDS.split())
+    words.update(synthetic.COLOURS, synthetic.SHAPES, synthetic.BACKGROUNDS)
+    for text in (*synthetic._TEMPLATES, *synthetic._POSITIONS.values()):
+        words.update(w.lower() for w in re.findall(r"\w+|[^\w\s]", text) if "{" not in w and "}" not in w)
+    return ["<pad>", "</s>", "<unk>", *sorted(words - {"{", "}"})]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level, lower-casing tokenizer that appends ``</s>`` like T5's."""
+    vocab = {w: i for i, w in enumerate(demo_vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=120
+    )
+
+
+def build_text_encoder(vocab_size: int, d_model: int = 64, seed: int = 0) -> T5EncoderModel:
+    """A 2-layer T5 v1.1-style encoder (gated-GELU), randomly initialised from ``seed``."""
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=16,
+        num_heads=4,
+        d_ff=2 * d_model,
+        num_layers=2,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def write_demo_text_encoder(out: Path) -> tuple[Path, Path]:
+    """Save the demo tokenizer and T5 encoder; returns (tokenizer_dir, text_encoder_dir)."""
+    tokenizer = build_tokenizer()
+    tok_dir, enc_dir = out / "tokenizer", out / "text_encoder"
+    tokenizer.save_pretrained(tok_dir)
+    build_text_encoder(len(tokenizer)).save_pretrained(enc_dir)
+    return tok_dir, enc_dir
+
+
+def demo_vae_path() -> Path:
+    """The committed demo VAE (trained once by ``data/assets/train_demo_vae.py``)."""
+    return Path(__file__).parent / "assets" / "demo_vae"

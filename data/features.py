@@ -1,0 +1,217 @@
+"""The feature loader the trainer uses: cached shards -> single-bucket global batches.
+
+Design: every process walks the same *global* stream (seeded shard order, a
+seeded shuffle buffer, bucket grouping) and keeps its own slice of each global
+batch.  The stream therefore depends on (seed, epoch) only -- not on the number
+of processes -- which is what makes a resumed run bit-identical to an
+uninterrupted one, and a 2-process run equal to a 1-process run with the same
+global batch.  Only the process's own slice is decoded; the others' samples are
+read as bytes and dropped.  Per-batch randomness (the latent sample drawn from
+the cached posterior, CFG condition dropout, the diffusion noise and timestep
+draw) comes from a generator seeded by (seed, epoch, batch index) and is drawn
+for the whole global batch, then sliced.
+
+The position (epoch, batches consumed) is exposed through ``state_dict`` so the
+trainer can checkpoint and resume it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import random
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file
+
+from data.fingerprint import first_difference
+
+MANIFEST = "manifest.json"
+
+
+class CacheError(ValueError):
+    """A feature cache that cannot be used; the message names the file or shard."""
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What the loader needs besides the cache folder."""
+
+    global_batch: int  # samples per optimizer micro-step across all processes
+    rank: int  # this process
+    world: int  # number of processes
+    seed: int  # data order and per-batch randomness
+    shuffle_buffer: int  # samples held for shuffling
+    cond_dropout: float  # probability of replacing the condition with the null one
+    null_label: int  # class id used as the null class (stage 1)
+
+
+def open_manifest(cache_dir: str | Path, expected: dict[str, str] | None) -> dict:
+    """Read and check ``manifest.json``: fingerprint, shard files present and non-empty."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{path}: no feature-cache manifest; run `tristage cache CONFIG` first")
+    manifest = json.loads(path.read_text())
+    if expected is not None:
+        diff = first_difference(expected, manifest["fingerprint"])
+        if diff is not None:
+            raise CacheError(
+                f"{path}: cache fingerprint disagrees with the config on '{diff}' "
+                f"(cache: {manifest['fingerprint'].get(diff)!r}, config: {expected.get(diff)!r}); re-run the cache"
+            )
+    if not manifest["shards"] or manifest["samples"] == 0:
+        raise CacheError(f"{path}: the cache lists no samples")
+    for shard in manifest["shards"]:
+        if not (Path(cache_dir) / shard["file"]).is_file():
+            raise CacheError(f"{Path(cache_dir) / shard['file']}: shard listed in the manifest is missing")
+    return manifest
+
+
+class FeatureLoader:
+    """Infinite iterator of this process's slice of single-bucket global batches."""
+
+    def __init__(self, cache_dir: str | Path, spec: LoaderSpec, expected: dict[str, str] | None = None):
+        if spec.global_batch % spec.world:
+            raise ValueError(f"global batch {spec.global_batch} is not divisible by {spec.world} processes")
+        self.dir, self.spec = Path(cache_dir), spec
+        self.manifest = open_manifest(cache_dir, expected)
+        self.shards = [str(self.dir / s["file"]) for s in self.manifest["shards"]]
+        self.scaling_factor = float(self.manifest["scaling_factor"])
+        null = self.manifest.get("null_caption")
+        self.null_text = load_file(self.dir / null)["t5"] if null else None
+        self.epoch, self.next_index = 0, 0
+        self.dropped: dict[int, int] = {}  # epoch -> samples left in under-full buckets
+
+    # -- position -----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "next_index": self.next_index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.next_index = int(state["epoch"]), int(state["next_index"])
+
+    # -- the global stream ----------------------------------------------------------
+    def _samples(self, epoch: int) -> Iterator[dict]:
+        rng = random.Random(self.spec.seed * 1_000_003 + epoch)
+        order = self.shards[:]
+        rng.shuffle(order)
+        for shard in order:
+            yield from self._read_shard(shard)
+
+    def _read_shard(self, shard: str) -> Iterator[dict]:
+        def fail(exn: Exception) -> bool:
+            raise CacheError(f"{shard}: corrupt feature shard ({type(exn).__name__}: {exn})") from None
+
+        for sample in wds.WebDataset([shard], shardshuffle=False, handler=fail, empty_check=False):
+            if "json" not in sample or "feat.safetensors" not in sample:
+                raise CacheError(f"{shard}: sample {sample.get('__key__')!r} lacks json or features")
+            sample["meta"] = json.loads(sample["json"])
+            yield sample
+
+    def _shuffled(self, epoch: int) -> Iterator[dict]:
+        rng = random.Random(self.spec.seed * 7_919 + epoch)
+        buffer: list[dict] = []
+        for sample in self._samples(epoch):
+            buffer.append(sample)
+            if len(buffer) >= self.spec.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _global_batches(self, epoch: int) -> Iterator[list[dict]]:
+        """Global batches, each from one bucket, in a seeded order; counts what is left over."""
+        pending: dict[tuple, list[dict]] = defaultdict(list)
+        for sample in self._shuffled(epoch):
+            bucket = tuple(sample["meta"]["bucket"])
+            pending[bucket].append(sample)
+            if len(pending[bucket]) == self.spec.global_batch:
+                yield pending.pop(bucket)
+        self.dropped[epoch] = sum(len(v) for v in pending.values())
+
+    # -- one batch -----------------------------------------------------------------
+    def _collate(self, samples: list[dict], epoch: int, index: int) -> dict:
+        g = torch.Generator().manual_seed((self.spec.seed * 1_000_003 + epoch) * 1_000_033 + index)
+        n = self.spec.global_batch
+        lo, hi = self.spec.rank * n // self.spec.world, (self.spec.rank + 1) * n // self.spec.world
+        feats = [st_load(s["feat.safetensors"]) for s in samples[lo:hi]]
+        mean = torch.stack([f["mean"] for f in feats]).float()  # (b, C, h, w)
+        std = torch.stack([f["std"] for f in feats]).float()
+        shape = (n, *mean.shape[1:])
+        posterior_eps = torch.randn(shape, generator=g)[lo:hi]
+        noise = torch.randn(shape, generator=g)[lo:hi]
+        u = torch.rand(n, generator=g)[lo:hi]  # timestep draw in [0, 1)
+        drop = (torch.rand(n, generator=g) < self.spec.cond_dropout)[lo:hi]
+        metas = [s["meta"] for s in samples[lo:hi]]
+        batch = {
+            "latents": (mean + std * posterior_eps) * self.scaling_factor,
+            "noise": noise,
+            "u": u,
+            "keys": [m["key"] for m in metas],
+            "position": (epoch, index),
+        }
+        batch.update(self._conditions(feats, metas, drop))
+        return batch
+
+    def _conditions(self, feats: list[dict], metas: list[dict], drop: torch.Tensor) -> dict:
+        if "t5" not in feats[0]:
+            labels = torch.tensor([m["label"] for m in metas])
+            return {"labels": torch.where(drop, torch.full_like(labels, self.spec.null_label), labels)}
+        texts = [self.null_text if d else f["t5"] for f, d in zip(feats, drop.tolist())]
+        length = max(t.shape[0] for t in texts)
+        text = torch.zeros(len(texts), length, texts[0].shape[1])  # (b, L, C)
+        mask = torch.zeros(len(texts), length)
+        for i, t in enumerate(texts):
+            text[i, : t.shape[0]], mask[i, : t.shape[0]] = t.float(), 1
+        bucket = metas[0]["bucket"]
+        return {
+            "text": text,
+            "text_mask": mask,
+            "resolution": torch.tensor([m["original_size"] for m in metas], dtype=torch.float32),
+            "aspect_ratio": torch.full((len(metas), 1), bucket[0] / bucket[1]),
+        }
+
+    # -- iteration -----------------------------------------------------------------
+    def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
+        epoch, start = self.epoch, self.next_index
+        try:
+            while not stop.is_set():
+                produced = 0
+                for index, samples in enumerate(self._global_batches(epoch)):
+                    produced += 1
+                    if index >= start:
+                        out.put(self._collate(samples, epoch, index))
+                    if stop.is_set():
+                        return
+                if produced == 0:
+                    raise CacheError(
+                        f"{self.dir}: no bucket holds a full global batch of {self.spec.global_batch}"
+                    )
+                epoch, start = epoch + 1, 0
+        except BaseException as exn:  # hand every failure to the consumer thread
+            out.put(exn)
+
+    def __iter__(self) -> Iterator[dict]:
+        out: queue.Queue = queue.Queue(maxsize=4)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(out, stop), daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                self.epoch, self.next_index = item["position"][0], item["position"][1] + 1
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    out.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)

@@ -1,0 +1,190 @@
+"""Full-state checkpoints (resume) and the weights-only ``final/`` folder (stage handoff, export).
+
+Layout of ``run.dir/checkpoints/step_NNNNNNN/``::
+
+    model.safetensors        trained weights
+    ema.safetensors          EMA weights
+    optimizer.pt             optimizer state (tensors and numbers; loaded with weights_only=True)
+    trainer.json             step, samples, loader position, LR-scheduler state, tracker run id, version
+    rng_rank{R}.json / .pt   python + numpy / torch (+ CUDA) RNG states of every rank
+    config.yaml              the resolved config
+    COMPLETE                 written last: a directory without it is never used
+
+A checkpoint is assembled in ``.tmp-step_N``, fsynced, renamed into place, and
+only then marked complete.  "Latest" means the highest step among directories
+that carry the marker *and* whose files load; a truncated newest checkpoint is
+passed over with a warning.  Nothing is unpickled: weights are safetensors,
+everything else JSON or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+MARKER = "COMPLETE"
+FORMAT = "tristage-checkpoint-v1"
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the path."""
+
+
+@dataclass
+class TrainState:
+    """Counters that travel with a checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    samples: int = 0  # training samples consumed (global)
+    loader: dict = field(default_factory=dict)  # FeatureLoader.state_dict()
+    scheduler: dict = field(default_factory=dict)  # LR scheduler state_dict()
+    tracker_run_id: str | None = None  # W&B run id, kept across resumes
+    nonfinite_skips: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    version: str = ""  # tristage version that wrote it
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON part, tensor part) of this process's RNG states."""
+    np_state = np.random.get_state()
+    py = random.getstate()
+    json_part = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return json_part, tensors
+
+
+def set_rng_state(json_part: dict, tensors: dict[str, torch.Tensor]) -> None:
+    py = json_part["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = json_part["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:07d}"
+
+
+def write_rank_files(tmp: Path, rank: int) -> None:
+    """Every rank writes its own RNG state into the checkpoint being assembled."""
+    json_part, tensors = rng_state()
+    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(json_part))
+    torch.save(tensors, tmp / f"rng_rank{rank}.pt")
+
+
+def write_main_files(
+    tmp: Path, model_sd: dict, ema_sd: dict, optim_sd: dict, state: TrainState, cfg_yaml: str
+) -> None:
+    """Rank 0 writes weights, optimizer, counters and config."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_sd.items()}, tmp / "model.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema_sd.items()}, tmp / "ema.safetensors")
+    torch.save(optim_sd, tmp / "optimizer.pt")
+    payload = {"format": FORMAT, **state.__dict__}
+    (tmp / "trainer.json").write_text(json.dumps(payload, indent=1))
+    (tmp / "config.yaml").write_text(cfg_yaml)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """fsync, rename into place, then write the completeness marker."""
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    (final / MARKER).write_text("ok\n")
+    _fsync_tree(final)
+
+
+def read_state(path: Path) -> TrainState:
+    """Counters of a checkpoint; refuses unknown formats."""
+    try:
+        payload = json.loads((path / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable trainer.json ({type(err).__name__})") from None
+    if payload.pop("format", None) != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format (expected {FORMAT})")
+    return TrainState(**payload)
+
+
+def verify(path: Path) -> TrainState:
+    """Check that every file of a checkpoint loads; returns its counters."""
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
+    state = read_state(path)
+    for name in ("model.safetensors", "ema.safetensors"):
+        try:
+            load_file(path / name)
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(f"{path / name}: unreadable ({err})") from None
+    try:
+        torch.load(path / "optimizer.pt", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged or foreign file
+        raise CheckpointError(f"{path / 'optimizer.pt'}: unreadable ({type(err).__name__})") from None
+    return state
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of directories that carry the marker, newest first (step from trainer.json)."""
+    found = []
+    for path in root.glob("step_*") if root.is_dir() else []:
+        if (path / MARKER).is_file():
+            try:
+                found.append((read_state(path).step, path))
+            except CheckpointError:
+                log.warning("skipping %s: unreadable trainer.json", path)
+    return sorted(found, reverse=True)
+
+
+def latest(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; falls back (with a warning) past damaged ones."""
+    for _, path in complete_checkpoints(root):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as err:
+            log.warning("falling back past damaged checkpoint: %s", err)
+    return None
+
+
+def rotate(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and stale temp dirs."""
+    for _, path in complete_checkpoints(root)[keep_last:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_rank_rng(path: Path, rank: int) -> None:
+    """Restore this rank's RNG; a rank the checkpoint did not have (world grew) keeps its seed."""
+    json_path = path / f"rng_rank{rank}.json"
+    if json_path.is_file():
+        set_rng_state(
+            json.loads(json_path.read_text()), torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
+        )

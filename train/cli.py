@@ -1,0 +1,129 @@
+"""``tristage`` command line: cache, train, export, convert, sample, demo.
+
+Bad input (config keys, paths, caches, checkpoints) ends with one line on
+stderr naming the file or key, and exit code 2 -- no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from data.features import CacheError
+from data.sources import SourceError
+from train.checkpoint import CheckpointError
+from train.config import ConfigError
+
+USER_ERRORS = (ConfigError, CacheError, SourceError, CheckpointError, FileNotFoundError, KeyError)
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from data.cache import run_cache
+    from train.config import check_cache_paths, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    check_cache_paths(cfg, args.config)
+    manifest = run_cache(cfg, Accelerator())
+    if manifest is not None:
+        logging.getLogger("tristage").warning(
+            "cache: %d samples in %d shards, skipped %s",
+            manifest["samples"],
+            len(manifest["shards"]),
+            manifest["skipped"] or "nothing",
+        )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from train.checkpoint import latest
+    from train.config import check_train_paths, load_config
+    from train.trainer import run_train
+
+    cfg = load_config(args.config, args.overrides)
+    has_checkpoint = cfg.resume != "none" and latest(Path(cfg.run.dir) / "checkpoints") is not None
+    check_train_paths(cfg, args.config, has_checkpoint)
+    run_train(cfg)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from train.export import export
+
+    print(export(args.run_dir, args.out))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from train.handoff import convert_dit_to_pixart
+
+    convert_dit_to_pixart(args.src, args.out, args.caption_channels, args.interpolation_scale)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from train.sample import run_sample
+
+    run_sample(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from train.demo import run_demo
+
+    run_demo(args.out, fast=args.fast)
+
+
+def _with_config(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("config", help="stage YAML, e.g. configs/stage1_imagenet.yaml")
+    sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tristage", description=__doc__.splitlines()[0])
+    subs = parser.add_subparsers(dest="command", required=True)
+    _with_config(subs.add_parser("cache", help="run the frozen-encoder caching pass for a stage"))
+    _with_config(subs.add_parser("train", help="train one stage (resumable; run under accelerate launch)"))
+    exp = subs.add_parser("export", help="write a diffusers pipeline folder from a finished stage")
+    exp.add_argument("run_dir")
+    exp.add_argument("out")
+    conv = subs.add_parser("convert", help="weight conversions")
+    conv_subs = conv.add_subparsers(dest="conversion", required=True)
+    d2p = conv_subs.add_parser("dit-to-pixart", help="adaLN-single re-parameterisation of a DiT")
+    d2p.add_argument("src", help="stage-1 final/, official DiT .pt, or diffusers DiT folder")
+    d2p.add_argument("out")
+    d2p.add_argument("--caption-channels", type=int, default=4096)
+    d2p.add_argument("--interpolation-scale", type=float, default=None)
+    from train.sample import add_sample_arguments
+
+    add_sample_arguments(subs.add_parser("sample", help="generate PNGs from an exported pipeline"))
+    demo = subs.add_parser("demo", help="the whole offline pipeline on synthetic shapes")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--fast", action="store_true", help="a shortened run (tests): a few steps per stage")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "cache": cmd_cache,
+    "train": cmd_train,
+    "export": cmd_export,
+    "convert": cmd_convert,
+    "sample": cmd_sample,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"tristage {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

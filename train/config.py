@@ -1,0 +1,208 @@
+"""Typed run configuration: defaults <- YAML <- ``key=value`` overrides.
+
+Every key is declared here with a one-line meaning (nanoGPT-style).  Unknown
+keys, wrong types and missing paths are reported as one line that names the
+key and the file, before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from train.objective import ObjectiveConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the file and the key."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING  # output folder of this stage run (checkpoints/, final/, logs)
+    name: str = "stage"  # human name of the stage, used for tracker runs and summaries
+
+
+@dataclass
+class ModelConfig:
+    family: str = "pixart"  # "dit" (stage 1, class-conditional) or "pixart" (stages 2-3, text-conditional)
+    size: str = "XL/2"  # transformer size from train.models.SIZES
+    sample_size: int = 32  # latent side of the base resolution (pixels / 8); sets the pos-embed base
+    in_channels: int = 4  # VAE latent channels
+    num_classes: int = 1000  # stage 1: class count; id num_classes is the null class used for CFG
+    caption_channels: int = 4096  # stage 2-3: T5 feature width (4096 for T5-XXL)
+    interpolation_scale: float = 0.5  # pos-embed scale: 256px 0.5, 512px 1, 1024px 2 (diffusers' convention)
+    use_additional_conditions: bool = False  # PixArt-MS resolution / aspect-ratio micro-conditions
+    gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
+    attention_backend: str = "sdpa"  # "sdpa" (PyTorch) or "xformers" (optional extra)
+
+
+@dataclass
+class SourceConfig:
+    kind: str = MISSING  # raw reader: imagenet_wds | imagenet_folders | sam_llava | aesthetic_folder
+    paths: list[str] = field(default_factory=list)  # shard globs, tar files or folders to read
+    captions: str | None = None  # sam_llava: caption JSON/JSONL (id -> caption)
+    metadata: str | None = None  # aesthetic_folder: JSONL with file, caption, aesthetic_score
+    synsets: str | None = None  # imagenet: "synset name" lines; line order = class index
+    min_aesthetic: float = 0.0  # aesthetic sets: keep only images scoring above this
+
+
+@dataclass
+class DataConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)  # where the raw images come from
+    cache_dir: str = MISSING  # feature shards + manifest written by `tristage cache`
+    resolution: int = 256  # base pixel resolution of the bucket table
+    multi_aspect: bool = False  # bucket by aspect ratio (PixArt tables) instead of a square crop
+    samples_per_shard: int = 1000  # cached samples per output shard
+    batch_size: int = 32  # per-process batch (global = batch_size * processes * grad_accum)
+    num_workers: int = 2  # loader worker processes
+    shuffle_buffer: int = 1000  # samples held for shuffling
+    cond_dropout: float = 0.1  # caption/class dropout for classifier-free guidance
+
+
+@dataclass
+class EncoderConfig:
+    vae: str = "stabilityai/sd-vae-ft-ema"  # AutoencoderKL hub id or local folder (frozen)
+    text_encoder: str | None = "google/t5-v1_1-xxl"  # T5 encoder hub id or folder; null for stage 1
+    tokenizer: str | None = "google/t5-v1_1-xxl"  # tokenizer hub id or folder
+    max_tokens: int = 120  # T5 token budget (captions are truncated to this)
+    feature_dtype: str = "bfloat16"  # dtype of cached VAE moments and T5 features
+    batch_size: int = 16  # images per encoder forward in the cache pass
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5  # AdamW learning rate (PixArt: 2e-5)
+    weight_decay: float = 3e-2  # AdamW weight decay (PixArt: 3e-2)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 1000  # linear warm-up steps, then constant
+    grad_clip: float = 0.01  # max global grad norm (PixArt: 0.01)
+    auto_lr: bool = False  # sqrt-scale lr by global batch / 256 (PixArt's auto_lr)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300_000  # optimizer steps for the stage
+    seed: int = 0  # seeds model init, data order and noise
+    mixed_precision: str = "bf16"  # "no" | "fp16" | "bf16"
+    grad_accum: int = 1  # micro-batches per optimizer step
+    ema_decay: float = 0.9999  # EMA of the weights (exported as the final model)
+    log_every: int = 50  # steps between metric logs (host syncs only happen here)
+    max_time: float | None = None  # wall-clock budget in seconds; save and exit cleanly before it
+    max_nonfinite: int = 10  # consecutive non-finite steps before saving and stopping
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 2000  # steps between full-state checkpoints
+    keep_last: int = 3  # complete checkpoints kept on disk
+
+
+@dataclass
+class TrackingConfig:
+    mode: str = "offline"  # offline (W&B offline) | online | tensorboard | disabled
+    project: str = "tristage"  # W&B project
+    run_name: str | None = None  # tracker run name (default: run.name)
+    tags: list[str] = field(default_factory=list)  # tracker tags, e.g. the stage
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 5000  # steps between validation sample grids (0 = never)
+    prompts: list[str] = field(default_factory=list)  # stage 2-3 validation prompts
+    class_labels: list[int] = field(default_factory=list)  # stage 1 validation classes
+    seed: int = 0  # fixed sampling seed
+    steps: int = 20  # DPM-Solver++ steps
+    guidance: float = 4.5  # classifier-free guidance scale
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)  # where this stage writes
+    init_from: str | None = None  # previous stage's final/ (weights only), or null to start fresh
+    resume: str = "auto"  # auto | latest | none | <checkpoint path>
+    model: ModelConfig = field(default_factory=ModelConfig)  # transformer
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # diffusion loss
+    data: DataConfig = field(default_factory=DataConfig)  # raw source, cache and loader
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)  # frozen VAE and T5
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # loop settings
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # full-state saves
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # W&B / TensorBoard
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # sample grids
+
+
+def _one_line(path: str, err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    reason = str(err).splitlines()[0]
+    return ConfigError(f"{path}: key '{key}': {reason}")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Merge defaults <- YAML file <- ``key=value`` overrides into a typed :class:`Config`."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found")
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, OmegaConf.load(path))
+    except OmegaConfBaseException as err:
+        raise _one_line(path, err) from None
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _one_line(f"{path} (command-line override)", err) from None
+    return cfg
+
+
+def check_train_paths(cfg: Config, path: str, has_checkpoint: bool) -> None:
+    """Paths a training run reads must exist (init_from only matters without a checkpoint)."""
+    if cfg.init_from is not None and not has_checkpoint:
+        require_exists(path, "init_from", cfg.init_from)
+    require_exists(path, "data.cache_dir", cfg.data.cache_dir)
+
+
+def check_cache_paths(cfg: Config, path: str) -> None:
+    """Raw sources and local encoder folders must exist before the cache pass loads anything."""
+    import glob
+
+    for i, pattern in enumerate(cfg.data.source.paths):
+        if not glob.glob(pattern):
+            raise ConfigError(f"{path}: key 'data.source.paths[{i}]': matches nothing: {pattern}")
+    if not cfg.data.source.paths:
+        raise ConfigError(f"{path}: key 'data.source.paths': no source paths given")
+    for key in ("captions", "metadata", "synsets"):
+        value = getattr(cfg.data.source, key)
+        if value is not None:
+            require_exists(path, f"data.source.{key}", value)
+    for key in ("vae", "text_encoder", "tokenizer"):
+        value = getattr(cfg.encoders, key)
+        if value is not None and _looks_local(value):
+            require_exists(path, f"encoders.{key}", value)
+
+
+def _looks_local(name: str) -> bool:
+    """Hub ids are "org/name"; anything absolute, relative-dotted or deeper is a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
+
+
+def require_exists(cfg_path: str, key: str, value: str | None) -> None:
+    """One-line error when the path behind ``key`` is missing."""
+    if value is None or not Path(value).exists():
+        raise ConfigError(f"{cfg_path}: key '{key}': path does not exist: {value}")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what runs/<stage>/config.yaml holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config so `tristage train PATH` reruns the stage."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))

@@ -1,0 +1,43 @@
+"""Exponential moving average of the weights (foreach, fp32 shadow), saved in every checkpoint."""
+
+from __future__ import annotations
+
+import torch
+
+
+class EMA:
+    """Shadow copy updated as shadow <- decay * shadow + (1 - decay) * param.
+
+    The decay warms up as min(decay, (1 + step) / (10 + step)) so that short
+    runs (the demo, fine-tunes) are not dominated by the initial weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        self.shadow = [params[n].detach().float().clone() for n in self.names]
+
+    def _params(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        params = dict(model.named_parameters())
+        return [params[n].detach() for n in self.names]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        current = [p.float() for p in self._params(model)]
+        torch._foreach_lerp_(self.shadow, current, 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for param, value in zip(self._params(model), self.shadow):
+            param.copy_(value.to(param.dtype))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in state]
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        self.shadow = [state[n].float().clone().to(s.device) for n, s in zip(self.names, self.shadow)]

@@ -1,0 +1,84 @@
+"""Export a finished stage to a diffusers pipeline folder.
+
+* stage 1 (``ClassConditionalDiT``) -> ``DiTPipeline`` with ``id2label`` in
+  ``model_index.json`` (``save_pretrained`` does not write it by itself);
+* stages 2-3 (``PixArtTransformer2DModel``) -> ``PixArtAlphaPipeline``.
+
+The scheduler is a DPM-Solver++ built from the training noise schedule
+(``Objective.scheduler_kwargs``), so sampling matches training.  The CFG null
+condition is the one training used: class id ``num_classes`` for DiT, and T5("")
+for PixArt (the cache stores T5("") for caption dropout, and the pipeline's
+default negative prompt is "").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DiTPipeline, DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+from data.sources import class_names
+from train.config import Config, load_config
+from train.handoff_init import model_folder, source_class
+from train.models import ClassConditionalDiT
+from train.objective import Objective
+
+
+def scheduler_for(cfg: Config) -> DPMSolverMultistepScheduler:
+    return DPMSolverMultistepScheduler(**Objective(cfg.objective).scheduler_kwargs())
+
+
+def id2label(cfg: Config) -> dict[str, str]:
+    """Class names from the cache manifest, else from the synsets file."""
+    manifest = Path(cfg.data.cache_dir) / "manifest.json"
+    if manifest.is_file():
+        names = json.loads(manifest.read_text()).get("class_names") or {}
+        if names:
+            return names
+    return {str(k): v for k, v in class_names(cfg.data.source).items()}
+
+
+def export_dit(folder: Path, cfg: Config, out: Path) -> None:
+    from train.handoff import dit_to_diffusers
+
+    transformer = dit_to_diffusers(ClassConditionalDiT.from_pretrained(folder))
+    pipe = DiTPipeline(
+        transformer=transformer,
+        vae=AutoencoderKL.from_pretrained(cfg.encoders.vae),
+        scheduler=scheduler_for(cfg),
+    )
+    pipe.register_to_config(id2label=id2label(cfg))
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+def export_pixart(folder: Path, cfg: Config, out: Path) -> None:
+    from diffusers import PixArtTransformer2DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    pipe = PixArtAlphaPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(cfg.encoders.tokenizer),
+        text_encoder=T5EncoderModel.from_pretrained(cfg.encoders.text_encoder),
+        vae=AutoencoderKL.from_pretrained(cfg.encoders.vae),
+        transformer=PixArtTransformer2DModel.from_pretrained(folder),
+        scheduler=scheduler_for(cfg),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+
+
+EXPORTERS: dict[str, Callable[[Path, Config, Path], None]] = {
+    "ClassConditionalDiT": export_dit,
+    "PixArtTransformer2DModel": export_pixart,
+}
+
+
+def export(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the pipeline folder for the finished run in ``run_dir`` (its ``final/``)."""
+    final = Path(run_dir) / "final"
+    if not (final / "config.yaml").is_file():
+        raise FileNotFoundError(f"{final}: no finished stage here (final/config.yaml missing)")
+    cfg = load_config(final / "config.yaml")
+    folder = model_folder(final)
+    EXPORTERS[source_class(folder)](folder, cfg, Path(out))
+    return Path(out)

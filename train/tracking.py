@@ -1,0 +1,74 @@
+"""Experiment tracking through accelerate's trackers (W&B offline by default), rank 0 only.
+
+``tracking.mode``: ``offline`` (W&B writes a local run directory, no network),
+``online``, ``tensorboard`` or ``disabled``.  The W&B run id is created once and
+stored in every checkpoint, so a resumed run continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.config import Config
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How one tracking mode maps onto accelerate."""
+
+    log_with: str | None  # accelerate tracker name
+    wandb_mode: str | None  # W&B mode
+
+
+MODES: dict[str, Mode] = {
+    "offline": Mode("wandb", "offline"),
+    "online": Mode("wandb", "online"),
+    "tensorboard": Mode("tensorboard", None),
+    "disabled": Mode(None, None),
+}
+
+
+def mode_of(cfg: Config) -> Mode:
+    if cfg.tracking.mode not in MODES:
+        raise ValueError(f"tracking.mode: unknown mode {cfg.tracking.mode!r}; known: {', '.join(MODES)}")
+    return MODES[cfg.tracking.mode]
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def start(accelerator, cfg: Config, run_id: str, config_dict: dict) -> None:
+    """Initialise the tracker on rank 0 (accelerate makes the call a no-op elsewhere)."""
+    mode = mode_of(cfg)
+    if mode.log_with is None:
+        return
+    init_kwargs = {}
+    if mode.wandb_mode is not None:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        init_kwargs["wandb"] = {
+            "mode": mode.wandb_mode,
+            "dir": cfg.run.dir,
+            "id": run_id,
+            "resume": "allow",
+            "name": cfg.tracking.run_name or cfg.run.name,
+            "tags": list(cfg.tracking.tags),
+        }
+    accelerator.init_trackers(cfg.tracking.project, config=config_dict, init_kwargs=init_kwargs)
+
+
+class MetricsFile:
+    """``metrics.jsonl`` in the run directory (rank 0): the source of the loss-curve plots."""
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps({"step": step, **values}) + "\n")

@@ -1,0 +1,354 @@
+"""The Trainer: one stage run, built from its config through accelerate.
+
+``Trainer.train()`` reads as the outline of a run: restore (resume or the
+weights-only ``init_from``), loop over steps, save, finish.  The loss is never
+computed here -- the trainer calls ``Objective.loss``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+
+from data.features import FeatureLoader, LoaderSpec
+from data.fingerprint import fingerprint, tristage_version
+from train import checkpoint as ckpt
+from train import tracking
+from train.config import Config, save_config, to_yaml
+from train.ema import EMA
+from train.handoff_init import load_initial_weights
+from train.models import family_of
+from train.objective import Objective
+
+log = logging.getLogger(__name__)
+TIMESTEP_BUCKETS = 4  # loss is also logged per quarter of the timestep range
+
+
+class Trainer:
+    """Owns the model, EMA, optimizer, loader and tracker of one stage run."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        mode = tracking.mode_of(cfg)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision, log_with=mode.log_with, project_dir=cfg.run.dir
+        )
+        set_seed(cfg.train.seed)
+        self.objective = Objective(cfg.objective)
+        self.family = family_of(cfg.model.family)
+        out_channels = cfg.model.in_channels * (2 if cfg.objective.learn_sigma else 1)
+        self.model = self.family.build(cfg.model, out_channels)
+        if cfg.model.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=self._lr(),
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+            foreach=True,
+        )
+        warmup = max(1, cfg.optim.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
+        )
+        self.loader = self._loader()
+        self.state = ckpt.TrainState(version=tristage_version())
+        self.ema: EMA | None = None
+        self.stop_requested = False
+
+    def _lr(self) -> float:
+        """PixArt's auto_lr: sqrt-scale by global batch / 256."""
+        lr = self.cfg.optim.lr
+        if self.cfg.optim.auto_lr:
+            lr *= math.sqrt(self.global_batch / 256)
+        return lr
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.accelerator.num_processes
+
+    def _loader(self) -> FeatureLoader:
+        spec = LoaderSpec(
+            global_batch=self.global_batch,
+            rank=self.accelerator.process_index,
+            world=self.accelerator.num_processes,
+            seed=self.cfg.train.seed,
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            cond_dropout=self.cfg.data.cond_dropout,
+            null_label=self.cfg.model.num_classes,
+        )
+        return FeatureLoader(self.cfg.data.cache_dir, spec, expected=fingerprint(self.cfg))
+
+    # -- the run -------------------------------------------------------------------
+    def train(self) -> dict:
+        """Restore, loop until max_steps (or a stop request / time budget), save, finish."""
+        self._restore()
+        self._install_signal_handlers()
+        self._start_tracking()
+        started, first_step = time.time(), self.state.step
+        batches = iter(self.loader)
+        window = Window(self.accelerator.device, self.cfg.objective.num_timesteps)
+        bar = self._progress()
+        while self.state.step < self.cfg.train.max_steps and not self._should_stop(started):
+            metrics = self._step(next(batches))
+            window.add(metrics, self.global_batch)
+            self.state.step += 1
+            self.state.samples += self.global_batch
+            bar.update(1)
+            self._maybe_log(window)
+            self._maybe_checkpoint()
+        bar.close()
+        self._save_checkpoint()
+        finished = self.state.step >= self.cfg.train.max_steps
+        summary = self._summary(started, first_step, window, finished)
+        if finished:
+            self._write_final()
+        self.accelerator.end_training()
+        return summary
+
+    def _restore(self) -> None:
+        """Resume full state if a checkpoint applies, else load init_from weights (handoff)."""
+        path = self._resume_path()
+        if path is None:
+            if self.cfg.init_from is not None:
+                load_initial_weights(self.model, self.cfg)
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+            self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay)
+            return
+        if self.cfg.init_from is not None:
+            self._info(f"resuming from {path}; init_from={self.cfg.init_from} is ignored")
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay)
+        self._load_checkpoint(path)
+
+    def _resume_path(self) -> Path | None:
+        mode = self.cfg.resume
+        if mode == "none":
+            return None
+        root = self.run_dir / "checkpoints"
+        if mode in ("auto", "latest"):
+            found = ckpt.latest(root)
+            if found is None and mode == "latest":
+                raise ckpt.CheckpointError(f"{root}: resume=latest but no complete checkpoint exists")
+            return found
+        ckpt.verify(Path(mode))
+        return Path(mode)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.state = ckpt.verify(path)
+        self._unwrapped().load_state_dict(load_file(path / "model.safetensors"))
+        self.ema.load_state_dict(load_file(path / "ema.safetensors"))
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        self.scheduler.load_state_dict(self.state.scheduler)
+        self.loader.load_state_dict(self.state.loader)
+        ckpt.load_rank_rng(path, self.accelerator.process_index)
+        self._info(f"resumed from {path} at step {self.state.step}")
+
+    # -- one step ------------------------------------------------------------------
+    def _step(self, batch: dict) -> dict:
+        """Forward + backward through the objective, NaN guard, clip, AdamW, EMA."""
+        device = self.accelerator.device
+        batch = {k: to_device(v, device) for k, v in batch.items()}
+        cond = self.family.inputs(batch)
+        timesteps = self.objective.timesteps_from_uniform(batch["u"]).to(device)
+        with self.accelerator.autocast():
+            loss, metrics = self.objective.loss(
+                self.model,
+                {"latents": batch["latents"], "cond": cond},
+                noise=batch["noise"],
+                timesteps=timesteps,
+            )
+        self.accelerator.backward(loss)
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # the one per-step host sync
+        if finite:
+            self.optimizer.step()
+            self.ema.update(self._unwrapped(), self.state.step)
+            self.state.nonfinite_skips = 0
+        else:
+            self._nonfinite()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics.update(loss=loss.detach(), grad_norm=grad_norm.detach())
+        return metrics
+
+    def _nonfinite(self) -> None:
+        self.state.nonfinite_skips += 1
+        self._info(f"step {self.state.step}: non-finite loss or gradient, update skipped")
+        if self.state.nonfinite_skips >= self.cfg.train.max_nonfinite:
+            self._save_checkpoint()
+            raise FloatingPointError(
+                f"{self.state.nonfinite_skips} consecutive non-finite steps (train.max_nonfinite); "
+                f"state saved in {self.run_dir / 'checkpoints'}"
+            )
+
+    # -- side effects ----------------------------------------------------------------
+    def _maybe_log(self, window: Window) -> None:
+        if self.state.step % self.cfg.train.log_every and self.state.step != self.cfg.train.max_steps:
+            return
+        values = window.flush(self.scheduler.get_last_lr()[0], self.state.samples)
+        self.accelerator.log(values, step=self.state.step)
+        self.metrics_file.write(self.state.step, values)
+
+    def _maybe_checkpoint(self) -> None:
+        if self.state.step % self.cfg.checkpoint.every == 0:
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        """Assemble in a temp dir (every rank writes its RNG), rename, mark complete, rotate."""
+        root = self.run_dir / "checkpoints"
+        final, tmp = ckpt.step_dir(root, self.state.step), root / f".tmp-step_{self.state.step:07d}"
+        if (final / ckpt.MARKER).exists():
+            return
+        self.state.scheduler = self.scheduler.state_dict()
+        self.state.loader = self.loader.state_dict()
+        if self.accelerator.is_main_process:
+            tmp.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        ckpt.write_rank_files(tmp, self.accelerator.process_index)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            model_sd = self.accelerator.get_state_dict(self.model)
+            ckpt.write_main_files(
+                tmp,
+                model_sd,
+                self.ema.state_dict(),
+                self.optimizer.state_dict(),
+                self.state,
+                to_yaml(self.cfg),
+            )
+            ckpt.commit(tmp, final)
+            ckpt.rotate(root, self.cfg.checkpoint.keep_last)
+        self.accelerator.wait_for_everyone()
+
+    def _write_final(self) -> None:
+        """``final/``: EMA weights as a diffusers model folder plus the resolved config."""
+        if not self.accelerator.is_main_process:
+            return
+        final = self.run_dir / "final"
+        model = self._unwrapped()
+        raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.ema.copy_to(model)
+        model.save_pretrained(final / "transformer", safe_serialization=True)
+        model.load_state_dict(raw)
+        save_config(self.cfg, final / "config.yaml")
+        (final / ckpt.MARKER).write_text("ok\n")
+
+    def _start_tracking(self) -> None:
+        self.metrics_file = tracking.MetricsFile(self.cfg.run.dir, self.accelerator.is_main_process)
+        if self.state.tracker_run_id is None:
+            self.state.tracker_run_id = tracking.new_run_id()
+        if self.accelerator.is_main_process:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+        config = OmegaConf.to_container(OmegaConf.structured(self.cfg))
+        tracking.start(self.accelerator, self.cfg, self.state.tracker_run_id, config)
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1 (SLURM pre-emption): finish the step, save, exit 0."""
+
+        def request_stop(signum, _frame):
+            self.stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def _should_stop(self, started: float) -> bool:
+        budget = self.cfg.train.max_time
+        out_of_time = budget is not None and time.time() - started > budget
+        return self.stop_requested or out_of_time
+
+    def _summary(self, started: float, first_step: int, window: Window, finished: bool) -> dict:
+        elapsed = time.time() - started
+        steps = self.state.step - first_step
+        summary = {
+            "stage": self.cfg.run.name,
+            "steps": self.state.step,
+            "finished": finished,
+            "wall_s": round(elapsed, 1),
+            "img_per_s": round(steps * self.global_batch / max(elapsed, 1e-9), 2),
+            "final_loss": window.last_loss,
+            "final": str(self.run_dir / "final") if finished else None,
+            "dropped_in_buckets": dict(self.loader.dropped),
+        }
+        self._info("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        return summary
+
+    def _progress(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(
+            total=self.cfg.train.max_steps,
+            initial=self.state.step,
+            desc=self.cfg.run.name,
+            disable=not self.accelerator.is_main_process,
+            unit="step",
+        )
+
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _info(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            log.warning(message)
+
+
+class Window:
+    """Metric tensors summed on device between log steps (no host sync until flush)."""
+
+    def __init__(self, device: torch.device, num_timesteps: int):
+        self.device, self.num_timesteps = device, num_timesteps
+        self.last_loss: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.bucket_sum = torch.zeros(TIMESTEP_BUCKETS, device=self.device)
+        self.bucket_n = torch.zeros(TIMESTEP_BUCKETS, device=self.device)
+        self.steps, self.images, self.t0 = 0, 0, time.time()
+
+    def add(self, metrics: dict, batch: int) -> None:
+        for key in ("loss", "loss_mse", "loss_vlb", "grad_norm"):
+            value = metrics[key].float()
+            self.sums[key] = self.sums.get(key, torch.zeros((), device=self.device)) + value
+        t = metrics["timesteps"].float()
+        bucket = (t / self.num_timesteps * TIMESTEP_BUCKETS).long().clamp(0, TIMESTEP_BUCKETS - 1)
+        self.bucket_sum.index_add_(0, bucket, metrics["per_sample_loss"].float())
+        self.bucket_n.index_add_(0, bucket, torch.ones_like(t))
+        self.steps += 1
+        self.images += batch
+
+    def flush(self, lr: float, samples: int) -> dict[str, float]:
+        values = {k: (v / max(self.steps, 1)).item() for k, v in self.sums.items()}
+        per_bucket = (self.bucket_sum / self.bucket_n.clamp(min=1)).tolist()
+        values.update({f"loss_t{i}": v for i, v in enumerate(per_bucket)})
+        values.update(lr=lr, samples_seen=samples, img_per_s=self.images / max(time.time() - self.t0, 1e-9))
+        self.last_loss = values.get("loss")
+        self._reset()
+        return values
+
+
+def to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    return value
+
+
+def run_train(cfg: Config) -> dict:
+    """Entry point used by the CLI."""
+    return Trainer(cfg).train()
+
+
+__all__ = ["Trainer", "run_train", "asdict"]
