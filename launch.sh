@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Launch tristage stages through `accelerate launch`.
+#
+#   ./launch.sh demo [OUT_DIR]                     the offline demo (single process)
+#   ./launch.sh stage1|stage2|stage3 [ACCEL_ARGS...] [-- key=value ...]
+#   ./launch.sh all [ACCEL_ARGS...] [-- key=value ...]
+#
+# Each stage runs its caching pass, then training, with configs/<stage>.yaml.  `all`
+# runs the three in order; each stage's config names the previous stage's final/ as
+# init_from.  ACCEL_ARGS pass straight to `accelerate launch`, e.g.
+#   ./launch.sh stage2 --config_file configs/accelerate/ddp.yaml --num_processes 8
+#   ./launch.sh stage2 --config_file configs/accelerate/multinode.yaml \
+#       --num_machines 4 --machine_rank "$RANK" --main_process_ip "$MASTER" --main_process_port 29500
+# Overrides after `--` apply to every stage run, e.g. -- train.max_steps=1000.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+declare -A CONFIG=(
+  [stage1]=configs/stage1_imagenet.yaml
+  [stage2]=configs/stage2_sam_llava.yaml
+  [stage3]=configs/stage3_aesthetic.yaml
+)
+
+usage() { sed -n '2,16p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+target=$1; shift
+
+if [ "$target" = demo ]; then
+  exec accelerate launch --num_processes 1 -m train.cli demo --out "${1:-demo_out}"
+fi
+
+accel=() overrides=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = -- ]; then shift; overrides=("$@"); break; fi
+  accel+=("$1"); shift
+done
+
+run_stage() {
+  local config=${CONFIG[$1]}
+  accelerate launch "${accel[@]}" -m train.cli cache "$config" "${overrides[@]}"
+  accelerate launch "${accel[@]}" -m train.cli train "$config" "${overrides[@]}"
+}
+
+case "$target" in
+  stage1|stage2|stage3) run_stage "$target" ;;
+  all) for s in stage1 stage2 stage3; do run_stage "$s"; done ;;
+  *) usage ;;
+esac

@@ -1,0 +1,27 @@
+# Sourced by demo.sh and test.sh: create .venv on first use and install tristage into it.
+# CPU-only machines get the CPU torch wheel (torch==2.13.0, or TRISTAGE_TORCH_INDEX for a wheel index);
+# machines with an NVIDIA driver get the default (CUDA) torch build.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${TRISTAGE_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.tristage-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+if [ ! -f "$STAMP" ]; then
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      "$VENV/bin/pip" install -q torch
+    elif [ -n "${TRISTAGE_TORCH_INDEX:-}" ]; then
+      "$VENV/bin/pip" install -q torch==2.13.0 --index-url "$TRISTAGE_TORCH_INDEX"
+    else
+      "$VENV/bin/pip" install -q torch==2.13.0
+    fi
+  fi
+  "$VENV/bin/pip" install -q -e "$ROOT[dev]"
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+export WANDB_MODE="${WANDB_MODE:-offline}"
+export HF_HUB_OFFLINE=1
+cd "$ROOT"
