@@ -62,9 +62,10 @@ def open_manifest(cache_dir: str | Path, expected: dict[str, str] | None) -> dic
     if expected is not None:
         diff = first_difference(expected, manifest["fingerprint"])
         if diff is not None:
+            found, wanted = manifest["fingerprint"].get(diff), expected.get(diff)
             raise CacheError(
                 f"{path}: cache fingerprint disagrees with the config on '{diff}' "
-                f"(cache: {manifest['fingerprint'].get(diff)!r}, config: {expected.get(diff)!r}); re-run the cache"
+                f"(cache: {found!r}, config: {wanted!r}); re-run the cache"
             )
     if not manifest["shards"] or manifest["samples"] == 0:
         raise CacheError(f"{path}: the cache lists no samples")

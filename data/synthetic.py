@@ -70,7 +70,8 @@ _TEMPLATES = (
     "In this picture there is {core}. The shape is {where}.",
     "This is a simple illustration of {core}, {where}.",
     "A {size} shape: {core}. It is {where}.",
-    "The picture features {core}; the {shape} is {size} and {where}.")
+    "The picture features {core}; the {shape} is {size} and {where}.",
+)
 
 
 def class_name(index: int) -> str:
@@ -98,7 +99,9 @@ class Scene:
     side: float  # shape size, pixels
 
 
-def sample_scene(rng: random.Random, colour: str, shape: str, background: str, height: int, width: int) -> Scene:
+def sample_scene(
+    rng: random.Random, colour: str, shape: str, background: str, height: int, width: int
+) -> Scene:
     """Random position and a size of 30-60% of the short side, fully inside the image."""
     side = rng.uniform(0.30, 0.60) * min(height, width)
     cx = rng.uniform(side / 2, width - side / 2)
@@ -134,9 +137,7 @@ def caption(scene: Scene, rng: random.Random) -> str:
 
 def text_combinations() -> list[tuple[str, str, str]]:
     """All (colour, shape, background) triples allowed in the text stages."""
-    return [
-        (c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS if (c, s, b) not in HELD_OUT
-    ]
+    return [(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS if (c, s, b) not in HELD_OUT]
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
@@ -190,7 +191,14 @@ def write_stage2(out: Path, n: int, size: int = 64, seed: int = 1, per_shard: in
                 for i in idx:
                     scene = sample_scene(rng, *combos[i % len(combos)], size, size)
                     image_id = f"sa_{i + 1}"
-                    meta = {"image": {"image_id": i + 1, "width": size, "height": size, "file_name": f"{image_id}.jpg"}}
+                    meta = {
+                        "image": {
+                            "image_id": i + 1,
+                            "width": size,
+                            "height": size,
+                            "file_name": f"{image_id}.jpg",
+                        }
+                    }
                     _add(tar, f"{image_id}.jpg", _encode(render(scene), "JPEG"))
                     _add(tar, f"{image_id}.json", json.dumps(meta).encode())
                     captions.write(json.dumps({"id": image_id, "caption": caption(scene, rng)}) + "\n")
