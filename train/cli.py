@@ -74,6 +74,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.out, fast=args.fast)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import importlib
+
+    importlib.import_module(f"bench.{BENCHES[args.which]}").main(args.rest)
+
+
+BENCHES = {"resume": "resume"}  # `tristage bench NAME` -> bench/<module>.py
+
+
 def _with_config(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("config", help="stage YAML, e.g. configs/stage1_imagenet.yaml")
     sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
@@ -97,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     from train.sample import add_sample_arguments
 
     add_sample_arguments(subs.add_parser("sample", help="generate PNGs from an exported pipeline"))
+    bench = subs.add_parser("bench", help="benchmarks (JSON last line)")
+    bench.add_argument("which", choices=sorted(BENCHES))
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
     demo = subs.add_parser("demo", help="the whole offline pipeline on synthetic shapes")
     demo.add_argument("--out", required=True)
     demo.add_argument("--fast", action="store_true", help="a shortened run (tests): a few steps per stage")
@@ -110,6 +122,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "convert": cmd_convert,
     "sample": cmd_sample,
     "demo": cmd_demo,
+    "bench": cmd_bench,
 }
 
 

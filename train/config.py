@@ -100,6 +100,7 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = 2000  # steps between full-state checkpoints
     keep_last: int = 3  # complete checkpoints kept on disk
+    on_error: str = "raise"  # a failed save (disk full, I/O error): "raise" (stop) or "continue" training
 
 
 @dataclass

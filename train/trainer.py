@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -208,13 +209,26 @@ class Trainer:
             self._save_checkpoint()
 
     def _save_checkpoint(self) -> None:
-        """Assemble in a temp dir (every rank writes its RNG), rename, mark complete, rotate."""
+        """Assemble in a temp dir (every rank writes its RNG), rename, mark complete, rotate.
+
+        A write error leaves every earlier checkpoint untouched; ``checkpoint.on_error`` decides
+        whether training goes on."""
         root = self.run_dir / "checkpoints"
         final, tmp = ckpt.step_dir(root, self.state.step), root / f".tmp-step_{self.state.step:07d}"
         if (final / ckpt.MARKER).exists():
             return
         self.state.scheduler = self.scheduler.state_dict()
         self.state.loader = self.loader.state_dict()
+        try:
+            self._write_checkpoint(tmp, final, root)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            message = f"checkpoint at step {self.state.step} failed ({err}); earlier checkpoints are intact"
+            if self.cfg.checkpoint.on_error != "continue":
+                raise ckpt.CheckpointError(message) from None
+            self._info(message + "; continuing (checkpoint.on_error=continue)")
+
+    def _write_checkpoint(self, tmp: Path, final: Path, root: Path) -> None:
         if self.accelerator.is_main_process:
             tmp.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
@@ -222,13 +236,9 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             model_sd = self.accelerator.get_state_dict(self.model)
+            optim_sd = self.optimizer.state_dict()
             ckpt.write_main_files(
-                tmp,
-                model_sd,
-                self.ema.state_dict(),
-                self.optimizer.state_dict(),
-                self.state,
-                to_yaml(self.cfg),
+                tmp, model_sd, self.ema.state_dict(), optim_sd, self.state, to_yaml(self.cfg)
             )
             ckpt.commit(tmp, final)
             ckpt.rotate(root, self.cfg.checkpoint.keep_last)
