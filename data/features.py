@@ -84,6 +84,7 @@ class FeatureLoader:
         self.dir, self.spec = Path(cache_dir), spec
         self.manifest = open_manifest(cache_dir, expected)
         self.shards = [str(self.dir / s["file"]) for s in self.manifest["shards"]]
+        self.shard_samples = {str(self.dir / s["file"]): int(s["samples"]) for s in self.manifest["shards"]}
         self.scaling_factor = float(self.manifest["scaling_factor"])
         null = self.manifest.get("null_caption")
         self.null_text = load_file(self.dir / null)["t5"] if null else None
@@ -109,11 +110,24 @@ class FeatureLoader:
         def fail(exn: Exception) -> bool:
             raise CacheError(f"{shard}: corrupt feature shard ({type(exn).__name__}: {exn})") from None
 
+        read = 0
         for sample in wds.WebDataset([shard], shardshuffle=False, handler=fail, empty_check=False):
             if "json" not in sample or "feat.safetensors" not in sample:
                 raise CacheError(f"{shard}: sample {sample.get('__key__')!r} lacks json or features")
-            sample["meta"] = json.loads(sample["json"])
+            try:
+                sample["meta"] = json.loads(sample["json"])
+            except ValueError as exn:
+                raise CacheError(
+                    f"{shard}: corrupt feature shard (sample {sample['__key__']!r}: {exn})"
+                ) from None
+            read += 1
             yield sample
+        # tarfile ends a stream silently at a damaged header, so count against the manifest.
+        if read != self.shard_samples[shard]:
+            raise CacheError(
+                f"{shard}: corrupt feature shard (read {read} of the {self.shard_samples[shard]} samples "
+                "the manifest lists)"
+            )
 
     def _shuffled(self, epoch: int) -> Iterator[dict]:
         rng = random.Random(self.spec.seed * 7_919 + epoch)
@@ -140,7 +154,7 @@ class FeatureLoader:
         g = torch.Generator().manual_seed((self.spec.seed * 1_000_003 + epoch) * 1_000_033 + index)
         n = self.spec.global_batch
         lo, hi = self.spec.rank * n // self.spec.world, (self.spec.rank + 1) * n // self.spec.world
-        feats = [st_load(s["feat.safetensors"]) for s in samples[lo:hi]]
+        feats = [_features(s) for s in samples[lo:hi]]
         mean = torch.stack([f["mean"] for f in feats]).float()  # (b, C, h, w)
         std = torch.stack([f["std"] for f in feats]).float()
         shape = (n, *mean.shape[1:])
@@ -216,3 +230,13 @@ class FeatureLoader:
                     out.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
+
+
+def _features(sample: dict) -> dict[str, torch.Tensor]:
+    """The tensors of one cached sample; a damaged payload names its shard."""
+    try:
+        return st_load(sample["feat.safetensors"])
+    except Exception as exn:  # safetensors raises its own error type for damaged bytes
+        raise CacheError(
+            f"{sample.get('__url__')}: corrupt feature shard (sample {sample.get('__key__')!r}: {exn})"
+        ) from None

@@ -82,5 +82,10 @@ def fingerprint(cfg: Config) -> dict[str, str]:
 
 
 def first_difference(expected: dict[str, str], found: dict[str, str]) -> str | None:
-    """The first field (in sorted order) whose values differ, or None."""
-    return next((k for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)), None)
+    """The first field (in :func:`fingerprint`'s order) whose values differ, or None.
+
+    Declared order, not sorted: a changed ``data.resolution`` also changes the
+    derived ``buckets`` hash, and the error should name the field the user changed.
+    """
+    keys = list(expected) + [k for k in found if k not in expected]
+    return next((k for k in keys if expected.get(k) != found.get(k)), None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import json
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -82,12 +83,33 @@ def expand(patterns: list[str]) -> list[str]:
 
 def _tar_samples(path: str, skips: Skips) -> Iterator[dict]:
     """Samples of one tar via webdataset; a truncated or corrupt tar is counted, not fatal."""
+    failed: list[Exception] = []
 
     def handler(exn: Exception) -> bool:
+        failed.append(exn)
         skips.add("corrupt_tar", f"{path}: {type(exn).__name__}")
         return False  # stop this tar, keep what was read
 
     yield from wds.WebDataset([path], shardshuffle=False, handler=handler, empty_check=False)
+    if not failed and not _ends_cleanly(path):
+        skips.add("corrupt_tar", f"{path}: truncated or damaged header")
+
+
+def _ends_cleanly(path: str) -> bool:
+    """True when the member headers run on to tar's zero end-of-archive block.
+
+    tarfile ends a stream *silently* at a missing, cut or damaged header, so a tar
+    cut at a member boundary would otherwise pass for a complete one.  Reads the
+    headers only (seeking over the data).
+    """
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for _ in tar:
+                pass
+            tar.fileobj.seek(tar.offset)
+            return tar.fileobj.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
+    except (tarfile.TarError, OSError, EOFError):
+        return False
 
 
 def _image_of(sample: dict) -> bytes | None:
@@ -118,8 +140,10 @@ class ImageNetWds:
         for sample in _tar_samples(unit.name, skips):
             key = sample["__key__"].replace(".", "_")
             image = _image_of(sample)
-            cls = _text(sample["cls"], key, skips) if "cls" in sample else None
-            if image is None or cls is None or not cls.strip().isdigit():
+            cls = _text(sample["cls"], key, skips) if "cls" in sample else ""
+            if cls is None:
+                continue  # already counted as non_utf8_text: one item, one reason
+            if image is None or not cls.strip().isdigit():
                 skips.add("missing_image_or_class", key)
                 continue
             yield RawItem(key=key, image=image, label=int(cls))
@@ -133,11 +157,11 @@ def load_captions(path: str) -> dict[str, str]:
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
             return {str(r["id"]): r["caption"] for r in records}
         data = json.loads(text)
+        if isinstance(data, dict):
+            return {str(k): v for k, v in data.items()}
+        return {str(r["id"]): r["caption"] for r in data}
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise SourceError(f"{path}: unreadable caption file ({type(err).__name__}: {err})") from None
-    if isinstance(data, dict):
-        return {str(k): v for k, v in data.items()}
-    return {str(r["id"]): r["caption"] for r in data}
 
 
 class SamLlava:

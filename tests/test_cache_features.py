@@ -1,0 +1,438 @@
+"""Cache pass (frozen VAE + T5 -> feature shards + manifest) and the feature loader.
+
+Everything is built in tmp dirs: synthetic raw shards, a tiny random AutoencoderKL
+(factor 8) and the demo T5, both saved with ``save_pretrained`` and loaded back by
+path through the same code the real runs use.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from safetensors.torch import load as st_load
+from safetensors.torch import load_file
+
+from data import synthetic
+from data.cache import run_cache
+from data.demo_encoders import write_demo_text_encoder
+from data.features import CacheError, FeatureLoader, LoaderSpec, open_manifest
+from data.fingerprint import fingerprint
+from train.config import Config, load_config
+
+from .conftest import ROOT
+
+STAGE1_IMAGES, STAGE1_PER_SHARD = 24, 12
+STAGE2_IMAGES = 10
+STAGE3_IMAGES = 24
+ODD_BUCKET = (96, 176)
+BAD_STAGE3 = {"bad_bytes": "undecodable_image", "tiny": "too_small", "wide": "aspect_ratio_out_of_range"}
+
+
+# -- fixtures: encoders, raw data, configs, cache builds ------------------------------------------
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory) -> Iterator[dict[str, Path]]:
+    """A tiny random VAE (4 blocks -> factor 8, 4 latent channels) and the demo T5 + tokenizer."""
+    from diffusers import AutoencoderKL
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared CI cores; the models are tiny
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    vae.save_pretrained(root / "vae")
+    tokenizer, text_encoder = write_demo_text_encoder(root)
+    yield {"vae": root / "vae", "tokenizer": tokenizer, "text_encoder": text_encoder}
+    torch.set_num_threads(threads)
+
+
+def stage_config(
+    n: int, raw: Path, cache_dir: Path, enc: dict[str, Path], extra: Sequence[str] = ()
+) -> Config:
+    """configs/demo/stageN.yaml pointed at tmp paths (the override pattern of train.demo)."""
+    overrides = [
+        f"run.dir={cache_dir.parent / 'run'}",
+        f"data.cache_dir={cache_dir}",
+        f"encoders.vae={enc['vae']}",
+        "encoders.batch_size=5",  # several encoder batches per shard, one partial
+    ]
+    if n > 1:
+        overrides += [
+            f"encoders.text_encoder={enc['text_encoder']}",
+            f"encoders.tokenizer={enc['tokenizer']}",
+        ]
+    sources = {
+        1: [f"data.source.paths=[{raw}/imagenet-*.tar]", f"data.source.synsets={raw / 'synsets.txt'}"],
+        2: [f"data.source.paths=[{raw}/sa_*.tar]", f"data.source.captions={raw / 'llava_captions.jsonl'}"],
+        3: [f"data.source.paths=[{raw / 'images'}]", f"data.source.metadata={raw / 'metadata.jsonl'}"],
+    }
+    return load_config(ROOT / "configs" / "demo" / f"stage{n}.yaml", overrides + sources[n] + list(extra))
+
+
+def cache(cfg: Config) -> dict:
+    return run_cache(cfg, Accelerator())
+
+
+def shard_samples(cache_dir: Path) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+    """(json, tensors) of every sample in every feature shard, read with plain tarfile."""
+    out = []
+    for shard in sorted(cache_dir.glob("features-*.tar")):
+        with tarfile.open(shard) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in files if n.endswith(".json")):
+            key = name[: -len(".json")]
+            out.append((json.loads(files[name]), st_load(files[f"{key}.feat.safetensors"])))
+    return out
+
+
+def keys_of(cache_dir: Path) -> list[str]:
+    return [meta["key"] for meta, _ in shard_samples(cache_dir)]
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, encoders):
+    """Stage-1 cache over two ImageNet-style shards of 64 px images."""
+    root = tmp_path_factory.mktemp("stage1")
+    raw = synthetic.write_stage1(root / "raw", STAGE1_IMAGES, size=80, per_shard=STAGE1_PER_SHARD)
+    cfg = stage_config(1, raw, root / "cache", encoders)
+    return cfg, cache(cfg)
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory, encoders):
+    """Stage-2 (text) cache: SA-1B-style tar + LLaVA JSONL captions."""
+    root = tmp_path_factory.mktemp("stage2")
+    raw = synthetic.write_stage2(root / "raw", STAGE2_IMAGES, size=64)
+    cfg = stage_config(2, raw, root / "cache", encoders)
+    return cfg, cache(cfg)
+
+
+def add_stage3_records(raw: Path, names: list[str]) -> None:
+    with open(raw / "metadata.jsonl", "a") as meta:
+        for name in names:
+            record = {
+                "file": f"{name}.png",
+                "caption": "a red circle on a white background",
+                "aesthetic_score": 6.5,
+            }
+            meta.write(json.dumps(record) + "\n")
+
+
+def write_bad_stage3_files(raw: Path) -> None:
+    """Three unusable images with good scores and captions, appended to the metadata."""
+    rng = random.Random(0)
+    images = raw / "images"
+    (images / "bad_bytes.png").write_bytes(bytes(rng.randrange(256) for _ in range(500)))
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(images / "tiny.png")
+    Image.new("RGB", (200, 40), (0, 200, 0)).save(images / "wide.png")  # 5:1 (w:h)
+    add_stage3_records(raw, list(BAD_STAGE3))
+
+
+@pytest.fixture(scope="module")
+def stage3(tmp_path_factory, encoders):
+    """Stage-3 cache: 128 px, three aspect buckets, score filter, plus three bad images."""
+    root = tmp_path_factory.mktemp("stage3")
+    raw = synthetic.write_stage3(root / "raw", STAGE3_IMAGES)
+    Image.new("RGB", (210, 120), (0, 0, 200)).save(raw / "images" / "odd.png")  # good, resized and cropped
+    add_stage3_records(raw, ["odd"])
+    records = [json.loads(line) for line in (raw / "metadata.jsonl").read_text().splitlines()]
+    write_bad_stage3_files(raw)
+    cfg = stage_config(3, raw, root / "cache", encoders)
+    return cfg, cache(cfg), records
+
+
+# -- cache pass --------------------------------------------------------------------------------
+def test_stage1_cache_counts_and_contents(stage1):
+    cfg, manifest = stage1
+    cache_dir = Path(cfg.data.cache_dir)
+    assert manifest["samples"] == STAGE1_IMAGES
+    assert [s["file"] for s in manifest["shards"]] == ["features-00000.tar", "features-00001.tar"]
+    assert [s["samples"] for s in manifest["shards"]] == [STAGE1_PER_SHARD] * 2
+    assert manifest["skipped"] == {}
+    assert manifest["null_caption"] is None  # class-conditional: no T5
+    assert manifest["class_names"]["0"] == synthetic.class_name(0)
+    assert json.loads((cache_dir / "manifest.json").read_text()) == manifest
+    samples = shard_samples(cache_dir)
+    assert sorted(m["key"] for m, _ in samples) == [f"{i:08d}" for i in range(STAGE1_IMAGES)]
+    for meta, tensors in samples:
+        assert meta["label"] == int(meta["key"]) % len(synthetic.CLASSES)
+        assert (meta["bucket"], meta["original_size"], meta["crop"]) == ([64, 64], [80, 80], [0, 0])
+        assert meta["caption"] is None and "tokens" not in meta
+        assert set(tensors) == {"mean", "std"}
+        for t in tensors.values():
+            assert t.shape == (4, 8, 8) and t.dtype == torch.float16
+        assert bool((tensors["std"] > 0).all())
+
+
+def test_bad_images_are_skipped_and_counted_nothing_else_lost(stage3):
+    cfg, manifest, records = stage3
+    cache_dir = Path(cfg.data.cache_dir)
+    good = {Path(r["file"]).stem for r in records if r["aesthetic_score"] > cfg.data.source.min_aesthetic}
+    low = len(records) - len(good)
+    assert 0 < low < len(records)
+    expected = {reason: 1 for reason in BAD_STAGE3.values()} | {"below_aesthetic_threshold": low}
+    assert manifest["skipped"] == expected
+    skipped = json.loads((cache_dir / "skipped.json").read_text())
+    assert skipped["counts"] == expected
+    for key, reason in BAD_STAGE3.items():
+        assert skipped["examples"][reason] == [key]
+    keys = keys_of(cache_dir)
+    assert len(keys) == len(set(keys)) == manifest["samples"] == len(good)
+    assert set(keys) == good
+    buckets = {tuple(m["bucket"]) for m, _ in shard_samples(cache_dir)}
+    assert buckets == set(synthetic.STAGE3_SIZES) | {ODD_BUCKET}
+
+
+def test_stage3_placement_and_feature_shapes(stage3):
+    cfg, _, _ = stage3
+    for meta, tensors in shard_samples(Path(cfg.data.cache_dir)):
+        h, w = meta["bucket"]
+        if meta["key"] == "odd":  # 120 x 210 (ratio 0.57) -> 0.55 bucket; scale 176/210 -> 101 x 176
+            assert (meta["original_size"], meta["crop"]) == ([120, 210], [2, 0])
+            assert (h, w) == ODD_BUCKET
+        else:
+            assert meta["original_size"] == [h, w] and meta["crop"] == [0, 0]
+        assert tensors["mean"].shape == (4, h // 8, w // 8)
+        assert tensors["mean"].dtype == torch.bfloat16
+        assert 5.0 < meta["score"] and meta["caption"]
+
+
+def test_resume_remakes_exactly_the_missing_shard(tmp_path, encoders):
+    raw = synthetic.write_stage1(tmp_path / "raw", 9, size=64, per_shard=3)
+    cfg = stage_config(1, raw, tmp_path / "cache", encoders)
+    first = cache(cfg)
+    cache_dir = Path(cfg.data.cache_dir)
+    keys = keys_of(cache_dir)
+    (cache_dir / "features-00001.tar").unlink()
+    (cache_dir / "features-00001.done.json").unlink()
+    (cache_dir / "features-00000.tar.tmp-123").write_bytes(b"half a shard from a killed run")
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache_dir.glob("features-*")}
+    second = cache(cfg)
+    remade = {p.name for p in cache_dir.glob("features-*") if p.stat().st_mtime_ns != stamps.get(p.name)}
+    assert remade == {"features-00001.tar", "features-00001.done.json"}
+    assert second == first
+    again = keys_of(cache_dir)
+    assert sorted(again) == sorted(keys) and len(again) == len(set(again)) == 9
+
+
+def test_rerun_with_other_resolution_is_refused(stage1, encoders):
+    cfg, manifest = stage1
+    cache_dir = Path(cfg.data.cache_dir)
+    before = {p.name: p.read_bytes() for p in cache_dir.iterdir()}
+    raw = Path(cfg.data.source.synsets).parent
+    changed = stage_config(1, raw, cache_dir, encoders, ["data.resolution=32"])
+    with pytest.raises(ValueError, match=r"different 'resolution'; use a new data.cache_dir") as err:
+        cache(changed)
+    assert "manifest.json" in str(err.value) and "\n" not in str(err.value)
+    assert {p.name: p.read_bytes() for p in cache_dir.iterdir()} == before  # nothing touched
+
+
+def test_rerun_with_other_max_tokens_is_refused(stage2, encoders):
+    cfg, _ = stage2
+    cache_dir = Path(cfg.data.cache_dir)
+    before = {p.name: p.read_bytes() for p in cache_dir.iterdir()}
+    raw = Path(cfg.data.source.captions).parent
+    changed = stage_config(2, raw, cache_dir, encoders, ["encoders.max_tokens=16"])
+    with pytest.raises(ValueError, match=r"different 'max_tokens'"):
+        cache(changed)
+    assert {p.name: p.read_bytes() for p in cache_dir.iterdir()} == before
+
+
+def test_text_features_trimmed_to_real_tokens(stage2):
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    cfg, manifest = stage2
+    cache_dir = Path(cfg.data.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.encoders.tokenizer)
+    t5 = T5EncoderModel.from_pretrained(cfg.encoders.text_encoder).eval()
+    captions = {}
+    for line in Path(cfg.data.source.captions).read_text().splitlines():
+        record = json.loads(line)
+        captions[record["id"]] = record["caption"]
+    samples = shard_samples(cache_dir)
+    assert manifest["samples"] == len(samples) == STAGE2_IMAGES
+    lengths = set()
+    for meta, tensors in samples:
+        assert meta["caption"] == captions[meta["key"]]
+        ids = tokenizer(meta["caption"]).input_ids
+        assert ids[-1] == tokenizer.eos_token_id
+        assert meta["tokens"] == tensors["t5"].shape[0] == len(ids) < cfg.encoders.max_tokens
+        assert tensors["t5"].shape[1] == 64 and tensors["t5"].dtype == torch.bfloat16
+        with torch.no_grad():  # the caption alone, unpadded: trimming kept exactly its rows
+            alone = t5(torch.tensor([ids])).last_hidden_state[0]
+        torch.testing.assert_close(
+            tensors["t5"].float(), alone.to(torch.bfloat16).float(), atol=2e-2, rtol=2e-2
+        )
+        lengths.add(len(ids))
+    assert len(lengths) > 1  # captions of different lengths were batched together
+    assert manifest["null_caption"] == "null_caption.safetensors"
+    null = load_file(cache_dir / "null_caption.safetensors")["t5"]
+    assert null.shape == (1, 64) and null.dtype == torch.bfloat16
+
+
+# -- feature loader ---------------------------------------------------------------------------
+def spec(**kw) -> LoaderSpec:
+    base = dict(global_batch=4, rank=0, world=1, seed=0, shuffle_buffer=8, cond_dropout=0.5, null_label=1000)
+    return LoaderSpec(**(base | kw))
+
+
+def take(loader: FeatureLoader, n: int) -> list[dict]:
+    it = iter(loader)
+    try:
+        return [next(it) for _ in range(n)]
+    finally:
+        it.close()  # stop the prefetch thread
+
+
+def test_batches_come_from_one_bucket(stage3):
+    cfg, _, _ = stage3
+    cache_dir = Path(cfg.data.cache_dir)
+    bucket_of = {m["key"]: tuple(m["bucket"]) for m, _ in shard_samples(cache_dir)}
+    batches = take(FeatureLoader(cache_dir, spec()), 6)
+    seen = set()
+    for batch in batches:
+        (bucket,) = {bucket_of[k] for k in batch["keys"]}
+        seen.add(bucket)
+        assert batch["latents"].shape == (4, 4, bucket[0] // 8, bucket[1] // 8)
+        assert bool((batch["aspect_ratio"] == bucket[0] / bucket[1]).all())
+    assert len(seen) > 1
+
+
+def _assert_same_sample(a: dict, i: int, b: dict, j: int) -> None:
+    assert a["keys"][i] == b["keys"][j]
+    for name in ("latents", "noise", "u"):
+        assert torch.equal(a[name][i], b[name][j]), name
+    if "labels" in a:
+        assert a["labels"][i] == b["labels"][j]
+    else:
+        n = int(a["text_mask"][i].sum())
+        assert n == int(b["text_mask"][j].sum())
+        assert torch.equal(a["text"][i, :n], b["text"][j, :n])
+        assert torch.equal(a["resolution"][i], b["resolution"][j])
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage3"])
+def test_two_process_slices_equal_one_process_batch(stage, request):
+    cfg = request.getfixturevalue(stage)[0]
+    cache_dir = Path(cfg.data.cache_dir)
+    full = take(FeatureLoader(cache_dir, spec()), 7)  # crosses an epoch boundary in stage 1
+    parts = [take(FeatureLoader(cache_dir, spec(rank=r, world=2)), 7) for r in (0, 1)]
+    for f, p0, p1 in zip(full, *parts):
+        assert p0["position"] == p1["position"] == f["position"]
+        assert len(p0["keys"]) == len(p1["keys"]) == 2
+        for i in range(4):
+            part = p0 if i < 2 else p1
+            _assert_same_sample(f, i, part, i % 2)
+    dropped = [f["labels"] == 1000 for f in full] if "labels" in full[0] else []
+    if dropped:  # cond_dropout=0.5 did drop some labels and kept others
+        assert 0 < int(torch.cat(dropped).sum()) < 4 * len(full)
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_resume_continues_with_the_next_batch(stage1, k):
+    cache_dir = Path(stage1[0].data.cache_dir)
+    reference = take(FeatureLoader(cache_dir, spec()), k + 1)
+    first = FeatureLoader(cache_dir, spec())
+    take(first, k)
+    state = first.state_dict()
+    assert state == {
+        "epoch": reference[k - 1]["position"][0],
+        "next_index": reference[k - 1]["position"][1] + 1,
+    }
+    resumed = FeatureLoader(cache_dir, spec())
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # as it travels through a checkpoint
+    (batch,) = take(resumed, 1)
+    assert batch["position"] == reference[k]["position"]
+    for i in range(4):
+        _assert_same_sample(reference[k], i, batch, i)
+
+
+def test_fingerprint_mismatch_is_one_line_naming_the_field(stage1, encoders):
+    cfg, _ = stage1
+    cache_dir = Path(cfg.data.cache_dir)
+    FeatureLoader(cache_dir, spec(), expected=fingerprint(cfg))  # the matching config is accepted
+    raw = Path(cfg.data.source.synsets).parent
+    other = stage_config(1, raw, cache_dir, encoders, ["encoders.feature_dtype=float32"])
+    with pytest.raises(
+        CacheError, match=r"manifest.json: cache fingerprint disagrees .* on 'feature_dtype'"
+    ) as err:
+        FeatureLoader(cache_dir, spec(), expected=fingerprint(other))
+    assert "\n" not in str(err.value) and "float16" in str(err.value) and "float32" in str(err.value)
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(CacheError, match=r"manifest\.json: no feature-cache manifest"):
+        open_manifest(tmp_path, None)
+
+
+@pytest.fixture
+def cache_copy(stage1, tmp_path) -> Path:
+    return Path(shutil.copytree(stage1[0].data.cache_dir, tmp_path / "cache"))
+
+
+def test_deleted_shard_is_named(cache_copy):
+    (cache_copy / "features-00001.tar").unlink()
+    with pytest.raises(CacheError, match=r"features-00001\.tar: shard listed in the manifest is missing"):
+        FeatureLoader(cache_copy, spec())
+
+
+@pytest.mark.parametrize("where", ["feat_header", "json_header", "features", "json"])
+def test_corrupt_shard_is_named_when_read(cache_copy, where):
+    shard = cache_copy / "features-00001.tar"
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    middle = [m for m in members if m.name.endswith(".json")][len(members) // 4]
+    feat = next(m for m in members if m.name == middle.name.replace(".json", ".feat.safetensors"))
+    start = {
+        "feat_header": feat.offset,  # tarfile stops silently: caught by the manifest's count
+        "json_header": middle.offset,  # the stream ends inside a sample
+        "features": feat.offset_data,
+        "json": middle.offset_data,
+    }[where]
+    data[start : start + 16] = b"\xff" * 16
+    shard.write_bytes(bytes(data))
+    loader = FeatureLoader(cache_copy, spec())  # opening checks presence, not content
+    named = r"features-00001\.tar: (corrupt feature shard|sample '\d+' lacks json or features)"
+    with pytest.raises(CacheError, match=named) as err:
+        take(loader, 20)  # more than three epochs
+    assert "\n" not in str(err.value)
+
+
+def test_full_dropout_gives_null_labels(stage1):
+    (batch,) = take(FeatureLoader(Path(stage1[0].data.cache_dir), spec(cond_dropout=1.0, null_label=1000)), 1)
+    assert batch["labels"].tolist() == [1000] * 4
+
+
+def test_full_dropout_gives_null_text(stage3):
+    cache_dir = Path(stage3[0].data.cache_dir)
+    null = load_file(cache_dir / "null_caption.safetensors")["t5"].float()  # (1, C)
+    for batch in take(FeatureLoader(cache_dir, spec(cond_dropout=1.0)), 2):
+        assert batch["text"].shape == (4, 1, 64)
+        assert torch.equal(batch["text"], null.expand(4, 1, 64))
+        assert batch["text_mask"].tolist() == [[1.0]] * 4
+
+
+def test_no_dropout_keeps_labels(stage1):
+    (batch,) = take(FeatureLoader(Path(stage1[0].data.cache_dir), spec(cond_dropout=0.0)), 1)
+    assert all(
+        int(k) % len(synthetic.CLASSES) == label for k, label in zip(batch["keys"], batch["labels"].tolist())
+    )
