@@ -36,6 +36,11 @@ from data.fingerprint import first_difference
 MANIFEST = "manifest.json"
 
 
+def _all(urls):
+    """webdataset node splitter that keeps every shard (each rank slices batches instead)."""
+    return urls
+
+
 class CacheError(ValueError):
     """A feature cache that cannot be used; the message names the file or shard."""
 
@@ -111,7 +116,12 @@ class FeatureLoader:
             raise CacheError(f"{shard}: corrupt feature shard ({type(exn).__name__}: {exn})") from None
 
         read = 0
-        for sample in wds.WebDataset([shard], shardshuffle=False, handler=fail, empty_check=False):
+        # Every rank reads the whole global stream by design (see the module docstring), so the shard list
+        # is passed through unsplit.
+        pipeline = wds.WebDataset(
+            [shard], shardshuffle=False, handler=fail, empty_check=False, nodesplitter=_all
+        )
+        for sample in pipeline:
             if "json" not in sample or "feat.safetensors" not in sample:
                 raise CacheError(f"{shard}: sample {sample.get('__key__')!r} lacks json or features")
             try:

@@ -90,7 +90,10 @@ def _tar_samples(path: str, skips: Skips) -> Iterator[dict]:
         skips.add("corrupt_tar", f"{path}: {type(exn).__name__}")
         return False  # stop this tar, keep what was read
 
-    yield from wds.WebDataset([path], shardshuffle=False, handler=handler, empty_check=False)
+    # The cache pass deals whole units to processes, so each opened tar is read whole by its owner.
+    yield from wds.WebDataset(
+        [path], shardshuffle=False, handler=handler, empty_check=False, nodesplitter=_own
+    )
     if not failed and not _ends_cleanly(path):
         skips.add("corrupt_tar", f"{path}: truncated or damaged header")
 
@@ -110,6 +113,11 @@ def _ends_cleanly(path: str) -> bool:
             return tar.fileobj.read(tarfile.BLOCKSIZE) == bytes(tarfile.BLOCKSIZE)
     except (tarfile.TarError, OSError, EOFError):
         return False
+
+
+def _own(urls):
+    """webdataset node splitter for a unit this process already owns: keep it."""
+    return urls
 
 
 def _image_of(sample: dict) -> bytes | None:

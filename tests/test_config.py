@@ -42,7 +42,9 @@ def test_paper_settings_in_real_configs():
 
 
 def test_overrides_and_roundtrip(tmp_path):
-    cfg = load_config(ROOT / "configs/demo/stage1.yaml", ["train.max_steps=7", "run.dir=/x/y", "train.seed=3"])
+    cfg = load_config(
+        ROOT / "configs/demo/stage1.yaml", ["train.max_steps=7", "run.dir=/x/y", "train.seed=3"]
+    )
     assert (cfg.train.max_steps, cfg.run.dir, cfg.train.seed) == (7, "/x/y", 3)
     save_config(cfg, tmp_path / "c.yaml")
     again = load_config(tmp_path / "c.yaml")

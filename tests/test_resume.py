@@ -174,7 +174,7 @@ def test_two_process_run_resumes_on_one(setup, tmp_path):
     two = subprocess.run(
         cmd + [f"run.dir={run_dir}", "data.batch_size=4", "train.max_steps=4"],
         cwd=ROOT,
-        env=bench_resume.env(),
+        env={**bench_resume.env(), "ACCELERATE_USE_CPU": "true"},
         capture_output=True,
         text=True,
         timeout=300,
