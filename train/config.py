@@ -33,7 +33,9 @@ class ModelConfig:
     sample_size: int = 32  # latent side of the base resolution (pixels / 8); sets the pos-embed base
     in_channels: int = 4  # VAE latent channels
     num_classes: int = 1000  # stage 1: class count; id num_classes is the null class used for CFG
+    class_embed_std: float = 0.02  # stage 1: init std of the class table (DiT: 0.02; the CPU demo: 1.0)
     caption_channels: int = 4096  # stage 2-3: T5 feature width (4096 for T5-XXL)
+    caption_embed_std: float = 0.02  # init std of the new caption MLP (PixArt: 0.02; the narrow demo T5: 0.1)
     interpolation_scale: float = 0.5  # pos-embed scale: 256px 0.5, 512px 1, 1024px 2 (diffusers' convention)
     use_additional_conditions: bool = False  # PixArt-MS resolution / aspect-ratio micro-conditions
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
@@ -42,10 +44,10 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    kind: str = MISSING  # raw reader: imagenet_wds | imagenet_folders | sam_llava | aesthetic_folder
+    kind: str = MISSING  # raw reader, a key of data.sources.SOURCES: imagenet_wds, imagenet_folders, ...
     paths: list[str] = field(default_factory=list)  # shard globs, tar files or folders to read
-    captions: str | None = None  # sam_llava: caption JSON/JSONL (id -> caption)
-    metadata: str | None = None  # aesthetic_folder: JSONL with file, caption, aesthetic_score
+    captions: str | None = None  # sam_llava: id -> caption as JSON/JSONL, a tar or a folder of ID.txt files
+    metadata: str | None = None  # aesthetic_folder: JSONL or parquet with file, caption, aesthetic_score
     synsets: str | None = None  # imagenet: "synset name" lines; line order = class index
     min_aesthetic: float = 0.0  # aesthetic sets: keep only images scoring above this
 

@@ -25,7 +25,7 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 from train.config import Config
-from train.models import ClassConditionalDiT
+from train.models import ClassConditionalDiT, init_caption_projection
 
 POS_EMBED = "pos_embed.pos_embed"  # fixed sin-cos buffer; recomputed for the target resolution
 MS_PREFIXES = ("adaln_single.emb.resolution_embedder.", "adaln_single.emb.aspect_ratio_embedder.")
@@ -69,6 +69,7 @@ def _dit_to_pixart(folder: Path, model: torch.nn.Module, cfg: Config) -> None:
         dit, cfg.model.caption_channels, cfg.model.sample_size, cfg.model.interpolation_scale
     )
     load_matching(model, pixart.state_dict(), allow_missing=MS_PREFIXES)
+    init_caption_projection(model, cfg.model.caption_embed_std)  # a new layer: the configured init
     _zero_micro_conditions(model)
 
 

@@ -93,6 +93,7 @@ class ClassConditionalDiT(ModelMixin, ConfigMixin):
         attention_head_dim: int = 72,
         num_classes: int = 1000,
         freq_shift: int = 1,
+        class_embed_std: float = 0.02,
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -119,7 +120,7 @@ class ClassConditionalDiT(ModelMixin, ConfigMixin):
         proj = self.pos_embed.proj
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
         nn.init.zeros_(proj.bias)
-        nn.init.normal_(self.class_embedder.weight, std=0.02)
+        nn.init.normal_(self.class_embedder.weight, std=self.config.class_embed_std)
         nn.init.normal_(self.timestep_embedder.linear_1.weight, std=0.02)
         nn.init.normal_(self.timestep_embedder.linear_2.weight, std=0.02)
         for block in self.transformer_blocks:
@@ -166,7 +167,12 @@ def unpatchify(x: torch.Tensor, height: int, width: int, patch: int) -> torch.Te
 
 
 def build_dit(
-    size: Size, sample_size: int, in_channels: int, out_channels: int, num_classes: int
+    size: Size,
+    sample_size: int,
+    in_channels: int,
+    out_channels: int,
+    num_classes: int,
+    class_embed_std: float = 0.02,
 ) -> ClassConditionalDiT:
     """A freshly initialised stage-1 DiT."""
     return ClassConditionalDiT(
@@ -178,6 +184,7 @@ def build_dit(
         num_attention_heads=size.num_attention_heads,
         attention_head_dim=size.attention_head_dim,
         num_classes=num_classes,
+        class_embed_std=class_embed_std,
     )
 
 
@@ -189,6 +196,7 @@ def build_pixart(
     caption_channels: int,
     interpolation_scale: float,
     use_additional_conditions: bool,
+    caption_embed_std: float = 0.02,
 ) -> PixArtTransformer2DModel:
     """A freshly initialised PixArt transformer (adaLN-single, cross-attention to T5)."""
     model = PixArtTransformer2DModel(
@@ -204,11 +212,11 @@ def build_pixart(
         use_additional_conditions=use_additional_conditions,
         caption_channels=caption_channels,
     )
-    init_pixart_weights(model)
+    init_pixart_weights(model, caption_embed_std)
     return model
 
 
-def init_pixart_weights(model: PixArtTransformer2DModel) -> None:
+def init_pixart_weights(model: PixArtTransformer2DModel, caption_embed_std: float = 0.02) -> None:
     """PixArt's initialisation (PixArt.py ``initialize_weights``): xavier linears,
     N(0, 0.02) for the timestep and caption MLPs, zero cross-attention output and final linear."""
     for module in model.modules():
@@ -221,13 +229,20 @@ def init_pixart_weights(model: PixArtTransformer2DModel) -> None:
     emb = model.adaln_single.emb.timestep_embedder
     for layer in (emb.linear_1, emb.linear_2, model.adaln_single.linear):
         nn.init.normal_(layer.weight, std=0.02)
-    for layer in (model.caption_projection.linear_1, model.caption_projection.linear_2):
-        nn.init.normal_(layer.weight, std=0.02)
+    init_caption_projection(model, caption_embed_std)
     for block in model.transformer_blocks:
         nn.init.zeros_(block.attn2.to_out[0].weight)
         nn.init.zeros_(block.attn2.to_out[0].bias)
     nn.init.zeros_(model.proj_out.weight)
     nn.init.zeros_(model.proj_out.bias)
+
+
+def init_caption_projection(model: PixArtTransformer2DModel, std: float) -> None:
+    """N(0, std) caption MLP (PixArt: 0.02, sized for 4096-wide T5-XXL features; narrow demo
+    encoders need a larger std for the caption to reach the cross-attention at a useful scale)."""
+    for layer in (model.caption_projection.linear_1, model.caption_projection.linear_2):
+        nn.init.normal_(layer.weight, std=std)
+        nn.init.zeros_(layer.bias)
 
 
 def dit_inputs(batch: dict) -> dict:
@@ -254,7 +269,14 @@ class Family:
 
 
 def _build_dit(cfg, out_channels: int) -> ClassConditionalDiT:
-    return build_dit(size_of(cfg.size), cfg.sample_size, cfg.in_channels, out_channels, cfg.num_classes)
+    return build_dit(
+        size_of(cfg.size),
+        cfg.sample_size,
+        cfg.in_channels,
+        out_channels,
+        cfg.num_classes,
+        cfg.class_embed_std,
+    )
 
 
 def _build_pixart(cfg, out_channels: int) -> PixArtTransformer2DModel:
@@ -266,6 +288,7 @@ def _build_pixart(cfg, out_channels: int) -> PixArtTransformer2DModel:
         cfg.caption_channels,
         cfg.interpolation_scale,
         cfg.use_additional_conditions,
+        cfg.caption_embed_std,
     )
 
 
