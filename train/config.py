@@ -39,7 +39,8 @@ class ModelConfig:
     interpolation_scale: float = 0.5  # pos-embed scale: 256px 0.5, 512px 1, 1024px 2 (diffusers' convention)
     use_additional_conditions: bool = False  # PixArt-MS resolution / aspect-ratio micro-conditions
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
-    attention_backend: str = "sdpa"  # "sdpa" (PyTorch) or "xformers" (optional extra)
+    checkpoint_blocks: int = -1  # with gradient_checkpointing: leading blocks to recompute (-1 = all)
+    attention_backend: str = "sdpa"  # "sdpa" (PyTorch fused attention) or "xformers" (optional extra)
 
 
 @dataclass
@@ -96,6 +97,9 @@ class TrainConfig:
     log_every: int = 50  # steps between metric logs (host syncs only happen here)
     max_time: float | None = None  # wall-clock budget in seconds; save and exit cleanly before it
     max_nonfinite: int = 10  # consecutive non-finite steps before saving and stopping
+    nonfinite_check: str = "step"  # NaN guard: "step" (host sync per step) or "log" (sync-free; nonfinite.py)
+    compile: bool = False  # torch.compile each transformer block (slow first steps, faster after)
+    allow_tf32: bool = True  # TF32 matmuls and convolutions on CUDA (Ampere and newer)
 
 
 @dataclass
@@ -161,6 +165,36 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OmegaConfBaseException as err:
         raise _one_line(f"{path} (command-line override)", err) from None
     return cfg
+
+
+# model.attention_backend -> the package it needs (looked up with find_spec: nothing is imported here).
+ATTENTION_BACKENDS: dict[str, str | None] = {"sdpa": None, "xformers": "xformers"}
+NONFINITE_CHECKS = ("step", "log")  # train.nonfinite_check choices (train/nonfinite.py GUARDS)
+
+
+def check_train_options(cfg: Config, path: str) -> None:
+    """Choices a training run makes at start-up: the attention backend must be known and installed."""
+    import importlib.util
+
+    backend = cfg.model.attention_backend
+    if backend not in ATTENTION_BACKENDS:
+        raise ConfigError(
+            f"{path}: key 'model.attention_backend': unknown backend {backend!r}; "
+            f"choose one of {', '.join(ATTENTION_BACKENDS)}"
+        )
+    package = ATTENTION_BACKENDS[backend]
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"{path}: key 'model.attention_backend': {backend} is not installed "
+            f"(pip install 'tristage[{package}]'), or use sdpa"
+        )
+    if cfg.train.nonfinite_check not in NONFINITE_CHECKS:
+        raise ConfigError(
+            f"{path}: key 'train.nonfinite_check': {cfg.train.nonfinite_check!r} is not one of "
+            f"{', '.join(NONFINITE_CHECKS)}"
+        )
+    if cfg.model.checkpoint_blocks < -1:
+        raise ConfigError(f"{path}: key 'model.checkpoint_blocks': must be >= -1 (-1 = all blocks)")
 
 
 def check_train_paths(cfg: Config, path: str, has_checkpoint: bool) -> None:

@@ -23,10 +23,17 @@ class EMA:
         return [params[n].detach() for n in self.names]
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
+    def update(self, model: torch.nn.Module, step: int, gate: torch.Tensor | None = None) -> None:
+        """Blend the weights in; a 0-dim device ``gate`` (1 or 0) applies or skips it without a host sync."""
         decay = min(self.decay, (1 + step) / (10 + step))
         current = [p.float() for p in self._params(model)]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - decay)
+        if gate is None:
+            torch._foreach_lerp_(self.shadow, current, 1.0 - decay)
+            return
+        # foreach lerp takes its weight as a host scalar; a device weight needs sub, mul, add.
+        delta = torch._foreach_sub(current, self.shadow)
+        torch._foreach_mul_(delta, gate * (1.0 - decay))
+        torch._foreach_add_(self.shadow, delta)
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:

@@ -12,14 +12,17 @@ Stages 2 and 3 train diffusers' ``PixArtTransformer2DModel`` directly.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers import ModelMixin, PixArtTransformer2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import FeedForward
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
@@ -302,3 +305,55 @@ def family_of(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"model.family: unknown family {name!r}; known: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+# -- speed and memory options (model.attention_backend, model.checkpoint_blocks, train.compile) --------------
+
+
+def _use_sdpa(model: nn.Module) -> None:
+    """PyTorch's fused scaled_dot_product_attention (diffusers' default processor)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor2_0())
+
+
+def _use_xformers(model: nn.Module) -> None:
+    """xformers' memory-efficient attention; diffusers imports xformers only here, on request.
+    ``train.config.check_train_options`` has already checked that the package is installed."""
+    model.enable_xformers_memory_efficient_attention()
+
+
+ATTENTION_PROCESSORS: dict[str, Callable[[nn.Module], None]] = {"sdpa": _use_sdpa, "xformers": _use_xformers}
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> None:
+    """Put every diffusers ``Attention`` of ``model`` on ``backend`` (a key of ATTENTION_PROCESSORS)."""
+    ATTENTION_PROCESSORS[backend](model)
+
+
+def _checkpointed(forward: Callable, *args, **kwargs):
+    """Run ``forward`` under non-reentrant activation checkpointing when gradients are being recorded."""
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def enable_checkpointing(model: nn.Module, blocks: int = -1) -> int:
+    """Recompute the activations of the first ``blocks`` transformer blocks in backward (-1: all of them).
+
+    diffusers' ``gradient_checkpointing`` flag is one switch for all of PixArt's blocks, so each chosen
+    block's ``forward`` is wrapped instead -- one mechanism for both families; parameter names and
+    state dicts are untouched. Returns how many blocks are checkpointed."""
+    chosen = list(model.transformer_blocks)
+    chosen = chosen if blocks < 0 else chosen[:blocks]
+    for block in chosen:
+        block.forward = functools.partial(_checkpointed, block.forward)
+    return len(chosen)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """``torch.compile`` each transformer block in place (``nn.Module.compile``): one graph per block,
+    reused by every block of the same shape, instead of one large graph for the whole model.
+    Compilation happens lazily, on the first forward."""
+    for block in model.transformer_blocks:
+        block.compile()

@@ -3,6 +3,17 @@
 ``Trainer.train()`` reads as the outline of a run: restore (resume or the
 weights-only ``init_from``), loop over steps, save, finish.  The loss is never
 computed here -- the trainer calls ``Objective.loss``.
+
+Speed (see README "Scale and speed"): the model is built with the configured attention backend,
+activation checkpointing of the first ``model.checkpoint_blocks`` blocks and, with ``train.compile``,
+one ``torch.compile`` per block; AdamW is fused on CUDA and foreach elsewhere; the EMA is foreach.
+Host syncs: metrics stay on the device between log steps (``Window``).  The NaN guard
+(``train/nonfinite.py``) either reads its flag on the host every step (``train.nonfinite_check:
+step``, the default: the skip and the stop happen on the bad step itself) or not at all
+(``log``: fused AdamW and the EMA skip the update on the device from the flag; the consecutive-skip
+count is read on log steps, so the stop comes at the next log step).  Both leave the weights, AdamW
+state and EMA of a bad step bit-identical; the default keeps the sync because on one GPU it costs a
+queue bubble per step, while ``log`` removes it for small, fast steps.
 """
 
 from __future__ import annotations
@@ -24,10 +35,11 @@ from data.features import FeatureLoader, LoaderSpec
 from data.fingerprint import fingerprint, tristage_version
 from train import checkpoint as ckpt
 from train import tracking
-from train.config import Config, save_config, to_yaml
+from train.config import Config, check_train_options, save_config, to_yaml
 from train.ema import EMA
 from train.handoff_init import load_initial_weights
-from train.models import family_of
+from train.models import compile_blocks, enable_checkpointing, family_of, set_attention_backend
+from train.nonfinite import GUARDS, Report
 from train.objective import Objective
 
 log = logging.getLogger(__name__)
@@ -38,6 +50,7 @@ class Trainer:
     """Owns the model, EMA, optimizer, loader and tracker of one stage run."""
 
     def __init__(self, cfg: Config):
+        check_train_options(cfg, f"{cfg.run.name} config")
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         mode = tracking.mode_of(cfg)
@@ -45,20 +58,13 @@ class Trainer:
             mixed_precision=cfg.train.mixed_precision, log_with=mode.log_with, project_dir=cfg.run.dir
         )
         set_seed(cfg.train.seed)
+        set_tf32(cfg.train.allow_tf32)
         self.objective = Objective(cfg.objective)
         self.family = family_of(cfg.model.family)
-        out_channels = cfg.model.in_channels * (2 if cfg.objective.learn_sigma else 1)
-        self.model = self.family.build(cfg.model, out_channels)
-        if cfg.model.gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=self._lr(),
-            betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps,
-            weight_decay=cfg.optim.weight_decay,
-            foreach=True,
-        )
+        self.model = self._build_model()
+        self.guard = GUARDS[cfg.train.nonfinite_check](self.accelerator.device)
+        self.adamw = self._adamw()
+        self.optimizer = self.adamw  # accelerate's wrapper after prepare; self.adamw stays the raw AdamW
         warmup = max(1, cfg.optim.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup)
@@ -67,6 +73,31 @@ class Trainer:
         self.state = ckpt.TrainState(version=tristage_version())
         self.ema: EMA | None = None
         self.stop_requested = False
+
+    def _build_model(self) -> torch.nn.Module:
+        """The family's model with the configured attention, checkpointing and compilation."""
+        cfg = self.cfg.model
+        model = self.family.build(cfg, cfg.in_channels * (2 if self.cfg.objective.learn_sigma else 1))
+        set_attention_backend(model, cfg.attention_backend)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model, cfg.checkpoint_blocks)
+        if self.cfg.train.compile:
+            compile_blocks(model)
+        return model
+
+    def _adamw(self) -> torch.optim.AdamW:
+        """AdamW, fused (one kernel per step) on CUDA and where the NaN guard needs ``found_inf``."""
+        fused = self.accelerator.device.type == "cuda" or self.guard.fused_optimizer
+        optim = self.cfg.optim
+        return torch.optim.AdamW(
+            self.model.parameters(),
+            lr=self._lr(),
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            fused=fused,
+            foreach=not fused,
+        )
 
     def _lr(self) -> float:
         """PixArt's auto_lr: sqrt-scale by global batch / 256."""
@@ -102,7 +133,7 @@ class Trainer:
         window = Window(self.accelerator.device, self.cfg.objective.num_timesteps)
         bar = self._progress()
         while self.state.step < self.cfg.train.max_steps and not self._should_stop(started):
-            metrics = self._step(next(batches))
+            metrics = self._step(self._next_batch(batches, window))
             window.add(metrics, self.global_batch)
             self.state.step += 1
             self.state.samples += self.global_batch
@@ -155,10 +186,18 @@ class Trainer:
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         self.scheduler.load_state_dict(self.state.scheduler)
         self.loader.load_state_dict(self.state.loader)
+        self.guard.load(self.state.nonfinite_skips)
         ckpt.load_rank_rng(path, self.accelerator.process_index)
         self._info(f"resumed from {path} at step {self.state.step}")
 
     # -- one step ------------------------------------------------------------------
+    def _next_batch(self, batches, window: Window) -> dict:
+        """The loader's next batch; the time spent waiting for it is the window's data wait."""
+        t0 = time.perf_counter()
+        batch = next(batches)
+        window.data_wait += time.perf_counter() - t0
+        return batch
+
     def _step(self, batch: dict) -> dict:
         """Forward + backward through the objective, NaN guard, clip, AdamW, EMA."""
         device = self.accelerator.device
@@ -174,25 +213,31 @@ class Trainer:
             )
         self.accelerator.backward(loss)
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # the one per-step host sync
-        if finite:
-            self.optimizer.step()
-            self.ema.update(self._unwrapped(), self.state.step)
-            self.state.nonfinite_skips = 0
-        else:
-            self._nonfinite()
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)  # on the device
+        self.guard.apply(finite, self._update)
+        self._check_nonfinite(self.guard.poll(log_step=False))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics.update(loss=loss.detach(), grad_norm=grad_norm.detach())
         return metrics
 
-    def _nonfinite(self) -> None:
-        self.state.nonfinite_skips += 1
-        self._info(f"step {self.state.step}: non-finite loss or gradient, update skipped")
-        if self.state.nonfinite_skips >= self.cfg.train.max_nonfinite:
+    def _update(self, gate: torch.Tensor | None) -> None:
+        """AdamW, then EMA.  A device ``gate`` (1 apply, 0 skip) reaches fused AdamW as ``found_inf``."""
+        if gate is not None:
+            self.adamw.found_inf = 1.0 - gate  # read by torch's fused AdamW, as GradScaler sets it
+        self.optimizer.step()
+        self.ema.update(self._unwrapped(), self.state.step, gate)
+
+    def _check_nonfinite(self, report: Report | None) -> None:
+        """Log skipped updates; after ``train.max_nonfinite`` consecutive ones, save and stop."""
+        if report is None or report.skipped == 0:
+            return
+        self.state.nonfinite_skips = report.consecutive
+        self._info(f"step {self.state.step}: {report.skipped} non-finite loss or gradient, update skipped")
+        if report.worst >= self.cfg.train.max_nonfinite:
             self._save_checkpoint()
             raise FloatingPointError(
-                f"{self.state.nonfinite_skips} consecutive non-finite steps (train.max_nonfinite); "
+                f"{report.worst} consecutive non-finite steps (train.max_nonfinite); "
                 f"state saved in {self.run_dir / 'checkpoints'}"
             )
 
@@ -203,6 +248,7 @@ class Trainer:
         values = window.flush(self.scheduler.get_last_lr()[0], self.state.samples)
         self.accelerator.log(values, step=self.state.step)
         self.metrics_file.write(self.state.step, values)
+        self._check_nonfinite(self.guard.poll(log_step=True))
 
     def _maybe_checkpoint(self) -> None:
         if self.state.step % self.cfg.checkpoint.every == 0:
@@ -219,6 +265,7 @@ class Trainer:
             return
         self.state.scheduler = self.scheduler.state_dict()
         self.state.loader = self.loader.state_dict()
+        self.state.nonfinite_skips = self.guard.count()
         try:
             self._write_checkpoint(tmp, final, root)
         except OSError as err:
@@ -327,7 +374,8 @@ class Window:
         self.sums: dict[str, torch.Tensor] = {}
         self.bucket_sum = torch.zeros(TIMESTEP_BUCKETS, device=self.device)
         self.bucket_n = torch.zeros(TIMESTEP_BUCKETS, device=self.device)
-        self.steps, self.images, self.t0 = 0, 0, time.time()
+        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
+        self.data_wait = 0.0  # seconds spent waiting on the loader (Trainer._next_batch)
 
     def add(self, metrics: dict, batch: int) -> None:
         for key in ("loss", "loss_mse", "loss_vlb", "grad_norm"):
@@ -344,10 +392,19 @@ class Window:
         values = {k: (v / max(self.steps, 1)).item() for k, v in self.sums.items()}
         per_bucket = (self.bucket_sum / self.bucket_n.clamp(min=1)).tolist()
         values.update({f"loss_t{i}": v for i, v in enumerate(per_bucket)})
-        values.update(lr=lr, samples_seen=samples, img_per_s=self.images / max(time.time() - self.t0, 1e-9))
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        values.update(lr=lr, samples_seen=samples, img_per_s=self.images / elapsed)
+        values.update(data_wait_share=self.data_wait / elapsed)
         self.last_loss = values.get("loss")
         self._reset()
         return values
+
+
+def set_tf32(allow: bool) -> None:
+    """TF32 tensor-core matmuls and convolutions on CUDA (fp32 range, ~10-bit mantissa)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
 
 
 def to_device(value, device: torch.device):
