@@ -27,14 +27,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     check_cache_paths(cfg, args.config)
-    manifest = run_cache(cfg, Accelerator())
-    if manifest is not None:
-        logging.getLogger("tristage").warning(
-            "cache: %d samples in %d shards, skipped %s",
-            manifest["samples"],
-            len(manifest["shards"]),
-            manifest["skipped"] or "nothing",
-        )
+    run_cache(cfg, Accelerator())  # rank 0 logs the summary (samples, skips by reason, images/s)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -71,7 +64,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from train.demo import run_demo
 
-    run_demo(args.out, fast=args.fast)
+    run_demo(args.out, fast=args.fast, vae=args.vae)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -80,7 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     importlib.import_module(f"bench.{BENCHES[args.which]}").main(args.rest)
 
 
-BENCHES = {"resume": "resume"}  # `tristage bench NAME` -> bench/<module>.py
+BENCHES = {"resume": "resume", "cache": "cache", "train": "train"}  # `tristage bench NAME` -> bench/NAME.py
 
 
 def _with_config(sub: argparse.ArgumentParser) -> None:
@@ -112,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = subs.add_parser("demo", help="the whole offline pipeline on synthetic shapes")
     demo.add_argument("--out", required=True)
     demo.add_argument("--fast", action="store_true", help="a shortened run (tests): a few steps per stage")
+    demo.add_argument("--vae", default=None, help="another AutoencoderKL folder (default: the committed demo VAE)")
     return parser
 
 

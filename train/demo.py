@@ -33,10 +33,11 @@ class Scale:
     stage3_images: int
     steps: tuple[int, int, int]
     samples_per_prompt: int
+    overrides: tuple[str, ...] = ()  # extra config overrides for every stage
 
 
 FULL = Scale(1800, 1920, 720, (400, 400, 200), 8)
-FAST = Scale(144, 144, 72, (6, 6, 4), 2)
+FAST = Scale(144, 144, 72, (6, 6, 4), 2, ("data.batch_size=8", "checkpoint.every=3", "train.log_every=2"))
 
 
 def write_world(root: Path, scale: Scale) -> dict[str, Path]:
@@ -48,13 +49,13 @@ def write_world(root: Path, scale: Scale) -> dict[str, Path]:
     }
 
 
-def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale) -> Config:
+def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale, vae: Path | None = None) -> Config:
     """configs/demo/stageN.yaml with this run's paths filled in."""
     enc, raw = out / "encoders", data[f"stage{n}"]
     overrides = [
         f"run.dir={out / f'stage{n}'}",
         f"data.cache_dir={out / 'cache' / f'stage{n}'}",
-        f"encoders.vae={demo_vae_path()}",
+        f"encoders.vae={vae or demo_vae_path()}",
         f"train.max_steps={scale.steps[n - 1]}",
     ]
     if n > 1:
@@ -68,7 +69,7 @@ def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale) -> Conf
         2: [f"data.source.paths=[{raw}/sa_*.tar]", f"data.source.captions={raw / 'llava_captions.jsonl'}"],
         3: [f"data.source.paths=[{raw / 'images'}]", f"data.source.metadata={raw / 'metadata.jsonl'}"],
     }
-    return load_config(CONFIGS / f"stage{n}.yaml", overrides + sources[n])
+    return load_config(CONFIGS / f"stage{n}.yaml", overrides + sources[n] + list(scale.overrides))
 
 
 def run_stage(cfg: Config) -> dict:
@@ -107,7 +108,7 @@ def loss_fell(run_dir: Path) -> bool:
     return len(rows) >= 2 and rows[-1]["loss"] < rows[0]["loss"]
 
 
-def run_demo(out: str | Path, fast: bool = False) -> dict:
+def run_demo(out: str | Path, fast: bool = False, vae: str | Path | None = None) -> dict:
     """Everything, end to end; returns (and writes) the report."""
     from train.adherence import adherence_report
     from train.export import export
@@ -116,7 +117,7 @@ def run_demo(out: str | Path, fast: bool = False) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     data = write_world(out / "data", scale)
     write_demo_text_encoder(out / "encoders")
-    summaries = [run_stage(stage_config(n, out, data, scale)) for n in (1, 2, 3)]
+    summaries = [run_stage(stage_config(n, out, data, scale, vae)) for n in (1, 2, 3)]
     export(out / "stage1", out / "stage1" / "export")
     export(out / "stage3", out / "export")
     report = adherence_report(out, scale.samples_per_prompt)
