@@ -59,6 +59,28 @@ def start(accelerator, cfg: Config, run_id: str, config_dict: dict) -> None:
             "tags": list(cfg.tracking.tags),
         }
     accelerator.init_trackers(cfg.tracking.project, config=config_dict, init_kwargs=init_kwargs)
+    if mode.wandb_mode is not None and accelerator.is_main_process:
+        # Charts use "train/step" as x axis, not W&B's own step counter: after a resume the steps
+        # between the last checkpoint and the kill are logged again, and W&B drops points whose
+        # own step goes backwards (https://docs.wandb.ai/guides/track/log/customize-logging-axes).
+        run = accelerator.get_tracker("wandb", unwrap=True)
+        run.define_metric("train/step")
+        run.define_metric("*", step_metric="train/step")
+
+
+def log(accelerator, values: dict, step: int) -> None:
+    """Metrics of ``step`` to every tracker (accelerate: rank 0 only).
+
+    W&B gets ``train/step`` as a value and keeps its own monotone counter; TensorBoard takes the step."""
+    values = {**values, "train/step": step}
+    for tracker in accelerator.trackers:
+        tracker.log(values, step=None if tracker.name == "wandb" else step)
+
+
+def run_dir_of(cfg: Config) -> Path | None:
+    """Where W&B wrote this process's run (``run.dir/wandb/offline-run-*-ID``), if it did."""
+    runs = sorted((Path(cfg.run.dir) / "wandb").glob("*-run-*"))
+    return runs[-1] if runs else None
 
 
 class MetricsFile:

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from data.features import FeatureLoader, LoaderSpec
 from data.fingerprint import fingerprint, tristage_version
 from train import checkpoint as ckpt
-from train import tracking
+from train import tracking, validation
 from train.config import Config, check_train_options, save_config, to_yaml
 from train.ema import EMA
 from train.handoff_init import load_initial_weights
@@ -73,6 +73,7 @@ class Trainer:
         self.state = ckpt.TrainState(version=tristage_version())
         self.ema: EMA | None = None
         self.stop_requested = False
+        self.validator = validation.Validator(cfg)  # rank 0 sample grids (train/validation.py)
 
     def _build_model(self) -> torch.nn.Module:
         """The family's model with the configured attention, checkpointing and compilation."""
@@ -139,6 +140,7 @@ class Trainer:
             self.state.samples += self.global_batch
             bar.update(1)
             self._maybe_log(window)
+            self.validator.maybe_run(self.state.step, self.accelerator, self._unwrapped(), self.ema)
             self._maybe_checkpoint()
         bar.close()
         self._save_checkpoint()
@@ -246,7 +248,7 @@ class Trainer:
         if self.state.step % self.cfg.train.log_every and self.state.step != self.cfg.train.max_steps:
             return
         values = window.flush(self.scheduler.get_last_lr()[0], self.state.samples)
-        self.accelerator.log(values, step=self.state.step)
+        tracking.log(self.accelerator, values, self.state.step)
         self.metrics_file.write(self.state.step, values)
         self._check_nonfinite(self.guard.poll(log_step=True))
 
@@ -339,9 +341,17 @@ class Trainer:
             "final_loss": window.last_loss,
             "final": str(self.run_dir / "final") if finished else None,
             "dropped_in_buckets": dict(self.loader.dropped),
+            "export": self._export_path(),
         }
         self._info("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
         return summary
+
+    def _export_path(self) -> str:
+        """The pipeline folder next to the run, if one was exported (the trainer writes only final/)."""
+        export = self.run_dir / "export"
+        if (export / "model_index.json").is_file():
+            return str(export)
+        return "none (tristage export RUN_DIR OUT)"
 
     def _progress(self):
         from tqdm.auto import tqdm
@@ -395,6 +405,8 @@ class Window:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         values.update(lr=lr, samples_seen=samples, img_per_s=self.images / elapsed)
         values.update(data_wait_share=self.data_wait / elapsed)
+        if self.device.type == "cuda":
+            values.update(gpu_mem_gb=torch.cuda.max_memory_allocated(self.device) / 2**30)
         self.last_loss = values.get("loss")
         self._reset()
         return values

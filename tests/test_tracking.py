@@ -1,0 +1,100 @@
+"""Tracking: W&B offline run dirs, run id kept across a resume, TensorBoard, disabled, validation grids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bench import resume as bench_resume
+from train.checkpoint import TrainState
+from train.config import load_config
+from train.trainer import Trainer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Path:
+    """A tiny stage-1 world (cache, random VAE, config)."""
+    return bench_resume.write_setup(tmp_path_factory.mktemp("tracking"))
+
+
+def run(setup: Path, run_dir: Path, *overrides: str) -> dict:
+    base = [f"run.dir={run_dir}", "train.max_steps=2", "checkpoint.every=2", "train.log_every=1"]
+    return Trainer(load_config(setup, [*base, *overrides])).train()
+
+
+def wandb_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def saved_run_id(run_dir: Path, step: int) -> str:
+    state = json.loads((run_dir / "checkpoints" / f"step_{step:07d}" / "trainer.json").read_text())
+    return state["tracker_run_id"]
+
+
+def test_offline_run_dir_and_resume_keeps_the_run_id(setup, tmp_path):
+    run_dir = tmp_path / "run"
+    run(setup, run_dir, "tracking.mode=offline")
+    first = wandb_runs(run_dir)
+    assert len(first) == 1 and (first[0] / f"run-{first[0].name.split('-')[-1]}.wandb").is_file()
+    run_id = saved_run_id(run_dir, 2)
+    assert first[0].name.endswith(f"-{run_id}")
+    summary = run(setup, run_dir, "tracking.mode=offline", "train.max_steps=4")
+    assert summary["steps"] == 4
+    assert summary["export"].startswith("none")
+    runs = wandb_runs(run_dir)
+    assert len(runs) == 2, runs  # one offline dir per process start, both carrying the same id
+    assert {r.name.split("-")[-1] for r in runs} == {run_id}
+    assert saved_run_id(run_dir, 4) == run_id
+    assert TrainState.__dataclass_fields__["tracker_run_id"]
+
+
+def test_tensorboard_writes_events(setup, tmp_path):
+    run_dir = tmp_path / "run"
+    run(setup, run_dir, "tracking.mode=tensorboard")
+    assert list(run_dir.rglob("events.out.tfevents.*"))
+    assert not (run_dir / "wandb").exists()
+
+
+def test_disabled_writes_no_tracker_files(setup, tmp_path):
+    run_dir = tmp_path / "run"
+    run(setup, run_dir, "tracking.mode=disabled")
+    assert not (run_dir / "wandb").exists()
+    assert not list(run_dir.rglob("events.out.tfevents.*"))
+    assert (run_dir / "metrics.jsonl").is_file()  # the local metrics file is always written
+
+
+def test_validation_grid_at_the_configured_step(setup, tmp_path):
+    run_dir = tmp_path / "run"
+    run(
+        setup,
+        run_dir,
+        "tracking.mode=offline",
+        "train.max_steps=3",
+        "validation.every=2",
+        "validation.class_labels=[0,5,9]",
+        "validation.steps=2",
+    )
+    grids = sorted((run_dir / "validation").glob("*.png"))
+    assert [g.name for g in grids] == ["step_0000002.png"]
+    image = Image.open(grids[0])
+    assert image.size == (3 * 64, 64)  # three classes at 64 px side by side
+    media = list((run_dir / "wandb").rglob("media/images/validation/*.png"))
+    assert media, "the grid was not logged as a W&B image"
+
+
+def test_validation_never_when_every_is_0(setup, tmp_path):
+    run_dir = tmp_path / "run"
+    run(setup, run_dir, "tracking.mode=disabled", "validation.every=0", "validation.class_labels=[0]")
+    assert not (run_dir / "validation").exists()

@@ -1,0 +1,172 @@
+"""Validation sample grids: every ``validation.every`` steps rank 0 samples with the EMA weights.
+
+Stage 1 (DiT) goes through the export path (``handoff.dit_to_diffusers`` + ``DiTPipeline``) with
+``validation.class_labels``; stages 2-3 build a ``PixArtAlphaPipeline`` in memory around the live
+transformer with ``validation.prompts``.  The T5 features of the prompts are computed once and the
+text encoder is released again (T5-XXL would otherwise hold ~9 GB next to training).  Sampling uses a
+fixed seed and a forked RNG, so validation never changes the training run's random stream.  The grid
+goes to ``run.dir/validation/step_NNNNNNN.png`` and to the tracker (W&B image).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from train.config import Config
+
+
+@dataclass
+class Validator:
+    """Rank 0's validation state: the frozen VAE and the prompts' T5 features, loaded on first use."""
+
+    cfg: Config
+    vae: torch.nn.Module | None = None
+    prompt_embeds: tuple[torch.Tensor, ...] | None = None
+    written: list[Path] = field(default_factory=list)
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.validation.every
+        return every > 0 and step % every == 0 and bool(self._conditions())
+
+    def _conditions(self) -> list:
+        v = self.cfg.validation
+        return list(v.class_labels) if self.cfg.model.family == "dit" else list(v.prompts)
+
+    def maybe_run(self, step: int, accelerator, model: torch.nn.Module, ema) -> Path | None:
+        """Sample, save and log the grid when ``step`` is a validation step (rank 0; others wait)."""
+        if not self.due(step):
+            return None
+        path = None
+        if accelerator.is_main_process:
+            with ema_weights(model, ema), torch.random.fork_rng(devices=_cuda_devices(model)):
+                images = self.sample(model)
+            path = Path(self.cfg.run.dir) / "validation" / f"step_{step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid(images, columns=len(images)).save(path)
+            self.written.append(path)
+            log_image(accelerator, path, step, self._conditions())
+        accelerator.wait_for_everyone()
+        return path
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module) -> list[Image.Image]:
+        pipe = self._dit_pipeline(model) if self.cfg.model.family == "dit" else self._pixart_pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
+        v = self.cfg.validation
+        g = torch.Generator().manual_seed(v.seed)
+        common = {"guidance_scale": v.guidance, "num_inference_steps": v.steps, "generator": g}
+        if self.cfg.model.family == "dit":
+            return pipe(list(v.class_labels), **common).images
+        embeds, mask, null, null_mask = self._embeddings(model.device)
+        side = self.cfg.model.sample_size * pipe.vae_scale_factor
+        return pipe(
+            prompt_embeds=embeds,
+            prompt_attention_mask=mask,
+            negative_prompt_embeds=null,
+            negative_prompt_attention_mask=null_mask,
+            height=side,
+            width=side,
+            use_resolution_binning=False,
+            **common,
+        ).images
+
+    def _vae(self, device: torch.device) -> torch.nn.Module:
+        from diffusers import AutoencoderKL
+
+        if self.vae is None:
+            self.vae = AutoencoderKL.from_pretrained(self.cfg.encoders.vae).eval().requires_grad_(False)
+        return self.vae.to(device)
+
+    def _dit_pipeline(self, model: torch.nn.Module):
+        from diffusers import DiTPipeline
+
+        from train.export import scheduler_for
+        from train.handoff import dit_to_diffusers
+
+        transformer = dit_to_diffusers(model).to(model.device).eval()
+        vae = self._vae(model.device)
+        return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler_for(self.cfg))
+
+    def _pixart_pipeline(self, model: torch.nn.Module):
+        from diffusers import PixArtAlphaPipeline
+
+        from train.export import scheduler_for
+
+        return PixArtAlphaPipeline(
+            tokenizer=None,
+            text_encoder=None,
+            vae=self._vae(model.device),
+            transformer=model,
+            scheduler=scheduler_for(self.cfg),
+        )
+
+    def _embeddings(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(prompt features, mask, T5("") features, mask), padded to ``encoders.max_tokens``."""
+        if self.prompt_embeds is None:
+            from transformers import AutoTokenizer, T5EncoderModel
+
+            tokenizer = AutoTokenizer.from_pretrained(self.cfg.encoders.tokenizer)
+            t5 = T5EncoderModel.from_pretrained(self.cfg.encoders.text_encoder).eval()
+            prompts = list(self.cfg.validation.prompts)
+            tokens = tokenizer(
+                prompts + [""] * len(prompts),
+                max_length=self.cfg.encoders.max_tokens,
+                truncation=True,
+                padding="max_length",
+                return_tensors="pt",
+            )
+            feats = t5(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state  # (2P, L, C)
+            n = len(prompts)
+            mask = tokens.attention_mask
+            self.prompt_embeds = (feats[:n], mask[:n], feats[n:], mask[n:])
+            del t5  # features kept, encoder released
+        return tuple(t.to(device) for t in self.prompt_embeds)
+
+
+@contextmanager
+def ema_weights(model: torch.nn.Module, ema):
+    """The EMA weights in ``model`` (eval mode) for the duration; the raw weights after."""
+    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    ema.copy_to(model)
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.load_state_dict(raw)
+        model.train(was_training)
+
+
+def _cuda_devices(model: torch.nn.Module) -> list[int]:
+    device = next(model.parameters()).device
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Images (all the same size) tiled row by row."""
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    canvas = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
+    for i, image in enumerate(images):
+        canvas.paste(image, ((i % columns) * w, (i // columns) * h))
+    return canvas
+
+
+def log_image(accelerator, path: Path, step: int, conditions: list) -> None:
+    """The grid as a W&B image (with the conditions as caption) or a TensorBoard image."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            caption = " | ".join(str(c) for c in conditions)
+            tracker.log({"validation/grid": wandb.Image(str(path), caption=caption), "train/step": step})
+        elif tracker.name == "tensorboard":
+            array = np.asarray(Image.open(path).convert("RGB"))
+            tracker.writer.add_image("validation/grid", array, step, dataformats="HWC")
