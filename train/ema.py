@@ -17,10 +17,17 @@ class EMA:
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.shadow = [params[n].detach().float().clone() for n in self.names]
+        self._model: torch.nn.Module | None = None  # the model _tracked belongs to
+        self._tracked: list[torch.Tensor] = []
 
     def _params(self, model: torch.nn.Module) -> list[torch.Tensor]:
-        params = dict(model.named_parameters())
-        return [params[n].detach() for n in self.names]
+        """The tracked parameters, in ``names`` order; looked up once per model (use under no_grad).
+
+        The Parameter objects themselves are kept, so in-place loads and ``.data`` swaps stay visible."""
+        if model is not self._model:
+            params = dict(model.named_parameters())
+            self._model, self._tracked = model, [params[n] for n in self.names]
+        return self._tracked
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int, gate: torch.Tensor | None = None) -> None:

@@ -357,3 +357,15 @@ def compile_blocks(model: nn.Module) -> None:
     Compilation happens lazily, on the first forward."""
     for block in model.transformer_blocks:
         block.compile()
+
+
+def build_for_training(cfg, out_channels: int, compile: bool = False) -> nn.Module:
+    """A fresh model of ``cfg`` (a ModelConfig) with its attention backend, checkpointing and, with
+    ``compile``, per-block ``torch.compile`` applied -- what the Trainer and ``bench train`` run."""
+    model = family_of(cfg.family).build(cfg, out_channels)
+    set_attention_backend(model, cfg.attention_backend)
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model, cfg.checkpoint_blocks)
+    if compile:
+        compile_blocks(model)
+    return model

@@ -38,7 +38,7 @@ from train import tracking, validation
 from train.config import Config, check_train_options, save_config, to_yaml
 from train.ema import EMA
 from train.handoff_init import load_initial_weights
-from train.models import compile_blocks, enable_checkpointing, family_of, set_attention_backend
+from train.models import build_for_training, family_of
 from train.nonfinite import GUARDS, Report
 from train.objective import Objective
 
@@ -73,18 +73,13 @@ class Trainer:
         self.state = ckpt.TrainState(version=tristage_version())
         self.ema: EMA | None = None
         self.stop_requested = False
+        self._raw: tuple = (None, None)  # (wrapped model, unwrapped model), see _unwrapped
         self.validator = validation.Validator(cfg)  # rank 0 sample grids (train/validation.py)
 
     def _build_model(self) -> torch.nn.Module:
         """The family's model with the configured attention, checkpointing and compilation."""
-        cfg = self.cfg.model
-        model = self.family.build(cfg, cfg.in_channels * (2 if self.cfg.objective.learn_sigma else 1))
-        set_attention_backend(model, cfg.attention_backend)
-        if cfg.gradient_checkpointing:
-            enable_checkpointing(model, cfg.checkpoint_blocks)
-        if self.cfg.train.compile:
-            compile_blocks(model)
-        return model
+        out_channels = self.cfg.model.in_channels * (2 if self.cfg.objective.learn_sigma else 1)
+        return build_for_training(self.cfg.model, out_channels, self.cfg.train.compile)
 
     def _adamw(self) -> torch.optim.AdamW:
         """AdamW, fused (one kernel per step) on CUDA and where the NaN guard needs ``found_inf``."""
@@ -365,7 +360,10 @@ class Trainer:
         )
 
     def _unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
+        """The module under accelerate's wrappers, looked up once per wrapping (it is used every step)."""
+        if self._raw[0] is not self.model:
+            self._raw = (self.model, self.accelerator.unwrap_model(self.model))
+        return self._raw[1]
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:
