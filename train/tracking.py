@@ -58,6 +58,8 @@ def start(accelerator, cfg: Config, run_id: str, config_dict: dict) -> None:
             "name": cfg.tracking.run_name or cfg.run.name,
             "tags": list(cfg.tracking.tags),
         }
+    else:  # TensorBoard's hparams take flat scalars only
+        config_dict = flat_config(config_dict)
     accelerator.init_trackers(cfg.tracking.project, config=config_dict, init_kwargs=init_kwargs)
     if mode.wandb_mode is not None and accelerator.is_main_process:
         # Charts use "train/step" as x axis, not W&B's own step counter: after a resume the steps
@@ -66,6 +68,18 @@ def start(accelerator, cfg: Config, run_id: str, config_dict: dict) -> None:
         run = accelerator.get_tracker("wandb", unwrap=True)
         run.define_metric("train/step")
         run.define_metric("*", step_metric="train/step")
+
+
+def flat_config(config: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and None as strings."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, name + "."))
+        else:
+            flat[name] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
 
 
 def log(accelerator, values: dict, step: int) -> None:
