@@ -15,8 +15,17 @@ from data.features import CacheError
 from data.sources import SourceError
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
+from train.sample import SampleError
 
-USER_ERRORS = (ConfigError, CacheError, SourceError, CheckpointError, FileNotFoundError, KeyError)
+USER_ERRORS = (
+    ConfigError,
+    CacheError,
+    SourceError,
+    CheckpointError,
+    SampleError,
+    FileNotFoundError,
+    KeyError,
+)
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -105,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = subs.add_parser("demo", help="the whole offline pipeline on synthetic shapes")
     demo.add_argument("--out", required=True)
     demo.add_argument("--fast", action="store_true", help="a shortened run (tests): a few steps per stage")
-    demo.add_argument("--vae", default=None, help="another AutoencoderKL folder (default: the committed demo VAE)")
+    demo.add_argument(
+        "--vae", default=None, help="another AutoencoderKL folder (default: the committed demo VAE)"
+    )
     return parser
 
 

@@ -24,6 +24,15 @@ SAMPLERS = {
 }
 
 
+class SampleError(ValueError):
+    """Bad sampling input (no prompt, unknown class label, bad number); one line for the user."""
+
+
+# The export's DPM-Solver++ config carries algorithm_type="dpmsolver++", which SA-Solver rejects; it takes
+# "data_prediction" (x0 form, as PixArt-Sigma's SA-Solver sampling).
+SAMPLER_OPTIONS: dict[str, dict] = {"sa-solver": {"algorithm_type": "data_prediction"}}
+
+
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("export_dir", help="an exported PixArtAlphaPipeline or DiTPipeline folder")
     parser.add_argument(
@@ -42,13 +51,45 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="samples")
 
 
-def load_pipeline(export_dir: str, sampler: str) -> DiffusionPipeline:
+def load_pipeline(export_dir: str, sampler: str = "dpm-solver++") -> DiffusionPipeline:
     if not (Path(export_dir) / "model_index.json").is_file():
         raise FileNotFoundError(f"{export_dir}: not a pipeline folder (model_index.json missing)")
+    quiet_loading()
     pipe = DiffusionPipeline.from_pretrained(export_dir)
-    pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config)
+    set_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def quiet_loading() -> None:
+    """No loading progress bars or type notes: a user error stays one line on stderr."""
+    import transformers
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def set_sampler(pipe: DiffusionPipeline, sampler: str) -> None:
+    """Swap the scheduler, keeping the exported noise schedule (betas, prediction type)."""
+    if sampler not in SAMPLERS:
+        raise SampleError(f"unknown sampler {sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config, **SAMPLER_OPTIONS.get(sampler, {}))
+
+
+def is_class_conditional(pipe: DiffusionPipeline) -> bool:
+    return hasattr(pipe, "get_label_ids")  # DiTPipeline: the prompt is a class label
+
+
+def check_numbers(steps: int, num_images: int, guidance: float) -> None:
+    if steps < 1:
+        raise SampleError(f"steps must be >= 1, got {steps}")
+    if num_images < 1:
+        raise SampleError(f"num-images must be >= 1, got {num_images}")
+    if guidance < 0:
+        raise SampleError(f"guidance must be >= 0, got {guidance}")
 
 
 def prompts_of(args: argparse.Namespace) -> list[str]:
@@ -56,13 +97,14 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
     if args.prompt_file:
         prompts += [p.strip() for p in Path(args.prompt_file).read_text().splitlines() if p.strip()]
     if not prompts:
-        raise ValueError("give at least one --prompt or a --prompt-file")
+        raise SampleError("give at least one --prompt or a --prompt-file")
     return prompts
 
 
 def size_of(pipe: DiffusionPipeline, args: argparse.Namespace) -> tuple[int, int]:
     """(height, width): flags, else the model's native training size."""
-    native = pipe.transformer.config.sample_size * pipe.vae_scale_factor
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # DiTPipeline has no vae_scale_factor
+    native = pipe.transformer.config.sample_size * scale
     width = args.width or native
     height = round(width * args.aspect / 16) * 16 if args.aspect else (args.height or native)
     return height, width
@@ -70,8 +112,12 @@ def size_of(pipe: DiffusionPipeline, args: argparse.Namespace) -> tuple[int, int
 
 def generate(pipe: DiffusionPipeline, prompt: str, args: argparse.Namespace, height: int, width: int):
     g = torch.Generator().manual_seed(args.seed)
-    if hasattr(pipe, "get_label_ids"):  # DiTPipeline: the prompt is a class label
-        ids = pipe.get_label_ids([prompt]) * args.num_images
+    if is_class_conditional(pipe):
+        try:
+            ids = pipe.get_label_ids([prompt]) * args.num_images
+        except ValueError:
+            known = ", ".join(sorted(pipe.labels)[:20])
+            raise SampleError(f"unknown class label {prompt!r}; known labels include: {known}") from None
         return pipe(ids, guidance_scale=args.guidance, num_inference_steps=args.steps, generator=g).images
     return pipe(
         prompt,
@@ -87,12 +133,14 @@ def generate(pipe: DiffusionPipeline, prompt: str, args: argparse.Namespace, hei
 
 
 def run_sample(args: argparse.Namespace) -> list[Path]:
+    check_numbers(args.steps, args.num_images, args.guidance)
+    prompts = prompts_of(args)
     pipe = load_pipeline(args.export_dir, args.sampler)
     height, width = size_of(pipe, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for p, prompt in enumerate(prompts_of(args)):
+    for p, prompt in enumerate(prompts):
         for i, image in enumerate(generate(pipe, prompt, args, height, width)):
             path = out / f"{p:03d}_{i:02d}.png"
             image.save(path)
