@@ -383,6 +383,7 @@ class Window:
         self.bucket_sum = torch.zeros(TIMESTEP_BUCKETS, device=self.device)
         self.bucket_n = torch.zeros(TIMESTEP_BUCKETS, device=self.device)
         self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
+        self.cpu0 = time.process_time()  # CPU seconds of all this process's threads
         self.data_wait = 0.0  # seconds spent waiting on the loader (Trainer._next_batch)
 
     def add(self, metrics: dict, batch: int) -> None:
@@ -403,6 +404,7 @@ class Window:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         values.update(lr=lr, samples_seen=samples, img_per_s=self.images / elapsed)
         values.update(data_wait_share=self.data_wait / elapsed)
+        values.update(cpu_util=(time.process_time() - self.cpu0) / elapsed)  # busy host cores, on average
         if self.device.type == "cuda":
             values.update(gpu_mem_gb=torch.cuda.max_memory_allocated(self.device) / 2**30)
         self.last_loss = values.get("loss")
