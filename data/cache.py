@@ -3,9 +3,10 @@
 Each source unit ``i`` becomes ``features-{i:05d}.tar``.  Units are dealt to
 processes round-robin (``i % world == rank``), so no two processes ever write
 the same file.  A shard is written under a temporary name, fsynced, renamed, and
-only then marked complete by ``features-{i:05d}.done.json`` (counts and skips).
-A rerun skips units that carry a done marker, so a killed pass resumes with
-every sample exactly once.  Rank 0 writes ``manifest.json`` last.
+only then marked complete by ``features-{i:05d}.done.json`` (counts, skips and
+the writer's rank).  A rerun skips units that carry a done marker and first
+deletes the ``*.tmp-*`` leftovers of its own units, so a killed pass resumes
+with every sample exactly once.  Rank 0 writes ``manifest.json`` last.
 
 Per sample the shard holds ``KEY.feat.safetensors`` (VAE posterior mean and std,
 and, for text stages, the T5 features trimmed to the caption's real length) and
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,8 @@ MANIFEST = "manifest.json"
 NULL_CAPTION = "null_caption.safetensors"
 MIN_SIDE = 32  # images smaller than this (either side) are skipped as too small
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -149,14 +154,14 @@ class ShardWriter:
             return None
         return self.encoders.encode_text(captions, self.cfg.encoders.max_tokens)
 
-    def close(self, skips: Skips) -> None:
+    def close(self, skips: Skips, images: int, rank: int) -> None:
         """Flush, fsync, rename into place, then write the completeness marker."""
         for bucket in list(self.pending):
             self._flush(bucket)
         self.writer.close()
         _fsync(self.tmp)
         os.replace(self.tmp, self.path)
-        done = {"samples": self.written, "skips": skips.to_dict()}
+        done = {"samples": self.written, "images": images, "rank": rank, "skips": skips.to_dict()}
         _atomic_write(done_marker(self.path), json.dumps(done))
 
 
@@ -184,7 +189,7 @@ def done_marker(shard: Path) -> Path:
     return shard.with_name(shard.name.replace(".tar", ".done.json"))
 
 
-def cache_unit(cfg: Config, encoders: Encoders, source, unit: Unit, cache_dir: Path) -> int:
+def cache_unit(cfg: Config, encoders: Encoders, source, unit: Unit, cache_dir: Path, rank: int = 0) -> int:
     """Encode one unit into its shard; returns the number of images read."""
     skips = Skips()
     writer = ShardWriter(cfg, encoders, shard_path(cache_dir, unit))
@@ -194,8 +199,21 @@ def cache_unit(cfg: Config, encoders: Encoders, source, unit: Unit, cache_dir: P
         decoded = decode(item, cfg, skips)
         if decoded is not None:
             writer.add(*decoded)
-    writer.close(skips)
+    writer.close(skips, seen, rank)
     return seen
+
+
+def remove_stale_tmp(units: list[Unit], cache_dir: Path) -> int:
+    """Delete the ``*.tmp-*`` files a killed pass left for these units (only their owner calls this)."""
+    stale = [
+        tmp
+        for unit in units
+        for final in (shard_path(cache_dir, unit), done_marker(shard_path(cache_dir, unit)))
+        for tmp in cache_dir.glob(f"{final.name}.tmp-*")
+    ]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return len(stale)
 
 
 def write_null_caption(cfg: Config, encoders: Encoders, cache_dir: Path) -> None:
@@ -230,10 +248,14 @@ def write_manifest(cfg: Config, units: list[Unit], cache_dir: Path, fp: dict, sc
     return manifest
 
 
+def own_units(units: list[Unit], rank: int, world: int) -> list[Unit]:
+    """Round-robin deal: unit ``i`` belongs to rank ``i % world``, so no two processes share a file."""
+    return [u for u in units if u.index % world == rank]
+
+
 def pending_units(units: list[Unit], cache_dir: Path, rank: int, world: int) -> list[Unit]:
     """This process's units that have no completeness marker yet."""
-    mine = [u for u in units if u.index % world == rank]
-    return [u for u in mine if not done_marker(shard_path(cache_dir, u)).exists()]
+    return [u for u in own_units(units, rank, world) if not done_marker(shard_path(cache_dir, u)).exists()]
 
 
 def check_existing(cache_dir: Path, fp: dict) -> None:
@@ -248,24 +270,55 @@ def check_existing(cache_dir: Path, fp: dict) -> None:
 
 def run_cache(cfg: Config, accelerator) -> dict | None:
     """The whole pass for one stage config, under an ``accelerate`` process group."""
-    from tqdm.auto import tqdm
-
     cache_dir = Path(cfg.data.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     source = open_source(cfg.data.source)
     units = source.units()
     fp = fingerprint(cfg)
     check_existing(cache_dir, fp)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    remove_stale_tmp(own_units(units, rank, world), cache_dir)
+    fresh = [u for u in units if not done_marker(shard_path(cache_dir, u)).exists()]
+    accelerator.wait_for_everyone()  # every rank has listed `fresh` before any unit is written
     encoders = Encoders.load(cfg, accelerator.device)
-    todo = pending_units(units, cache_dir, accelerator.process_index, accelerator.num_processes)
-    bar = tqdm(total=len(todo), unit="shard", disable=not accelerator.is_main_process, desc="cache")
-    for unit in todo:
-        images = cache_unit(cfg, encoders, source, unit, cache_dir)
-        bar.set_postfix(images=images)
-        bar.update(1)
-    bar.close()
+    start = time.perf_counter()
+    todo = [u for u in fresh if u.index % world == rank]
+    encode_units(cfg, encoders, source, todo, cache_dir, accelerator)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
     write_null_caption(cfg, encoders, cache_dir)
-    return write_manifest(cfg, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
+    manifest = write_manifest(cfg, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
+    log_summary(manifest, fresh, cache_dir, time.perf_counter() - start)
+    return manifest
+
+
+def encode_units(
+    cfg: Config, encoders: Encoders, source, todo: list[Unit], cache_dir: Path, accelerator
+) -> None:
+    """This process's units, with a rank-0 progress bar: shards done, ETA, and images/s."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), unit="shard", disable=not accelerator.is_main_process, desc="cache")
+    images, start = 0, time.perf_counter()
+    for unit in todo:
+        images += cache_unit(cfg, encoders, source, unit, cache_dir, accelerator.process_index)
+        bar.set_postfix_str(f"{images / max(time.perf_counter() - start, 1e-9):.1f} img/s", refresh=False)
+        bar.update(1)
+    bar.close()
+
+
+def log_summary(manifest: dict, fresh: list[Unit], cache_dir: Path, seconds: float) -> None:
+    """Rank 0's end-of-pass line: samples, skips by reason, the skip report, overall images/s."""
+    images = sum(json.loads(done_marker(shard_path(cache_dir, u)).read_text())["images"] for u in fresh)
+    skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
+    log.warning(
+        "cache: %d samples in %d shards; skipped %s (report: %s); %d images read in %.1fs, %.1f images/s",
+        manifest["samples"],
+        len(manifest["shards"]),
+        skipped,
+        cache_dir / "skipped.json",
+        images,
+        seconds,
+        images / max(seconds, 1e-9),
+    )

@@ -135,6 +135,40 @@ def _text(raw: bytes, key: str, skips: Skips) -> str | None:
         return None
 
 
+def _caption_of(raw: str | bytes | None, key: str, skips: Skips) -> str | None:
+    """The stripped caption; None when it is missing, blank or not UTF-8 (counted under that reason)."""
+    if isinstance(raw, bytes):
+        raw = _text(raw, key, skips)
+        if raw is None:
+            return None
+    caption = raw.strip() if isinstance(raw, str) else ""
+    if not caption:
+        skips.add("missing_caption", key)
+        return None
+    return caption
+
+
+def _sample_json(sample: dict, key: str, skips: Skips) -> dict | None:
+    """A webdataset sample's ``.json`` as a dict ({} when absent); None (counted) when unreadable."""
+    if "json" not in sample:
+        return {}
+    text = _text(sample["json"], key, skips)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        skips.add("bad_json", key)
+        return None
+    return data
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
 class ImageNetWds:
     """ImageNet as webdataset tars: ``KEY.{jpg,png}`` + ``KEY.cls`` (class index)."""
 
@@ -157,23 +191,66 @@ class ImageNetWds:
             yield RawItem(key=key, image=image, label=int(cls))
 
 
-def load_captions(path: str) -> dict[str, str]:
-    """LLaVA captions as JSON (``{id: caption}`` or a list of records) or JSONL (``{"id", "caption"}``)."""
-    text = Path(path).read_text(encoding="utf-8")
+def _captions_json(path: str) -> dict[str, str]:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if isinstance(data, dict):
+        return {str(k): v for k, v in data.items()}
+    return {str(r["id"]): r["caption"] for r in data}
+
+
+def _captions_jsonl(path: str) -> dict[str, str]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    return {str(r["id"]): r["caption"] for r in records}
+
+
+def _captions_tar(path: str) -> dict[str, bytes]:
+    """A tar of per-id ``ID.txt`` files (SAM-LLaVA-Captions10M); text is decoded per item when used."""
+    with tarfile.open(path, "r:*") as tar:
+        members = [m for m in tar if m.isfile() and m.name.endswith(".txt")]
+        return {Path(m.name).stem: tar.extractfile(m).read() for m in members}
+
+
+class CaptionFolder:
+    """A folder of per-id ``ID.txt`` files, read lazily (millions of files: no listing up front)."""
+
+    def __init__(self, root: str):
+        self.root = Path(root)
+
+    def get(self, key: str) -> bytes | None:
+        path = self.root / f"{key}.txt"
+        return path.read_bytes() if path.is_file() else None
+
+
+CAPTION_FORMATS: dict[str, Callable[[str], dict]] = {
+    ".json": _captions_json,
+    ".jsonl": _captions_jsonl,
+    ".tar": _captions_tar,
+    ".tgz": _captions_tar,
+    ".tar.gz": _captions_tar,
+}
+
+
+def load_captions(path: str) -> dict[str, str | bytes] | CaptionFolder:
+    """LLaVA captions by image id, from any of the ways they are distributed.
+
+    JSON (``{id: caption}`` or a list of ``{"id", "caption"}``), JSONL, a tar of
+    ``ID.txt`` files, or a folder of ``ID.txt`` files.  Per-id text files stay
+    bytes until used, so one non-UTF-8 caption is a counted skip, not a crash.
+    """
+    if Path(path).is_dir():
+        return CaptionFolder(path)
+    suffix = ".tar.gz" if path.endswith(".tar.gz") else Path(path).suffix
     try:
-        if path.endswith(".jsonl"):
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-            return {str(r["id"]): r["caption"] for r in records}
-        data = json.loads(text)
-        if isinstance(data, dict):
-            return {str(k): v for k, v in data.items()}
-        return {str(r["id"]): r["caption"] for r in data}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        return CAPTION_FORMATS.get(suffix, _captions_json)(path)  # other names: JSON, as before
+    except (ValueError, KeyError, TypeError, tarfile.TarError, EOFError) as err:
+        # ValueError covers JSONDecodeError and UnicodeDecodeError of a whole JSON file.
         raise SourceError(f"{path}: unreadable caption file ({type(err).__name__}: {err})") from None
 
 
 class SamLlava:
-    """SA-1B tars (``sa_N.jpg`` + ``sa_N.json``) joined by image id with LLaVA captions."""
+    """SA-1B tars (``sa_N.jpg`` + ``sa_N.json``) joined by image id with LLaVA captions (any form
+    :func:`load_captions` reads)."""
 
     def __init__(self, cfg: SourceConfig):
         self.tars = expand(cfg.paths)
@@ -188,51 +265,78 @@ class SamLlava:
         for sample in _tar_samples(unit.name, skips):
             key = sample["__key__"].rsplit("/", 1)[-1]
             image = _image_of(sample)
-            caption = (self.captions.get(key) or "").strip()
             if image is None:
                 skips.add("missing_image", key)
-            elif not caption:
-                skips.add("missing_caption", key)
-            else:
+                continue
+            caption = _caption_of(self.captions.get(key), key, skips)
+            if caption is not None:
                 yield RawItem(key=key, image=image, caption=caption)
 
 
+def _above(score: object, threshold: float) -> bool:
+    """A real number strictly above the threshold (None, NaN, text and bools are not)."""
+    return isinstance(score, (int, float)) and not isinstance(score, bool) and score > threshold
+
+
+def _metadata_jsonl(path: str) -> list[dict]:
+    records = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise SourceError(f"{path}:{n}: not valid JSON") from None
+    return records
+
+
+def _metadata_parquet(path: str) -> list[dict]:
+    """Rows of a parquet table (LAION-style metadata); only the columns the reader uses are loaded."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SourceError(
+            f"{path}: parquet metadata needs pyarrow; pip install pyarrow (or tristage[parquet])"
+        ) from None
+    try:
+        columns = [c for c in ("file", "caption", "aesthetic_score") if c in pq.read_schema(path).names]
+        return pq.read_table(path, columns=columns).to_pylist()
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError subclasses for damaged files
+        raise SourceError(f"{path}: unreadable parquet ({type(err).__name__}: {err})") from None
+
+
+METADATA_FORMATS: dict[str, Callable[[str], list[dict]]] = {
+    ".jsonl": _metadata_jsonl,
+    ".parquet": _metadata_parquet,
+}
+
+
 class AestheticFolder:
-    """An image folder with JSONL metadata: ``file``, ``caption``, ``aesthetic_score``."""
+    """An image folder with JSONL or parquet metadata: ``file``, ``caption``, ``aesthetic_score``."""
 
     CHUNK = 1000  # files per unit
 
     def __init__(self, cfg: SourceConfig):
         self.roots = expand(cfg.paths)
         if cfg.metadata is None:
-            raise SourceError("data.source.metadata: aesthetic_folder needs a metadata JSONL")
+            raise SourceError("data.source.metadata: aesthetic_folder needs a metadata JSONL or parquet")
         self.meta_path = expand([cfg.metadata])[0]
         self.min_score = cfg.min_aesthetic
-        self.records = self._records()
-
-    def _records(self) -> list[dict]:
-        records = []
-        for n, line in enumerate(Path(self.meta_path).read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise SourceError(f"{self.meta_path}:{n}: not valid JSON") from None
-        return records
+        # Unknown suffixes are read as JSONL (the format's historical default here).
+        self.records = METADATA_FORMATS.get(Path(self.meta_path).suffix, _metadata_jsonl)(self.meta_path)
 
     def units(self) -> list[Unit]:
         return [
-            Unit(i, f"{self.meta_path}[{s}:{s + self.CHUNK}]")
-            for i, s in enumerate(range(0, len(self.records), self.CHUNK))
+            Unit(i, f"{self.meta_path}[{s}:{e}]")
+            for i, (s, e) in enumerate(_chunks(len(self.records), self.CHUNK))
         ]
 
     def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
         start = unit.index * self.CHUNK
         for record in self.records[start : start + self.CHUNK]:
-            key = Path(record.get("file", "")).stem.replace(".", "_")
+            key = Path(record.get("file") or "").stem.replace(".", "_")
             score, caption = record.get("aesthetic_score"), (record.get("caption") or "").strip()
-            path = self._find(record.get("file", ""))
-            if score is None or score <= self.min_score:
+            path = self._find(record.get("file") or "")
+            if not _above(score, self.min_score):
                 skips.add("below_aesthetic_threshold", key)
             elif not caption:
                 skips.add("missing_caption", key)
@@ -249,14 +353,109 @@ class AestheticFolder:
         return None
 
 
-SOURCES: dict[str, Callable[[SourceConfig], ImageNetWds | SamLlava | AestheticFolder]] = {
+class ImageNetFolders:
+    """The ILSVRC train layout, ``ROOT/nXXXXXXXX/*.JPEG``; units are chunks of the sorted file list.
+
+    The class index of a synset is its line in ``synsets`` (the order the
+    official DiT / PixArt class ids use); without a synsets file it is the
+    position of the folder name in sorted order (torchvision's ImageFolder rule).
+    """
+
+    CHUNK = 1000  # files per unit
+
+    def __init__(self, cfg: SourceConfig):
+        self.roots = [Path(r) for r in expand(cfg.paths)]
+        folders = [d for root in self.roots for d in sorted(root.iterdir()) if d.is_dir()]
+        self.index = _synset_index(cfg.synsets, folders)
+        self.files = [(f, d.name) for d in folders for f in sorted(d.iterdir()) if f.is_file()]
+
+    def units(self) -> list[Unit]:
+        root = self.roots[0]
+        return [Unit(i, f"{root}[{s}:{e}]") for i, (s, e) in enumerate(_chunks(len(self.files), self.CHUNK))]
+
+    def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
+        start = unit.index * self.CHUNK
+        for path, synset in self.files[start : start + self.CHUNK]:
+            key = path.stem.replace(".", "_")
+            if synset not in self.index:
+                skips.add("unknown_synset", key)
+            elif path.suffix.lower().lstrip(".") not in IMAGE_EXTS:
+                skips.add("not_an_image", key)
+            else:
+                yield RawItem(key=key, image=path.read_bytes(), label=self.index[synset])
+
+
+def _synset_index(synsets: str | None, folders: list[Path]) -> dict[str, int]:
+    """Synset id -> class index: line order of the synsets file, else sorted folder names."""
+    if synsets is None:
+        return {name: i for i, name in enumerate(sorted({d.name for d in folders}))}
+    lines = Path(synsets).read_text(encoding="utf-8").splitlines()
+    return {line.split()[0]: i for i, line in enumerate(lines) if line.strip()}
+
+
+class Wds:
+    """Generic captioned webdataset tars: ``KEY.{jpg,png,..}`` + ``KEY.txt``, or ``KEY.json`` whose
+    ``caption`` (or ``text``) field holds the caption."""
+
+    def __init__(self, cfg: SourceConfig):
+        self.tars = expand(cfg.paths)
+
+    def units(self) -> list[Unit]:
+        return [Unit(i, t) for i, t in enumerate(self.tars)]
+
+    def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
+        for sample in _tar_samples(unit.name, skips):
+            key = sample["__key__"].replace("/", "_").replace(".", "_")
+            meta = _sample_json(sample, key, skips)
+            if meta is None or not self._wanted(meta, key, skips):
+                continue
+            image = _image_of(sample)
+            if image is None:
+                skips.add("missing_image", key)
+                continue
+            raw = sample["txt"] if "txt" in sample else meta.get("caption", meta.get("text"))
+            caption = _caption_of(raw, key, skips)
+            if caption is not None:
+                yield RawItem(key=key, image=image, caption=caption, score=self._score(meta))
+
+    def _wanted(self, meta: dict, key: str, skips: Skips) -> bool:
+        return True
+
+    def _score(self, meta: dict) -> float | None:
+        return None
+
+
+class AestheticWds(Wds):
+    """Aesthetic sets as webdataset tars: ``KEY.{jpg,png}`` + ``KEY.json`` with ``caption`` and
+    ``aesthetic_score``; only images scoring above ``min_aesthetic`` are kept."""
+
+    def __init__(self, cfg: SourceConfig):
+        super().__init__(cfg)
+        self.min_score = cfg.min_aesthetic
+
+    def _wanted(self, meta: dict, key: str, skips: Skips) -> bool:
+        if _above(meta.get("aesthetic_score"), self.min_score):
+            return True
+        skips.add("below_aesthetic_threshold", key)
+        return False
+
+    def _score(self, meta: dict) -> float | None:
+        return float(meta["aesthetic_score"])
+
+
+Source = ImageNetWds | ImageNetFolders | SamLlava | AestheticFolder | Wds
+
+SOURCES: dict[str, Callable[[SourceConfig], Source]] = {
     "imagenet_wds": ImageNetWds,
+    "imagenet_folders": ImageNetFolders,
     "sam_llava": SamLlava,
     "aesthetic_folder": AestheticFolder,
+    "aesthetic_wds": AestheticWds,
+    "wds": Wds,
 }
 
 
-def open_source(cfg: SourceConfig):
+def open_source(cfg: SourceConfig) -> Source:
     """The reader for ``cfg.kind``."""
     if cfg.kind not in SOURCES:
         raise SourceError(f"data.source.kind: unknown source {cfg.kind!r}; known: {', '.join(SOURCES)}")

@@ -436,3 +436,49 @@ def test_no_dropout_keeps_labels(stage1):
     assert all(
         int(k) % len(synthetic.CLASSES) == label for k, label in zip(batch["keys"], batch["labels"].tolist())
     )
+
+
+# -- the loader's zero-copy readers agree with safetensors and webdataset ---------------------------
+@pytest.mark.filterwarnings("ignore:The given buffer is not writable")  # FeatureLoader() spends it
+def test_safetensors_views_equal_safetensors_load():
+    from safetensors.torch import save as st_save
+
+    from data.features import _safetensors_views
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "t5": torch.randn(7, 64, generator=g).to(torch.bfloat16),
+        "mean": torch.randn(4, 3, 5, generator=g).to(torch.float16),
+        "std": torch.rand(2, 2, generator=g),
+        "empty": torch.zeros(0, 64, dtype=torch.bfloat16),
+        "scalar": torch.tensor(3.5),
+    }
+    data = st_save(tensors)
+    views, reference = _safetensors_views(data), st_load(data)
+    assert views.keys() == reference.keys() == tensors.keys()
+    for name, t in reference.items():
+        assert views[name].dtype == t.dtype and views[name].shape == t.shape and torch.equal(views[name], t)
+    cut = data[:-10]
+    for damaged, message in [
+        (cut, "offsets"),
+        (b"\xff" * 8 + data[8:], "header size"),
+        (data[:8] + b"x" + data[9:], "Expecting value"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            _safetensors_views(damaged)
+
+
+def test_shard_reader_groups_like_webdataset(stage3):
+    import webdataset as wds
+
+    from data.features import _shard_samples
+
+    for shard in sorted(Path(stage3[0].data.cache_dir).glob("features-*.tar")):
+        ours = [
+            {k: v if isinstance(v, str) else bytes(v) for k, v in s.items()}
+            for s in _shard_samples(str(shard))
+        ]
+        theirs = wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False, nodesplitter=lambda u: u)
+        expected = [{k: v for k, v in s.items() if k not in ("__url__", "__local_path__")} for s in theirs]
+        assert [{k: v for k, v in s.items() if k != "__url__"} for s in ours] == expected
+        assert len(ours) > 1

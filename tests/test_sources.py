@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 from data import synthetic
 from data.sources import (
     AestheticFolder,
+    ImageNetFolders,
     ImageNetWds,
     SamLlava,
     Skips,
@@ -310,3 +312,213 @@ def test_skips_cap_examples_and_merge():
     b.merge(a.to_dict())
     assert b.counts["too_small"] == 26 and len(b.examples["too_small"]) == 20
     assert b.examples["too_small"][0] == "x"
+
+
+# -- ImageNet class folders ----------------------------------------------------------------------
+def write_imagenet_folders(root: Path) -> Path:
+    """ILSVRC train layout: three synset folders (one not in synsets.txt), a stray non-image file."""
+    files = {
+        "n002": ["n002_1.JPEG", "n002_0.JPEG"],
+        "n001": ["n001_0.JPEG", "n001_1.png", "n001_2.txt"],
+        "n009": ["n009_0.JPEG"],
+    }
+    for synset, names in files.items():
+        (root / "train" / synset).mkdir(parents=True)
+        for name in names:
+            (root / "train" / synset / name).write_bytes(image_bytes() if "txt" not in name else b"notes")
+    (root / "synsets.txt").write_text("n002 goldfish\nn001 tench, Tinca tinca\n")
+    return root
+
+
+def test_imagenet_folders_labels_follow_synsets_line_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(ImageNetFolders, "CHUNK", 2)
+    root = write_imagenet_folders(tmp_path)
+    cfg = SourceConfig(
+        kind="imagenet_folders", paths=[str(root / "train")], synsets=str(root / "synsets.txt")
+    )
+    source = open_source(cfg)
+    assert isinstance(source, ImageNetFolders)
+    assert [u.name for u in source.units()] == [f"{root / 'train'}[{s}:{s + 2}]" for s in (0, 2, 4)]
+    items, skips = read_all(source)
+    # sorted folders, sorted files; n001 is line 1, n002 line 0
+    assert [(i.key, i.label) for i in items] == [("n001_0", 1), ("n001_1", 1), ("n002_0", 0), ("n002_1", 0)]
+    assert items[0].image == (root / "train" / "n001" / "n001_0.JPEG").read_bytes()
+    assert skips.counts == {"not_an_image": 1, "unknown_synset": 1}
+    assert skips.examples == {"not_an_image": ["n001_2"], "unknown_synset": ["n009_0"]}
+
+
+def test_imagenet_folders_without_synsets_use_sorted_folder_names(tmp_path):
+    root = write_imagenet_folders(tmp_path)
+    items, skips = read_all(open_source(SourceConfig(kind="imagenet_folders", paths=[str(root / "train")])))
+    assert [(i.key, i.label) for i in items] == [
+        ("n001_0", 0),
+        ("n001_1", 0),
+        ("n002_0", 1),
+        ("n002_1", 1),
+        ("n009_0", 2),
+    ]
+    assert skips.counts == {"not_an_image": 1}
+
+
+# -- SAM captions as per-id text files -----------------------------------------------------------
+TXT_CAPTIONS = {"sa_1": b"a red circle\n", "sa_2": b"\xffa broken caption", "sa_3": b"  \n", "sa_9": b"x"}
+
+
+def write_txt_captions(root: Path, form: str) -> Path:
+    if form == "folder":
+        (root / "captions").mkdir()
+        for key, text in TXT_CAPTIONS.items():
+            (root / "captions" / f"{key}.txt").write_bytes(text)
+        return root / "captions"
+    name = {"tar": "captions.tar", "tar.gz": "captions.tar.gz"}[form]
+    with tarfile.open(root / name, "w:gz" if form == "tar.gz" else "w") as tar:
+        for key, text in TXT_CAPTIONS.items():
+            info = tarfile.TarInfo(f"captions/{key}.txt")
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text))
+    return root / name
+
+
+@pytest.mark.parametrize("form", ["tar", "tar.gz", "folder"])
+def test_sam_captions_from_per_id_text_files(tmp_path, form):
+    jpg = image_bytes("JPEG")
+    members = [(f"sa_{i}.jpg", jpg) for i in (1, 2, 3, 4)] + [("sa_5.json", b"{}")]
+    tar = write_tar(tmp_path / "sa_000000.tar", members)
+    captions = write_txt_captions(tmp_path, form)
+    source = open_source(SourceConfig(kind="sam_llava", paths=[str(tar)], captions=str(captions)))
+    items, skips = read_all(source)
+    assert [(i.key, i.caption) for i in items] == [("sa_1", "a red circle")]
+    assert skips.counts == {"non_utf8_text": 1, "missing_caption": 2, "missing_image": 1}
+    assert skips.examples == {
+        "non_utf8_text": ["sa_2"],
+        "missing_caption": ["sa_3", "sa_4"],
+        "missing_image": ["sa_5"],
+    }
+
+
+def test_non_utf8_caption_json_is_a_named_source_error(tmp_path):
+    tar = write_tar(tmp_path / "sa.tar", [("sa_1.jpg", image_bytes("JPEG"))])
+    (tmp_path / "c.json").write_bytes(b'{"sa_1": "caf\xe9"}')
+    with pytest.raises(SourceError, match=r"c\.json: unreadable caption file \(UnicodeDecodeError"):
+        open_source(SourceConfig(kind="sam_llava", paths=[str(tar)], captions=str(tmp_path / "c.json")))
+
+
+# -- aesthetic metadata as parquet ---------------------------------------------------------------
+PARQUET_RECORDS = [
+    {"file": "keep.png", "caption": "a red circle", "aesthetic_score": 6.2},
+    {"file": "low.png", "caption": "a red circle", "aesthetic_score": 4.0},
+    {"file": "nan.png", "caption": "a red circle", "aesthetic_score": float("nan")},
+    {"file": "null.png", "caption": "a red circle", "aesthetic_score": None},
+    {"file": "mute.png", "caption": None, "aesthetic_score": 7.0},
+    {"file": "gone.png", "caption": "a red circle", "aesthetic_score": 7.0},
+]
+
+
+def test_aesthetic_folder_reads_parquet_metadata(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    cfg = write_aesthetic(tmp_path, [], ["keep.png", "low.png", "nan.png", "null.png", "mute.png"])
+    table = pa.Table.from_pylist(PARQUET_RECORDS).append_column("url", pa.array(["u"] * len(PARQUET_RECORDS)))
+    pq.write_table(table, tmp_path / "meta.parquet")
+    cfg.metadata = str(tmp_path / "meta.parquet")
+    items, skips = read_all(open_source(cfg))
+    assert [(i.key, i.score, i.caption) for i in items] == [("keep", 6.2, "a red circle")]
+    assert skips.counts == {"below_aesthetic_threshold": 3, "missing_caption": 1, "missing_image": 1}
+    assert skips.examples["below_aesthetic_threshold"] == ["low", "nan", "null"]
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    cfg.metadata = str(tmp_path / "broken.parquet")
+    with pytest.raises(SourceError, match=r"broken\.parquet: unreadable parquet"):
+        open_source(cfg)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
+    cfg = write_aesthetic(tmp_path, [], ["a.png"])
+    (tmp_path / "meta.parquet").write_bytes(b"PAR1")
+    cfg.metadata = str(tmp_path / "meta.parquet")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow -> ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(SourceError) as err:
+        open_source(cfg)
+    assert str(err.value) == f"{cfg.metadata}: parquet metadata needs pyarrow; pip install pyarrow " + (
+        "(or tristage[parquet])"
+    )
+
+
+# -- webdataset tars with captions ---------------------------------------------------------------
+def test_aesthetic_wds_applies_threshold_and_counts(tmp_path):
+    jpg, png = image_bytes("JPEG"), image_bytes("PNG")
+
+    def meta(score, caption="a red circle") -> bytes:
+        return json.dumps({"caption": caption, "aesthetic_score": score}).encode()
+
+    members = [
+        ("keep.jpg", jpg),
+        ("keep.json", meta(6.5)),
+        ("low.jpg", jpg),
+        ("low.json", meta(4.5)),
+        ("unscored.jpg", jpg),
+        ("unscored.json", json.dumps({"caption": "c"}).encode()),
+        ("latin.jpg", jpg),
+        ("latin.json", b'{"caption": "caf\xe9", "aesthetic_score": 9}'),
+        ("broken.jpg", jpg),
+        ("broken.json", b'{"caption": '),
+        ("noimg.json", meta(8.0)),
+        ("mute.png", png),
+        ("mute.json", meta(8.0, caption="  ")),
+        ("also.png", png),
+        ("also.json", meta(5.5, caption=" a blue square ")),
+    ]
+    tar = write_tar(tmp_path / "aes-0.tar", members)
+    source = open_source(SourceConfig(kind="aesthetic_wds", paths=[str(tar)], min_aesthetic=5.0))
+    items, skips = read_all(source)
+    assert [(i.key, i.score, i.caption) for i in items] == [
+        ("keep", 6.5, "a red circle"),
+        ("also", 5.5, "a blue square"),
+    ]
+    assert items[0].image == jpg and items[1].image == png
+    assert skips.counts == {
+        "below_aesthetic_threshold": 2,
+        "non_utf8_text": 1,
+        "bad_json": 1,
+        "missing_image": 1,
+        "missing_caption": 1,
+    }
+    assert skips.examples["below_aesthetic_threshold"] == ["low", "unscored"]
+
+
+def test_generic_wds_reads_txt_or_json_captions(tmp_path):
+    jpg = image_bytes("JPEG")
+    members = [
+        ("a/k0.jpg", jpg),
+        ("a/k0.txt", b"from txt"),
+        ("a/k1.png", jpg),
+        ("a/k1.json", b'{"caption": "from caption"}'),
+        ("a/k2.jpg", jpg),
+        ("a/k2.json", b'{"text": "from text", "width": 40}'),
+        ("a/k3.jpg", jpg),
+        ("a/k3.json", b'{"url": "x"}'),
+        ("a/k4.jpg", jpg),
+        ("a/k4.txt", b"\xfe\xff"),
+        ("a/k5.txt", b"no image"),
+        ("a/k6.jpg", jpg),
+        ("a/k6.json", b"[1, 2]"),
+    ]
+    tars = [write_tar(tmp_path / "w-0.tar", members), write_tar(tmp_path / "w-1.tar", members[:2])]
+    source = open_source(SourceConfig(kind="wds", paths=[str(tmp_path / "w-*.tar")]))
+    assert [u.name for u in source.units()] == [str(t) for t in tars]
+    items, skips = read_all(source)
+    assert [(i.key, i.caption) for i in items] == [
+        ("a_k0", "from txt"),
+        ("a_k1", "from caption"),
+        ("a_k2", "from text"),
+        ("a_k0", "from txt"),
+    ]
+    assert all(i.score is None and i.label is None for i in items)
+    assert skips.counts == {"missing_caption": 1, "non_utf8_text": 1, "missing_image": 1, "bad_json": 1}
+    assert skips.examples == {
+        "missing_caption": ["a_k3"],
+        "non_utf8_text": ["a_k4"],
+        "missing_image": ["a_k5"],
+        "bad_json": ["a_k6"],
+    }

@@ -1,0 +1,272 @@
+"""``tristage bench cache``: the feature cache against its bare baselines, measured in one run.
+
+* ``loader_vs_raw_read``: :class:`FeatureLoader` samples/s over one epoch of a cache of
+  256 px text samples (T5-XXL width, 80 tokens), divided by a plain sequential
+  ``open().read()`` of the same shard files in the same order.
+* ``extract_vs_bare``: the cache pass (read, decode, bucket, VAE + T5, write shards)
+  images/s, divided by a bare ``vae.encode`` + T5 forward over the same
+  preprocessed batches, on a small random VAE and the demo T5.
+* ``bytes_per_sample_256``: shard bytes per sample of a shard written by the cache's
+  own :class:`ShardWriter` with 256 px moments and an 80-token T5-XXL caption.
+
+Everything is synthetic, in a temp dir, on CPU.  The last line printed is the JSON result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+TOKENS, WIDTH = 80, 4096  # an 80-token caption at T5-XXL width
+CAPTION = " ".join(["a red circle on a white background"] * 11)  # about 80 T5 tokens of text
+
+
+class FakeEncoders:
+    """Stands in for :class:`data.cache.Encoders` where only the shapes matter (writing, loading)."""
+
+    text_encoder = True  # "has text": ShardWriter stores T5 features
+
+    def __init__(self, tokens: int = TOKENS, width: int = WIDTH):
+        self.tokens, self.width = tokens, width
+        self.g = torch.Generator().manual_seed(0)
+
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, _, h, w = pixels.shape
+        mean = torch.randn(b, 4, h // 8, w // 8, generator=self.g)
+        return mean, torch.rand(b, 4, h // 8, w // 8, generator=self.g) + 0.01
+
+    def encode_text(self, captions: list[str], max_tokens: int) -> list[torch.Tensor]:
+        return [torch.randn(min(self.tokens, max_tokens), self.width, generator=self.g) for _ in captions]
+
+
+def bench_config(cache_dir: Path, batch_size: int = 16):
+    from train.config import Config
+
+    cfg = Config()
+    cfg.data.cache_dir, cfg.data.resolution = str(cache_dir), 256
+    cfg.encoders.batch_size, cfg.encoders.max_tokens, cfg.encoders.feature_dtype = batch_size, 120, "bfloat16"
+    return cfg
+
+
+def write_fake_cache(cache_dir: Path, shards: int, per_shard: int) -> list[Path]:
+    """A cache of 256 px text samples written through ShardWriter and write_manifest."""
+    from data.cache import ShardWriter, shard_path, write_manifest, write_null_caption
+    from data.sources import Skips, Unit
+
+    cache_dir.mkdir(parents=True)
+    cfg, encoders = bench_config(cache_dir), FakeEncoders()
+    image = Image.new("RGB", (256, 256), (200, 30, 30))
+    units = [Unit(i, f"bench[{i}]") for i in range(shards)]
+    for unit in units:
+        writer = ShardWriter(cfg, encoders, shard_path(cache_dir, unit))
+        for j in range(per_shard):
+            key = f"{unit.index:04d}_{j:05d}"
+            writer.add(image, _meta(key))
+        writer.close(Skips(), per_shard, 0)
+    write_null_caption(cfg, encoders, cache_dir)
+    write_manifest(cfg, units, cache_dir, {"bench": "synthetic"}, 0.18215)
+    return [shard_path(cache_dir, u) for u in units]
+
+
+def _meta(key: str) -> dict:
+    return {
+        "key": key,
+        "caption": CAPTION,
+        "label": None,
+        "score": None,
+        "original_size": [256, 256],
+        "crop": [0, 0],
+        "bucket": [256, 256],
+    }
+
+
+# -- bytes per sample ------------------------------------------------------------------------------
+def bytes_per_sample(root: Path, samples: int = 32) -> float:
+    shard = write_fake_cache(root / "bytes", shards=1, per_shard=samples)[0]
+    return shard.stat().st_size / samples
+
+
+# -- loader vs raw read ------------------------------------------------------------------------------
+def raw_read(shards: list[Path], samples: int) -> float:
+    """Samples/s of reading the shard files whole, in order (the floor any loader pays)."""
+    start = time.perf_counter()
+    total = 0
+    for shard in shards:
+        with open(shard, "rb") as fh:
+            total += len(fh.read())
+    assert total > 0
+    return samples / (time.perf_counter() - start)
+
+
+def loader_read(cache_dir: Path, samples: int, batch: int) -> float:
+    """Samples/s of FeatureLoader batches over one epoch (one process, the whole batch decoded)."""
+    from data.features import FeatureLoader, LoaderSpec
+
+    spec = LoaderSpec(
+        batch, rank=0, world=1, seed=0, shuffle_buffer=4 * batch, cond_dropout=0.1, null_label=0
+    )
+    loader = FeatureLoader(cache_dir, spec)
+    it = iter(loader)
+    start = time.perf_counter()
+    try:
+        for _ in range(samples // batch):
+            next(it)
+        return samples / (time.perf_counter() - start)
+    finally:
+        it.close()
+
+
+def loader_vs_raw(root: Path, shards: int, per_shard: int, batch: int, repeats: int) -> dict:
+    files = write_fake_cache(root / "loader", shards, per_shard)
+    samples = shards * per_shard
+    raw, ours = 0.0, 0.0
+    for _ in range(repeats):  # interleaved, best of each: the same page-cache state for both
+        raw = max(raw, raw_read(files, samples))
+        ours = max(ours, loader_read(root / "loader", samples, batch))
+    return {"raw_read_samples_per_s": raw, "loader_samples_per_s": ours, "loader_vs_raw_read": ours / raw}
+
+
+# -- cache pass vs bare encoders --------------------------------------------------------------------
+def write_encoders(root: Path) -> dict[str, Path]:
+    """A small random AutoencoderKL (factor 8) and the demo T5, saved for from_pretrained."""
+    from diffusers import AutoencoderKL
+
+    from data.demo_encoders import write_demo_text_encoder
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        norm_num_groups=8,
+        latent_channels=4,
+    ).save_pretrained(root / "vae")
+    tokenizer, text_encoder = write_demo_text_encoder(root)
+    return {"vae": root / "vae", "tokenizer": tokenizer, "text_encoder": text_encoder}
+
+
+def extract_config(root: Path, enc: dict[str, Path], raw: Path, batch: int):
+    from train.config import load_config
+
+    overrides = [
+        f"run.dir={root / 'run'}",
+        f"data.cache_dir={root / 'cache'}",
+        f"data.source.paths=[{raw}/sa_*.tar]",
+        f"data.source.captions={raw / 'llava_captions.jsonl'}",
+        "data.resolution=256",
+        f"encoders.vae={enc['vae']}",
+        f"encoders.text_encoder={enc['text_encoder']}",
+        f"encoders.tokenizer={enc['tokenizer']}",
+        f"encoders.batch_size={batch}",
+    ]
+    return load_config(Path(__file__).resolve().parents[1] / "configs/demo/stage2.yaml", overrides)
+
+
+def cache_pass(cfg, encoders) -> tuple[float, int]:
+    """Seconds and images of the cache pass over every unit (encoders already loaded)."""
+    from data.cache import cache_unit
+    from data.sources import open_source
+
+    source = open_source(cfg.data.source)
+    Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
+    start, images = time.perf_counter(), 0
+    for unit in source.units():
+        images += cache_unit(cfg, encoders, source, unit, Path(cfg.data.cache_dir))
+    return time.perf_counter() - start, images
+
+
+def bare_batches(cfg, encoders) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The cache pass's encoder batches, preprocessed up front: (pixels, token ids, mask)."""
+    from data.cache import decode, to_pixels
+    from data.sources import Skips, open_source
+
+    source, batches, skips = open_source(cfg.data.source), [], Skips()
+    n = cfg.encoders.batch_size
+    for unit in source.units():  # one bucket (square 256 px): per unit, chunks of the batch size
+        items = [d for d in (decode(i, cfg, skips) for i in source.read(unit, skips)) if d is not None]
+        for s in range(0, len(items), n):
+            chunk = items[s : s + n]
+            pixels = torch.stack([to_pixels(img) for img, _ in chunk])
+            tok = encoders.tokenizer(
+                [m["caption"] for _, m in chunk],
+                max_length=cfg.encoders.max_tokens,
+                truncation=True,
+                padding="longest",
+                return_tensors="pt",
+            )
+            batches.append((pixels, tok.input_ids, tok.attention_mask))
+    return batches
+
+
+@torch.no_grad()
+def bare_pass(encoders, batches) -> tuple[float, int]:
+    start = time.perf_counter()
+    for pixels, ids, mask in batches:
+        dist = encoders.vae.encode(pixels).latent_dist
+        _ = dist.mean, dist.std, encoders.text_encoder(ids, attention_mask=mask).last_hidden_state
+    return time.perf_counter() - start, sum(len(b[0]) for b in batches)
+
+
+def extract_vs_bare(root: Path, images: int, per_shard: int, batch: int, repeats: int) -> dict:
+    from data import synthetic
+    from data.cache import Encoders
+
+    enc = write_encoders(root / "encoders")
+    raw = synthetic.write_stage2(root / "raw", images, size=256, per_shard=per_shard)
+    encoders = Encoders.load(extract_config(root / "x0", enc, raw, batch), torch.device("cpu"))
+    batches = bare_batches(extract_config(root / "x0", enc, raw, batch), encoders)
+    ours, bare = 0.0, 0.0
+    for r in range(repeats):  # interleaved, best of each
+        seconds, n = cache_pass(extract_config(root / f"x{r}", enc, raw, batch), encoders)
+        ours = max(ours, n / seconds)
+        seconds, n = bare_pass(encoders, batches)
+        bare = max(bare, n / seconds)
+    return {
+        "cache_pass_images_per_s": ours,
+        "bare_encoders_images_per_s": bare,
+        "extract_vs_bare": ours / bare,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="tristage bench cache", description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, default=4, help="loader bench: feature shards")
+    parser.add_argument("--per-shard", type=int, default=64, help="loader bench: samples per shard")
+    parser.add_argument("--batch", type=int, default=32, help="loader bench: global batch")
+    parser.add_argument("--images", type=int, default=32, help="extraction bench: raw 256 px images")
+    parser.add_argument("--encode-batch", type=int, default=16, help="extraction bench: encoder batch")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; best of each side")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads, the same for both sides of each ratio"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)  # shared CPUs: more threads than free cores only adds noise
+    result: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        result["bytes_per_sample_256"] = bytes_per_sample(root)
+        print(f"bytes per cached 256 px sample, 80 T5-XXL tokens: {result['bytes_per_sample_256']:.0f}")
+        loader = loader_vs_raw(root, args.shards, args.per_shard, args.batch, args.repeats)
+        print(
+            f"loader {loader['loader_samples_per_s']:.0f} samples/s vs raw read "
+            f"{loader['raw_read_samples_per_s']:.0f} samples/s: {loader['loader_vs_raw_read']:.3f}"
+        )
+        per_unit = max(args.encode_batch, args.images // 2)  # two units: one shard per unit
+        extract = extract_vs_bare(root, args.images, per_unit, args.encode_batch, args.repeats)
+        print(
+            f"cache pass {extract['cache_pass_images_per_s']:.1f} images/s vs bare encoders "
+            f"{extract['bare_encoders_images_per_s']:.1f} images/s: {extract['extract_vs_bare']:.3f}"
+        )
+    result.update(loader | extract)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
