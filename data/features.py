@@ -54,6 +54,7 @@ class LoaderSpec:
     shuffle_buffer: int  # samples held for shuffling
     cond_dropout: float  # probability of replacing the condition with the null one
     null_label: int  # class id used as the null class (stage 1)
+    pin_memory: bool = False  # page-lock batches in the prefetch thread (CUDA: copies overlap compute)
 
 
 def open_manifest(cache_dir: str | Path, expected: dict[str, str] | None) -> dict:
@@ -198,7 +199,8 @@ class FeatureLoader:
                 for index, samples in enumerate(self._global_batches(epoch)):
                     produced += 1
                     if index >= start:
-                        out.put(self._collate(samples, epoch, index))
+                        batch = self._collate(samples, epoch, index)
+                        out.put(pinned(batch) if self.spec.pin_memory else batch)
                     if stop.is_set():
                         return
                 if produced == 0:
@@ -286,6 +288,11 @@ def _pad_float(texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         text[i, n:].zero_()
         mask[i, :n] = 1
     return text, mask
+
+
+def pinned(batch: dict) -> dict:
+    """The batch with its tensors in page-locked memory, so ``.to(cuda, non_blocking=True)`` is async."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _features(sample: dict) -> dict[str, torch.Tensor]:

@@ -43,10 +43,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from train.checkpoint import latest
-    from train.config import check_train_paths, load_config
+    from train.config import check_train_options, check_train_paths, load_config
     from train.trainer import run_train
 
     cfg = load_config(args.config, args.overrides)
+    check_train_options(cfg, args.config)
     has_checkpoint = cfg.resume != "none" and latest(Path(cfg.run.dir) / "checkpoints") is not None
     check_train_paths(cfg, args.config, has_checkpoint)
     run_train(cfg)

@@ -115,6 +115,7 @@ class Trainer:
             shuffle_buffer=self.cfg.data.shuffle_buffer,
             cond_dropout=self.cfg.data.cond_dropout,
             null_label=self.cfg.model.num_classes,
+            pin_memory=self.accelerator.device.type == "cuda",
         )
         return FeatureLoader(self.cfg.data.cache_dir, spec, expected=fingerprint(self.cfg))
 

@@ -1,0 +1,303 @@
+"""``tristage bench train``: the real Trainer against a bare training loop, in the same process.
+
+Both run the same model (same config, same seed, same speed options) on the same batches (a synthetic
+feature cache of the chosen shape, written to a temp dir and read back through the real loader):
+
+* **trainer**: ``Trainer.train()`` -- loader thread, EMA, grad clipping, the NaN guard, metric windows,
+  the progress bar (no mid-run checkpoints; the final save comes after the timed steps);
+* **bare**: the batches already on the device; ``Objective.loss`` forward, backward, AdamW step,
+  ``zero_grad`` -- nothing else.
+
+Throughput is measured in windows of ``--window`` steps after a first, untimed window: for the trainer
+its own metric windows (``train.log_every = --window``; ``metrics.jsonl`` holds images / seconds between
+log flushes and the share of it spent waiting on the loader), for the bare loop the same step counts.
+Runs alternate, ``--repeats`` of each, and the fastest window of each kind counts: on a shared machine
+other processes only ever slow a window down, so the best window is the closest to the code's own cost
+(the means are reported too).  Reported: img/s of each,
+``overhead_vs_bare = trainer_time / bare_time - 1``, TFLOP/s from ``train.flops.train_flops_per_image``,
+MFU against ``--peak-tflops`` (default: 989, H100 dense bf16, on CUDA; on CPU a fp32 matmul peak measured
+in this run with the same thread count), peak memory (CUDA max allocated, else the process's peak RSS)
+and the data-wait share.  The last line printed is the JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM, dense bf16 tensor-core peak
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tristage bench train", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="demo", help="model size, a key of train.models.SIZES")
+    parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
+    parser.add_argument("--batch", type=int, default=8, help="images per step")
+    parser.add_argument("--steps", type=int, default=24, help="timed steps per run (a multiple of --window)")
+    parser.add_argument("--window", type=int, default=4, help="steps per timing window; one untimed first")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating bare / trainer runs")
+    parser.add_argument("--text-tokens", type=int, default=120, help="caption length L (T5 tokens)")
+    parser.add_argument("--caption-channels", type=int, default=4096, help="T5 width (4096 = T5-XXL)")
+    parser.add_argument("--compile", action="store_true", help="train.compile: torch.compile per block")
+    parser.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing")
+    parser.add_argument("--attention", default="sdpa", help="model.attention_backend: sdpa | xformers")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (TFLOP/s)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (compute)")
+    parser.add_argument("--workdir", default=None, help="keep the cache and runs here (default: temp)")
+    return parser.parse_args(argv)
+
+
+def bench_config(root: Path, args: argparse.Namespace, device: torch.device):
+    """A PixArt stage config of the requested shape, reading the synthetic cache in ``root/cache``."""
+    from omegaconf import OmegaConf
+
+    from train.config import Config
+
+    overrides = [
+        f"run.dir={root / 'run'}",
+        "run.name=bench",
+        "resume=none",
+        "model.family=pixart",
+        f"model.size={args.size}",
+        f"model.sample_size={args.resolution // 8}",
+        f"model.caption_channels={args.caption_channels}",
+        f"model.gradient_checkpointing={args.checkpointing}",
+        f"model.attention_backend={args.attention}",
+        "data.source.kind=sam_llava",
+        f"data.cache_dir={root / 'cache'}",
+        f"data.resolution={args.resolution}",
+        f"data.batch_size={args.batch}",
+        f"data.shuffle_buffer={2 * args.batch}",
+        f"encoders.vae={root / 'no-vae'}",
+        f"encoders.text_encoder={root / 'no-t5'}",
+        f"encoders.tokenizer={root / 'no-t5'}",
+        f"encoders.max_tokens={args.text_tokens}",
+        "optim.lr=1e-4",
+        "optim.warmup_steps=1",
+        "optim.grad_clip=1.0",
+        f"train.max_steps={args.window + args.steps}",
+        f"train.mixed_precision={'bf16' if device.type == 'cuda' else repr('no')}",  # YAML reads no as false
+        f"train.log_every={args.window}",
+        f"train.compile={args.compile}",
+        "checkpoint.every=1000000000",
+        "checkpoint.keep_last=1",
+        "tracking.mode=disabled",
+    ]
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(overrides))
+    return OmegaConf.to_object(merged)
+
+
+def write_cache(cfg, samples: int) -> None:
+    """Random features in the cache format (feature shards + manifest with the config's fingerprint)."""
+    import webdataset as wds
+    from safetensors.torch import save, save_file
+
+    from data.cache import NULL_CAPTION
+    from data.features import MANIFEST
+    from data.fingerprint import fingerprint
+
+    cache, res = Path(cfg.data.cache_dir), cfg.data.resolution
+    cache.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    side, text = res // 8, (cfg.encoders.max_tokens, cfg.model.caption_channels)
+    with wds.TarWriter(str(cache / "shard-000000.tar")) as writer:
+        for i in range(samples):
+            tensors = {
+                "mean": torch.randn(4, side, side, generator=g).bfloat16(),
+                "std": torch.rand(4, side, side, generator=g).bfloat16() * 0.1,
+                "t5": torch.randn(*text, generator=g).bfloat16(),
+            }
+            meta = {"key": f"{i:06d}", "caption": "", "label": None, "score": None, "tokens": text[0]}
+            meta.update(original_size=[res, res], crop=[0, 0], bucket=[res, res])
+            writer.write({"__key__": meta["key"], "feat.safetensors": save(tensors), "json": meta})
+    save_file({"t5": torch.zeros(*text).bfloat16()}, cache / NULL_CAPTION)
+    manifest = {
+        "fingerprint": fingerprint(cfg),
+        "shards": [{"file": "shard-000000.tar", "samples": samples}],
+        "samples": samples,
+        "scaling_factor": 0.18215,
+        "class_names": {},
+        "null_caption": NULL_CAPTION,
+        "skipped": {},
+    }
+    (cache / MANIFEST).write_text(json.dumps(manifest))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_trainer(cfg, run_dir: Path) -> list[dict[str, float]]:
+    """One Trainer run: its metric windows after the first, as wall, data-wait and CPU seconds."""
+    from train.trainer import Trainer
+
+    cfg.run.dir = str(run_dir)
+    Trainer(cfg).train()
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    images = cfg.train.log_every * cfg.data.batch_size
+    windows = []
+    for w in [json.loads(line) for line in lines][1:]:
+        seconds = images / w["img_per_s"]
+        windows.append(
+            {"s": seconds, "wait_s": w["data_wait_share"] * seconds, "cpu_s": w["cpu_util"] * seconds}
+        )
+    return windows
+
+
+def loader_batches(cfg, count: int, device: torch.device) -> list[dict]:
+    """The first ``count`` batches of the loader the Trainer builds (same spec, same stream)."""
+    from data.features import FeatureLoader, LoaderSpec
+    from train.models import family_of
+    from train.objective import Objective
+
+    data = cfg.data
+    spec = LoaderSpec(data.batch_size, 0, 1, cfg.train.seed, data.shuffle_buffer, data.cond_dropout, 0)
+    objective, family = Objective(cfg.objective), family_of(cfg.model.family)
+    out, batches = [], iter(FeatureLoader(cfg.data.cache_dir, spec))
+    for _ in range(count):
+        b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
+        cond = family.inputs(b)
+        timesteps = objective.timesteps_from_uniform(b["u"])
+        out.append({"latents": b["latents"], "cond": cond, "noise": b["noise"], "timesteps": timesteps})
+    return out
+
+
+def run_bare(cfg, batches: list[dict], window: int, device: torch.device) -> list[dict[str, float]]:
+    """Wall and process-CPU seconds per window of ``window`` steps of forward + backward + AdamW, after
+    the first window."""
+    from accelerate.utils import set_seed
+
+    from train.models import build_for_training
+    from train.objective import Objective
+
+    set_seed(cfg.train.seed)
+    model = build_for_training(cfg.model, 2 * cfg.model.in_channels, cfg.train.compile).to(device)
+    fused = device.type == "cuda"
+    optim = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=fused, foreach=not fused)
+    objective = Objective(cfg.objective)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    marks = []
+    for i, b in enumerate(batches):
+        if i % window == 0:
+            sync(device)
+            marks.append((time.perf_counter(), time.process_time()))
+        inputs = {"latents": b["latents"], "cond": b["cond"]}
+        with autocast:
+            loss, _ = objective.loss(model, inputs, noise=b["noise"], timesteps=b["timesteps"])
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+    sync(device)
+    marks.append((time.perf_counter(), time.process_time()))
+    return [{"s": b[0] - a[0], "cpu_s": b[1] - a[1]} for a, b in zip(marks[1:], marks[2:])]
+
+
+def cpu_matmul_tflops(repeats: int = 10, n: int = 1024) -> float:
+    """Best fp32 matmul TFLOP per process-CPU-second at the current thread count (the CPU MFU peak)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.process_time()
+        torch.mm(a, b)
+        best = max(best, 2 * n**3 / max(time.process_time() - t0, 1e-9) / 1e12)
+    return best
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
+    from train.flops import image_tokens, train_flops_per_image
+    from train.models import size_of
+
+    cfg = bench_config(root, args, device)
+    write_cache(cfg, samples=4 * args.batch)
+    batches = loader_batches(cfg, args.window + args.steps, device)
+    trainer, bare = [], []
+    for r in range(args.repeats):
+        bare += run_bare(cfg, batches, args.window, device)
+        trainer += run_trainer(cfg, root / f"run{r}")
+    images = args.window * args.batch
+    ours, theirs = timing(trainer, images), timing(bare, images)
+    tokens = image_tokens(args.resolution, size_of(args.size).patch_size)
+    flops = train_flops_per_image(cfg.model, tokens, args.text_tokens)
+    clock = CLOCKS[device.type]  # the seconds that count: wall on CUDA, CPU seconds on CPU
+    peak, peak_source = peak_tflops(args, device)
+    tflops = flops * ours[clock] / 1e12
+    return {
+        "device": device_name(device, args.threads),
+        "size": args.size,
+        "resolution": args.resolution,
+        "batch": args.batch,
+        "steps": args.steps * args.repeats,
+        "img_per_s": round(ours["img_per_s"], 3),
+        "bare_img_per_s": round(theirs["img_per_s"], 3),
+        "img_per_cpu_s": round(ours["img_per_cpu_s"], 3),
+        "bare_img_per_cpu_s": round(theirs["img_per_cpu_s"], 3),
+        "overhead_vs_bare": round(theirs[clock] / ours[clock] - 1, 4),
+        "overhead_wall": round(theirs["img_per_s"] / ours["img_per_s"] - 1, 4),
+        "overhead_cpu": round(theirs["img_per_cpu_s"] / ours["img_per_cpu_s"] - 1, 4),
+        "clock": clock,
+        "tflops": round(tflops, 5),
+        "bare_tflops": round(flops * theirs[clock] / 1e12, 5),
+        "mfu": round(tflops / peak, 4),
+        "peak_tflops": round(peak, 4),
+        "peak_source": peak_source,
+        "flops_per_image": flops,
+        "peak_mem_gb": round(peak_memory_gb(device), 3),
+        "data_wait_share": round(sum(w["wait_s"] for w in trainer) / sum(w["s"] for w in trainer), 4),
+    }
+
+
+# Which throughput counts: on a GPU the wall clock; on a CPU the process's CPU seconds, because the CPU
+# *is* the device there and other processes on a shared machine stretch the wall clock, not the work.
+CLOCKS = {"cuda": "img_per_s", "cpu": "img_per_cpu_s"}
+
+
+def timing(windows: list[dict[str, float]], images: int) -> dict[str, float]:
+    """img/s of the fastest window (others' load only ever slows one down) and img per CPU-second over
+    all windows (CPU time is not stretched by others' load)."""
+    return {
+        "img_per_s": images / min(w["s"] for w in windows),
+        "img_per_cpu_s": images * len(windows) / sum(w["cpu_s"] for w in windows),
+    }
+
+
+def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float, str]:
+    if args.peak_tflops is not None:
+        return args.peak_tflops, "--peak-tflops"
+    if device.type == "cuda":
+        return H100_BF16_DENSE_TFLOPS, "H100 dense bf16 (default)"
+    return cpu_matmul_tflops(), f"measured fp32 matmul per CPU-second, {torch.get_num_threads()} thread(s)"
+
+
+def device_name(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {threads} thread(s)"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = measure(args, Path(args.workdir or tmp), device)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
