@@ -1,4 +1,4 @@
-"""``tristage`` command line: cache, train, export, convert, sample, demo.
+"""``tristage`` command line: cache, train, export, convert, sample, eval, app, demo.
 
 Bad input (config keys, paths, caches, checkpoints) ends with one line on
 stderr naming the file or key, and exit code 2 -- no traceback.
@@ -15,6 +15,7 @@ from data.features import CacheError
 from data.sources import SourceError
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
+from train.evaluate import EvalError
 from train.sample import SampleError
 
 USER_ERRORS = (
@@ -23,6 +24,7 @@ USER_ERRORS = (
     SourceError,
     CheckpointError,
     SampleError,
+    EvalError,
     FileNotFoundError,
     KeyError,
 )
@@ -71,6 +73,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
     run_sample(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from train.evaluate import run_eval
+
+    print(json.dumps(run_eval(args)))
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from train.demo import run_demo
 
@@ -109,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     from train.sample import add_sample_arguments
 
     add_sample_arguments(subs.add_parser("sample", help="generate PNGs from an exported pipeline"))
+    from train.evaluate import add_eval_arguments
+
+    add_eval_arguments(subs.add_parser("eval", help="FID, CLIP score, demo adherence (offline)"))
     bench = subs.add_parser("bench", help="benchmarks (JSON last line)")
     bench.add_argument("which", choices=sorted(BENCHES))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
@@ -127,6 +140,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "export": cmd_export,
     "convert": cmd_convert,
     "sample": cmd_sample,
+    "eval": cmd_eval,
     "demo": cmd_demo,
     "bench": cmd_bench,
 }
