@@ -24,6 +24,7 @@ import shutil
 import signal
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -127,7 +128,9 @@ class Trainer:
         self._start_tracking()
         started, first_step = time.time(), self.state.step
         batches = iter(self.loader)
-        window = Window(self.accelerator.device, self.cfg.objective.num_timesteps)
+        window = Window(
+            self.accelerator.device, self.cfg.objective.num_timesteps, self.accelerator.num_processes
+        )
         bar = self._progress()
         while self.state.step < self.cfg.train.max_steps and not self._should_stop(started):
             metrics = self._step(self._next_batch(batches, window))
@@ -243,7 +246,8 @@ class Trainer:
     def _maybe_log(self, window: Window) -> None:
         if self.state.step % self.cfg.train.log_every and self.state.step != self.cfg.train.max_steps:
             return
-        values = window.flush(self.scheduler.get_last_lr()[0], self.state.samples)
+        sum_over_processes = partial(self.accelerator.reduce, reduction="sum")
+        values = window.flush(self.scheduler.get_last_lr()[0], self.state.samples, sum_over_processes)
         tracking.log(self.accelerator, values, self.state.step)
         self.metrics_file.write(self.state.step, values)
         self._check_nonfinite(self.guard.poll(log_step=True))
@@ -374,8 +378,8 @@ class Trainer:
 class Window:
     """Metric tensors summed on device between log steps (no host sync until flush)."""
 
-    def __init__(self, device: torch.device, num_timesteps: int):
-        self.device, self.num_timesteps = device, num_timesteps
+    def __init__(self, device: torch.device, num_timesteps: int, processes: int = 1):
+        self.device, self.num_timesteps, self.processes = device, num_timesteps, processes
         self.last_loss: float | None = None
         self._reset()
 
@@ -398,9 +402,14 @@ class Window:
         self.steps += 1
         self.images += batch
 
-    def flush(self, lr: float, samples: int) -> dict[str, float]:
-        values = {k: (v / max(self.steps, 1)).item() for k, v in self.sums.items()}
-        per_bucket = (self.bucket_sum / self.bucket_n.clamp(min=1)).tolist()
+    def flush(self, lr: float, samples: int, sum_over_processes=lambda t: t) -> dict[str, float]:
+        """Window means over steps and over processes (one all-reduce), plus rates; then reset."""
+        keys, buckets = list(self.sums), TIMESTEP_BUCKETS
+        means = torch.stack([self.sums[k] for k in keys]) / max(self.steps, 1) if keys else self.bucket_n[:0]
+        packed = sum_over_processes(torch.cat([means, self.bucket_sum, self.bucket_n]))
+        values = dict(zip(keys, (packed[: len(keys)] / self.processes).tolist()))
+        bucket_sum, bucket_n = packed[len(keys) : len(keys) + buckets], packed[len(keys) + buckets :]
+        per_bucket = (bucket_sum / bucket_n.clamp(min=1)).tolist()
         values.update({f"loss_t{i}": v for i, v in enumerate(per_bucket)})
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         values.update(lr=lr, samples_seen=samples, img_per_s=self.images / elapsed)
