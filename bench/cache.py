@@ -45,22 +45,25 @@ class FakeEncoders:
         return [torch.randn(min(self.tokens, max_tokens), self.width, generator=self.g) for _ in captions]
 
 
-def bench_config(cache_dir: Path, batch_size: int = 16):
+def bench_config(cache_dir: Path, batch_size: int = 16, text_dtype: str = "bfloat16"):
     from train.config import Config
 
     cfg = Config()
+    cfg.encoders.text_feature_dtype = text_dtype
     cfg.data.cache_dir, cfg.data.resolution = str(cache_dir), 256
     cfg.encoders.batch_size, cfg.encoders.max_tokens, cfg.encoders.feature_dtype = batch_size, 120, "bfloat16"
     return cfg
 
 
-def write_fake_cache(cache_dir: Path, shards: int, per_shard: int) -> list[Path]:
+def write_fake_cache(
+    cache_dir: Path, shards: int, per_shard: int, text_dtype: str = "bfloat16"
+) -> list[Path]:
     """A cache of 256 px text samples written through ShardWriter and write_manifest."""
     from data.cache import ShardWriter, shard_path, write_manifest, write_null_caption
     from data.sources import Skips, Unit
 
     cache_dir.mkdir(parents=True)
-    cfg, encoders = bench_config(cache_dir), FakeEncoders()
+    cfg, encoders = bench_config(cache_dir, text_dtype=text_dtype), FakeEncoders()
     image = Image.new("RGB", (256, 256), (200, 30, 30))
     units = [Unit(i, f"bench[{i}]") for i in range(shards)]
     for unit in units:
@@ -87,8 +90,10 @@ def _meta(key: str) -> dict:
 
 
 # -- bytes per sample ------------------------------------------------------------------------------
-def bytes_per_sample(root: Path, samples: int = 32) -> float:
-    shard = write_fake_cache(root / "bytes", shards=1, per_shard=samples)[0]
+def bytes_per_sample(root: Path, text_dtype: str, samples: int = 32) -> float:
+    shard = write_fake_cache(
+        root / f"bytes_{text_dtype}", shards=1, per_shard=samples, text_dtype=text_dtype
+    )[0]
     return shard.stat().st_size / samples
 
 
@@ -250,8 +255,13 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        result["bytes_per_sample_256"] = bytes_per_sample(root)
-        print(f"bytes per cached 256 px sample, 80 T5-XXL tokens: {result['bytes_per_sample_256']:.0f}")
+        # text_feature_dtype=float8_e4m3fn (per-token scaled); bf16 T5 alone is 655,360 bytes
+        result["bytes_per_sample_256"] = bytes_per_sample(root, "float8_e4m3fn")
+        result["bytes_per_sample_256_bf16"] = bytes_per_sample(root, "bfloat16")
+        print(
+            f"bytes per cached 256 px sample, 80 T5-XXL tokens: {result['bytes_per_sample_256']:.0f} "
+            f"(fp8 T5), {result['bytes_per_sample_256_bf16']:.0f} (bf16 T5)"
+        )
         loader = loader_vs_raw(root, args.shards, args.per_shard, args.batch, args.repeats)
         print(
             f"loader {loader['loader_samples_per_s']:.0f} samples/s vs raw read "

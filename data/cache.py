@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from data.buckets import RatioOutOfRange, place
 from data.fingerprint import fingerprint, first_difference
 from data.sources import RawItem, Skips, Unit, class_names, open_source
+from data.text_codec import encode_text_feature
 from train.config import Config
 
 MANIFEST = "manifest.json"
@@ -143,7 +144,7 @@ class ShardWriter:
         for i, (_, meta) in enumerate(items):
             tensors = {"mean": mean[i].to(self.dtype), "std": std[i].to(self.dtype)}
             if texts is not None:
-                tensors["t5"] = texts[i].to(self.dtype)
+                tensors.update(encode_text_feature(texts[i], self.cfg.encoders.text_feature_dtype))
                 meta["tokens"] = int(texts[i].shape[0])
             sample = {"__key__": meta["key"], "feat.safetensors": st_save(_cpu(tensors)), "json": meta}
             self.writer.write(sample)
@@ -221,9 +222,8 @@ def write_null_caption(cfg: Config, encoders: Encoders, cache_dir: Path) -> None
     if encoders.text_encoder is None:
         return
     (null,) = encoders.encode_text([""], cfg.encoders.max_tokens)
-    save_file(
-        {"t5": null.to(DTYPES[cfg.encoders.feature_dtype]).cpu().contiguous()}, cache_dir / NULL_CAPTION
-    )
+    stored = encode_text_feature(null, cfg.encoders.text_feature_dtype)
+    save_file({k: v.cpu().contiguous() for k, v in stored.items()}, cache_dir / NULL_CAPTION)
 
 
 def write_manifest(cfg: Config, units: list[Unit], cache_dir: Path, fp: dict, scaling_factor: float) -> dict:

@@ -34,9 +34,16 @@ import torch
 from safetensors.torch import load_file
 
 from data.fingerprint import first_difference
+from data.text_codec import decode_text_feature
 
 MANIFEST = "manifest.json"
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64}
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "F8_E4M3": torch.float8_e4m3fn,
+}
 
 
 class CacheError(ValueError):
@@ -91,7 +98,7 @@ class FeatureLoader:
         self.shard_samples = {str(self.dir / s["file"]): int(s["samples"]) for s in self.manifest["shards"]}
         self.scaling_factor = float(self.manifest["scaling_factor"])
         null = self.manifest.get("null_caption")
-        self.null_text = load_file(self.dir / null)["t5"] if null else None
+        self.null_text = decode_text_feature(load_file(self.dir / null)) if null else None
         self.epoch, self.next_index = 0, 0
         self.dropped: dict[int, int] = {}  # epoch -> samples left in under-full buckets
         _spend_readonly_buffer_warning()
@@ -180,7 +187,7 @@ class FeatureLoader:
         if "t5" not in feats[0]:
             labels = torch.tensor([m["label"] for m in metas])
             return {"labels": torch.where(drop, torch.full_like(labels, self.spec.null_label), labels)}
-        texts = [self.null_text if d else f["t5"] for f, d in zip(feats, drop.tolist())]
+        texts = [self.null_text if d else decode_text_feature(f) for f, d in zip(feats, drop.tolist())]
         text, mask = _pad_float(texts)  # (b, L, C), (b, L)
         bucket = metas[0]["bucket"]
         return {

@@ -76,6 +76,7 @@ def fingerprint(cfg: Config) -> dict[str, str]:
         "buckets": table_hash,
         "max_tokens": str(enc.max_tokens) if text else "none",
         "feature_dtype": enc.feature_dtype,
+        "text_feature_dtype": enc.text_feature_dtype if text else "none",
         "source": repr(sorted(asdict(data.source).items())),
         "tristage_version": tristage_version(),
     }

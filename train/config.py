@@ -72,7 +72,8 @@ class EncoderConfig:
     text_encoder: str | None = "google/t5-v1_1-xxl"  # T5 encoder hub id or folder; null for stage 1
     tokenizer: str | None = "google/t5-v1_1-xxl"  # tokenizer hub id or folder
     max_tokens: int = 120  # T5 token budget (captions are truncated to this)
-    feature_dtype: str = "bfloat16"  # dtype of cached VAE moments and T5 features
+    feature_dtype: str = "bfloat16"  # dtype of the cached VAE posterior mean and std
+    text_feature_dtype: str = "bfloat16"  # cached T5: bfloat16 | float16 | float32 | float8_e4m3fn (scaled)
     batch_size: int = 16  # images per encoder forward in the cache pass
 
 
