@@ -1,0 +1,234 @@
+"""Train the tiny frozen VAE that stands in for PixArt's ``sd-vae-ft-ema`` in the demo.
+
+PixArt-alpha never trains its autoencoder: every stage encodes images with the
+frozen, pretrained Stable Diffusion VAE (``sd-vae-ft-ema``, downsample factor 8,
+4 latent channels, latents multiplied by a fixed ``scaling_factor``) and only
+trains the diffusion transformer in that latent space.  The offline demo cannot
+download that VAE, and it is far too large for two CPU cores anyway.
+
+The faithful analogue is a small ``diffusers.AutoencoderKL`` with the same
+interface (factor 8, 4 latent channels, a ``scaling_factor`` in its config)
+that was trained *once*, by this script, on the demo world of
+:mod:`data.synthetic`, with its weights committed next to it in
+``data/assets/demo_vae``.  The demo then loads it with
+``AutoencoderKL.from_pretrained`` and keeps it frozen, exactly as a real run
+treats ``sd-vae-ft-ema``.  Training the VAE at demo time instead would spend
+most of the demo's CPU time budget on a component the paper does not train.
+
+Re-create the committed weights (about 10-15 minutes on one CPU thread) with::
+
+    python -m data.assets.train_demo_vae
+
+The run is seeded: the data, the initialisation and the batch order are all
+fixed, so the same torch version and thread count reproduce the same weights.
+
+Recipe.  The loss is SD's VAE recipe without its LPIPS and GAN terms (which this
+flat-colour world does not need): a summed per-pixel reconstruction term plus a
+small KL term, with the decoder trained on *sampled* latents so that decoding
+``posterior.sample()`` works as well as decoding the posterior mean.  Three
+choices make a VAE this small learn the palette within minutes:
+
+* the reconstruction term is L1 *plus* a squared error, and pixels of the shape
+  are up-weighted.  Red/orange and purple/blue are close hues; plain L1 pulls as
+  hard on a background pixel that is 2 units off as on a shape pixel that is 70
+  units off, and the model settles for one "average warm colour" per background;
+* ``norm_num_groups=2``: with one channel per group, GroupNorm is an instance
+  norm, which erases the absolute level of a flat region (a plain two-tone
+  image normalises to the same pattern whatever its colours);
+* a cheap warm-up on 32 px renders (a quarter of the cost of a 64 px step; the
+  colour code does not depend on resolution), then alternating steps on 64 px
+  renders (with 64 px crops of the stage-3 sizes) and on whole stage-3 renders.
+
+After training, the std of the posterior means over a batch of 64 px images sets
+``scaling_factor = 1 / std`` so that scaled latents have roughly unit variance,
+as for SD's VAE (0.18215).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from data.synthetic import BACKGROUNDS, COLOURS, SHAPES, STAGE3_SIZES, render, sample_scene
+
+OUT_DIR = Path(__file__).resolve().parent / "demo_vae"
+
+# Architecture: 4 blocks -> downsample factor 8; layers_per_block=1 keeps it tiny.
+BLOCK_OUT_CHANNELS = (8, 16, 32, 64)
+NORM_NUM_GROUPS = 2
+LATENT_CHANNELS = 4
+CROP = 64  # training patch size (whole 64 px images, or crops of the stage-3 sizes)
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(BLOCK_OUT_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(BLOCK_OUT_CHANNELS),
+        block_out_channels=BLOCK_OUT_CHANNELS,
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=NORM_NUM_GROUPS,
+        sample_size=64,
+    )
+
+
+def to_tensor(img) -> torch.Tensor:
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1] (the range PixArt feeds its VAE)."""
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def render_pool(rng: random.Random, n: int, height: int, width: int) -> torch.Tensor:
+    """``n`` renders cycling through every colour x shape x background, random positions/sizes."""
+    combos = [(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
+    images = [to_tensor(render(sample_scene(rng, *combos[i % len(combos)], height, width))) for i in range(n)]
+    return torch.stack(images)
+
+
+class Batches:
+    """Seeded training batches.
+
+    ``next(batch_size, "32")``: whole 32 px renders (the cheap warm-up phase: the colour code the
+    VAE must learn does not depend on resolution, and a step costs a quarter of a 64 px one).
+    ``next(batch_size, "64")``: whole 64 px renders, or (``large_fraction`` of the items) random
+    64 px crops of stage-3-sized renders, so the VAE sees the larger pixel scale too.
+    ``next(batch_size, "stage3")``: whole stage-3 renders of one size (cycling through the sizes),
+    so GroupNorm and the mid-block attention also see whole large images with large shapes.
+    """
+
+    def __init__(self, seed: int, n32: int, n64: int, n_large: int, large_fraction: float):
+        rng = random.Random(seed)
+        self.tiny = render_pool(rng, n32, 32, 32)
+        self.small = render_pool(rng, n64, 64, 64)
+        self.large = [render_pool(rng, n_large, h, w) for h, w in STAGE3_SIZES]
+        self.large_fraction = large_fraction
+        self.gen = torch.Generator().manual_seed(seed)
+        self.large_calls = 0
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (1,), generator=self.gen))
+
+    def _pick(self, pool: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return pool[torch.randint(len(pool), (batch_size,), generator=self.gen)]
+
+    def next(self, batch_size: int, kind: str) -> torch.Tensor:
+        if kind == "32":
+            return self._pick(self.tiny, batch_size)
+        if kind == "stage3":
+            self.large_calls += 1
+            return self._pick(self.large[self.large_calls % len(self.large)], batch_size)
+        items = []
+        for _ in range(batch_size):
+            if float(torch.rand(1, generator=self.gen)) < self.large_fraction:
+                pool = self.large[self._randint(len(self.large))]
+                img = pool[self._randint(len(pool))]
+                y = self._randint(img.shape[1] - CROP + 1)
+                x = self._randint(img.shape[2] - CROP + 1)
+                items.append(img[:, y : y + CROP, x : x + CROP])
+            else:
+                items.append(self.small[self._randint(len(self.small))])
+        return torch.stack(items)
+
+
+def lr_at(step: int, steps: int, base: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def latent_std(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 32) -> float:
+    means = [
+        vae.encode(images[i : i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)
+    ]
+    return float(torch.cat(means).std())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps-32", type=int, default=1500, help="warm-up steps on 32 px renders")
+    parser.add_argument("--batch-size-32", type=int, default=16)
+    parser.add_argument(
+        "--steps", type=int, default=1200, help="steps on 64 px renders and crops / whole stage-3 renders"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--kl-weight",
+        type=float,
+        default=1e-5,
+        help="weight of the summed KL against the summed L1, as in SD",
+    )
+    parser.add_argument("--fg-weight", type=float, default=4.0, help="extra L1 weight of shape pixels")
+    parser.add_argument(
+        "--mse-weight", type=float, default=4.0, help="squared-error term: pulls hard on wrong colours"
+    )
+    parser.add_argument("--logvar-init", type=float, default=-4.0, help="initial posterior log-variance")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    start = time.time()
+    data = Batches(args.seed, n32=2160, n64=2160, n_large=216, large_fraction=0.25)
+    vae = build_vae()
+    with torch.no_grad():  # start from a near-deterministic posterior (SD's VAE ends up with a tiny std)
+        vae.quant_conv.bias[LATENT_CHANNELS:] += args.logvar_init
+    n_params = sum(p.numel() for p in vae.parameters())
+    print(f"AutoencoderKL {BLOCK_OUT_CHANNELS}: {n_params / 1e6:.2f}M params", flush=True)
+
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    vae.train()
+    total = args.steps_32 + args.steps
+    for step in range(total):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, args.lr)
+        if step < args.steps_32:
+            x = data.next(args.batch_size_32, "32")
+        elif step % 2:  # same pixel count per step: batch_size 64 px images or batch_size / 4 stage-3 ones
+            x = data.next(max(1, args.batch_size // 4), "stage3")
+        else:
+            x = data.next(args.batch_size, "64")
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # Summed L1 per image, as in SD's VAE loss, with the shape pixels (far from the image's
+        # median colour) up-weighted: they are a small part of each image but all of its content.
+        median = x.flatten(2).median(dim=2).values[:, :, None, None]
+        weight = 1.0 + args.fg_weight * ((x - median).norm(dim=1, keepdim=True) > 0.2).float()
+        err = recon - x
+        rec = (weight * (err.abs() + args.mse_weight * err.square())).flatten(1).sum(1)
+        kl = posterior.kl()  # summed over latent elements per image
+        loss = (rec + args.kl_weight * kl).mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == total - 1:
+            rec_px = float(rec.detach().mean()) / x[0].numel()
+            kl_elem = float(kl.detach().mean()) / posterior.mean[0].numel()
+            elapsed = time.time() - start
+            print(f"step {step:5d}  rec {rec_px:.4f}  kl/elem {kl_elem:.3f}  {elapsed:.0f}s", flush=True)
+
+    vae.eval()
+    std = latent_std(vae, render_pool(random.Random(args.seed + 1), 270, 64, 64))
+    vae.register_to_config(scaling_factor=1.0 / std)
+    args.out.mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(args.out)
+    elapsed = time.time() - start
+    print(f"latent std {std:.4f} -> scaling_factor {1.0 / std:.5f}; saved to {args.out} after {elapsed:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
