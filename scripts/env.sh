@@ -21,6 +21,11 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/pip" install -q -e "$ROOT[dev]"
   touch "$STAMP"
 fi
+# The app's browser test drives Debian's headless Chromium through chromedriver (tests/test_app_browser.py).
+if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null \
+    || echo "env.sh: could not install chromium; the browser test will be skipped" >&2
+fi
 export PATH="$VENV/bin:$PATH"
 export WANDB_MODE="${WANDB_MODE:-offline}"
 export HF_HUB_OFFLINE=1

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from data.features import CacheError
 from data.sources import SourceError
+from train.app import AppError
 from train.checkpoint import CheckpointError
 from train.config import ConfigError
 from train.evaluate import EvalError
@@ -25,6 +26,7 @@ USER_ERRORS = (
     CheckpointError,
     SampleError,
     EvalError,
+    AppError,
     FileNotFoundError,
     KeyError,
 )
@@ -81,6 +83,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(run_eval(args)))
 
 
+def cmd_app(args: argparse.Namespace) -> None:
+    from train.app import serve
+
+    serve(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from train.demo import run_demo
 
@@ -122,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     from train.evaluate import add_eval_arguments
 
     add_eval_arguments(subs.add_parser("eval", help="FID, CLIP score, demo adherence (offline)"))
+    from train.app import add_app_arguments
+
+    add_app_arguments(subs.add_parser("app", help="local Gradio app around an exported pipeline"))
     bench = subs.add_parser("bench", help="benchmarks (JSON last line)")
     bench.add_argument("which", choices=sorted(BENCHES))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
@@ -141,6 +152,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "convert": cmd_convert,
     "sample": cmd_sample,
     "eval": cmd_eval,
+    "app": cmd_app,
     "demo": cmd_demo,
     "bench": cmd_bench,
 }
