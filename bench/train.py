@@ -224,11 +224,14 @@ def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
     cfg = bench_config(root, args, device)
     write_cache(cfg, samples=4 * args.batch)
     batches = loader_batches(cfg, args.window + args.steps, device)
-    trainer, bare = [], []
-    for r in range(args.repeats):
-        bare += run_bare(cfg, batches, args.window, device)
-        trainer += run_trainer(cfg, root / f"run{r}")
+    trainer, bare, by_repeat = [], [], []
     images = args.window * args.batch
+    for r in range(args.repeats):
+        bare_r, trainer_r = run_bare(cfg, batches, args.window, device), run_trainer(cfg, root / f"run{r}")
+        bare, trainer = bare + bare_r, trainer + trainer_r
+        by_repeat.append(
+            timing(bare_r, images)["img_per_cpu_s"] / timing(trainer_r, images)["img_per_cpu_s"] - 1
+        )
     ours, theirs = timing(trainer, images), timing(bare, images)
     tokens = image_tokens(args.resolution, size_of(args.size).patch_size)
     flops = train_flops_per_image(cfg.model, tokens, args.text_tokens)
@@ -248,6 +251,7 @@ def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
         "overhead_vs_bare": round(theirs[clock] / ours[clock] - 1, 4),
         "overhead_wall": round(theirs["img_per_s"] / ours["img_per_s"] - 1, 4),
         "overhead_cpu": round(theirs["img_per_cpu_s"] / ours["img_per_cpu_s"] - 1, 4),
+        "overhead_cpu_by_repeat": [round(o, 4) for o in by_repeat],
         "clock": clock,
         "tflops": round(tflops, 5),
         "bare_tflops": round(flops * theirs[clock] / 1e12, 5),
