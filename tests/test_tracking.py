@@ -98,3 +98,39 @@ def test_validation_never_when_every_is_0(setup, tmp_path):
     run_dir = tmp_path / "run"
     run(setup, run_dir, "tracking.mode=disabled", "validation.every=0", "validation.class_labels=[0]")
     assert not (run_dir / "validation").exists()
+
+
+def test_pixart_validation_grid_from_the_frozen_encoders(tmp_path):
+    """Stages 2-3: the grid comes from a PixArtAlphaPipeline built in memory around the live model."""
+    from types import SimpleNamespace
+
+    from data.demo_encoders import demo_vae_path, write_demo_text_encoder
+    from train.ema import EMA
+    from train.validation import Validator
+
+    from .conftest import ROOT
+    from .test_pixart_interop import tiny_pixart
+
+    tokenizer, text_encoder = write_demo_text_encoder(tmp_path / "encoders")
+    cfg = load_config(
+        ROOT / "configs/demo/stage3.yaml",
+        [
+            f"encoders.vae={demo_vae_path()}",
+            f"encoders.tokenizer={tokenizer}",
+            f"encoders.text_encoder={text_encoder}",
+            f"run.dir={tmp_path / 'run'}",
+            "model.sample_size=8",
+            "validation.every=3",
+            "validation.steps=2",
+            "validation.prompts=[a red circle,a blue square]",
+        ],
+    )
+    model = tiny_pixart(caption_channels=64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator = SimpleNamespace(is_main_process=True, trackers=[], wait_for_everyone=lambda: None)
+    validator = Validator(cfg)
+    assert validator.maybe_run(2, accelerator, model, EMA(model, 0.9)) is None
+    path = validator.maybe_run(3, accelerator, model, EMA(model, 0.9))
+    assert path == tmp_path / "run" / "validation" / "step_0000003.png"
+    assert Image.open(path).size == (2 * 64, 64)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # raw weights restored

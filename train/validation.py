@@ -67,6 +67,7 @@ class Validator:
         return pipe(
             prompt_embeds=embeds,
             prompt_attention_mask=mask,
+            negative_prompt=None,  # the pipeline's default "" would clash with the embeddings
             negative_prompt_embeds=null,
             negative_prompt_attention_mask=null_mask,
             height=side,
