@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from train.adherence import grid
 from train.config import Config
 
 
@@ -146,16 +147,6 @@ def ema_weights(model: torch.nn.Module, ema):
 def _cuda_devices(model: torch.nn.Module) -> list[int]:
     device = next(model.parameters()).device
     return [device.index or 0] if device.type == "cuda" else []
-
-
-def grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Images (all the same size) tiled row by row."""
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, image in enumerate(images):
-        canvas.paste(image, ((i % columns) * w, (i // columns) * h))
-    return canvas
 
 
 def log_image(accelerator, path: Path, step: int, conditions: list) -> None:
