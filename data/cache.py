@@ -123,7 +123,9 @@ class ShardWriter:
     def __init__(self, cfg: Config, encoders: Encoders, path: Path):
         self.cfg, self.encoders, self.path = cfg, encoders, path
         self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        self.writer = wds.TarWriter(str(self.tmp))
+        # A whole-second mtime keeps members plain ustar: a float one makes tarfile add a 1 KiB pax
+        # header to every member (2 KiB per sample) that every reader then has to parse.
+        self.writer = wds.TarWriter(str(self.tmp), mtime=int(time.time()))
         self.pending: dict[tuple, list] = defaultdict(list)
         self.written = 0
         self.dtype = DTYPES[cfg.encoders.feature_dtype]

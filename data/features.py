@@ -22,7 +22,6 @@ import math
 import mmap
 import queue
 import random
-import tarfile
 import threading
 import warnings
 from collections import defaultdict
@@ -34,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.fingerprint import first_difference
-from data.text_codec import decode_text_feature
+from data.text_codec import decode_into, decoded_dtype
 
 MANIFEST = "manifest.json"
 _ST_DTYPES = {
@@ -98,7 +97,7 @@ class FeatureLoader:
         self.shard_samples = {str(self.dir / s["file"]): int(s["samples"]) for s in self.manifest["shards"]}
         self.scaling_factor = float(self.manifest["scaling_factor"])
         null = self.manifest.get("null_caption")
-        self.null_text = decode_text_feature(load_file(self.dir / null)) if null else None
+        self.null_text = load_file(self.dir / null) if null else None  # stored tensors of T5("")
         self.epoch, self.next_index = 0, 0
         self.dropped: dict[int, int] = {}  # epoch -> samples left in under-full buckets
         _spend_readonly_buffer_warning()
@@ -187,8 +186,8 @@ class FeatureLoader:
         if "t5" not in feats[0]:
             labels = torch.tensor([m["label"] for m in metas])
             return {"labels": torch.where(drop, torch.full_like(labels, self.spec.null_label), labels)}
-        texts = [self.null_text if d else decode_text_feature(f) for f, d in zip(feats, drop.tolist())]
-        text, mask = _pad_float(texts)  # (b, L, C), (b, L)
+        texts = [self.null_text if d else f for f, d in zip(feats, drop.tolist())]
+        text, mask = _pad_text(texts)  # (b, L, C) in the cached width, (b, L)
         bucket = metas[0]["bucket"]
         return {
             "text": text,
@@ -243,32 +242,98 @@ def _shard_samples(shard: str) -> Iterator[dict]:
     """The webdataset samples of one local shard, payloads as zero-copy views of the mapped file.
 
     Same grouping as webdataset (key = member path up to the first dot of its file name), but
-    webdataset's streaming tar reader copies every payload three times in 10 KiB pieces -- at
-    T5-XXL width (~0.7 MB per sample) that alone was half the loader's time.  Here only the
-    512-byte headers are parsed; payload pages are touched once, when the batch is built.
+    webdataset's streaming tar reader copies every payload three times in 10 KiB pieces, and
+    ``tarfile`` spends ~60 us of Python per member on headers -- at T5-XXL width those were
+    most of the loader's time.  Here :func:`_tar_members` reads only the 512-byte headers; a
+    payload's pages are touched once, when its batch is built.
     """
     try:
         with open(shard, "rb") as fh:
             data = memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
-            with tarfile.open(fileobj=fh, mode="r:") as tar:  # seeks over payloads: headers only
-                members = [m for m in tar if m.isfile()]
-    except (OSError, ValueError, tarfile.TarError) as exn:  # ValueError: mmap of an empty file
+    except (OSError, ValueError) as exn:  # ValueError: mmap of an empty file
         raise CacheError(f"{shard}: corrupt feature shard ({type(exn).__name__}: {exn})") from None
+    try:
+        members = list(_tar_members(data, shard))
+    except CacheError:
+        raise
+    except ValueError as exn:  # a pax record or a name that does not parse
+        raise CacheError(f"{shard}: corrupt feature shard (bad tar header: {exn})") from None
     sample: dict = {}
-    for m in members:
-        folder, _, name = m.name.rpartition("/")
-        stem, _, ext = name.partition(".")
+    for name, offset, size in members:
+        folder, _, base = name.rpartition("/")
+        stem, _, ext = base.partition(".")
         key = f"{folder}/{stem}" if folder else stem
-        payload = data[m.offset_data : m.offset_data + m.size]
-        if len(payload) != m.size:
-            raise CacheError(f"{shard}: corrupt feature shard (member {m.name!r} is cut short)")
         if sample and sample["__key__"] != key:
             yield sample
             sample = {}
         sample = sample or {"__key__": key, "__url__": shard}
-        sample[ext.lower()] = payload
+        sample[ext.lower()] = data[offset : offset + size]
     if sample:
         yield sample
+
+
+_BLOCK = 512
+_REGULAR = (b"0", b"\0")  # tar type flags of a regular file
+
+
+def _tar_members(data: memoryview, shard: str) -> Iterator[tuple[str, int, int]]:
+    """(name, payload offset, size) of each regular file of an in-memory tar (POSIX ustar, with pax
+    ``path``/``size`` records and GNU long names).  Every header's checksum is verified; a
+    damaged header or a member cut short raises :class:`CacheError` naming the shard.
+    """
+    pos, override = 0, {}
+    while pos + _BLOCK <= len(data):
+        header = bytes(data[pos : pos + _BLOCK])
+        if not any(header):  # end-of-archive marker
+            return
+        size = int(override.get("size", _tar_number(header[124:136], shard, pos)))
+        start, kind = pos + _BLOCK, header[156:157]
+        if _tar_checksum(header) != _tar_number(header[148:156], shard, pos):
+            raise CacheError(f"{shard}: corrupt feature shard (bad tar header checksum at byte {pos})")
+        if start + size > len(data):
+            raise CacheError(f"{shard}: corrupt feature shard (member at byte {pos} is cut short)")
+        payload = bytes(data[start : start + size]) if kind in (b"x", b"L") else b""
+        if kind == b"x":  # pax extended header: applies to the next member
+            override = _pax_records(payload)
+        elif kind == b"L":  # GNU long name: applies to the next member
+            override = {"path": payload.rstrip(b"\0").decode("utf-8")}
+        else:
+            if kind in _REGULAR:
+                yield override.get("path") or _tar_name(header), start, size
+            override = {}
+        pos = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
+
+
+def _tar_number(field: bytes, shard: str, pos: int) -> int:
+    """A numeric header field: octal ASCII, or GNU base-256 when the top bit is set."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    try:
+        return int(field.strip(b" \0") or b"0", 8)
+    except ValueError:
+        raise CacheError(f"{shard}: corrupt feature shard (bad tar header at byte {pos})") from None
+
+
+def _tar_checksum(header: bytes) -> int:
+    """The ustar checksum: the header's byte sum with the checksum field read as spaces."""
+    return sum(header) - sum(header[148:156]) + 8 * ord(" ")
+
+
+def _tar_name(header: bytes) -> str:
+    name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _pax_records(payload: bytes) -> dict[str, str]:
+    """``"%d key=value\\n"`` records of a pax extended header."""
+    records, pos = {}, 0
+    while pos < len(payload):
+        length = int(payload[pos : payload.index(b" ", pos)])
+        key, _, value = payload[payload.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8")
+        pos += length
+    return records
 
 
 def _stack_float(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -279,19 +344,19 @@ def _stack_float(tensors: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _pad_float(texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_i, C) tensors -> float32 (b, L, C) zero-padded to the longest, and the (b, L) mask.
+def _pad_text(stored: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored (L_i, C) features -> (b, L, C) zero-padded to the longest, and the float (b, L) mask.
 
-    One converting copy per row and zeros only in the padding: at T5-XXL width the batch is
-    tens of MB, and writing it once instead of zero-fill + copy + a float temporary is most of
-    the loader's cost.
+    The batch keeps the cached width (bf16 for bf16 and fp8 caches): at T5-XXL width it is
+    tens of MB, and one copy of each row in its stored width -- zeros only in the padding --
+    is the whole of the loader's cost.  The model casts it on the device.
     """
-    length = max(t.shape[0] for t in texts)
-    text = torch.empty(len(texts), length, texts[0].shape[1])
-    mask = torch.zeros(len(texts), length)
-    for i, t in enumerate(texts):
-        n = t.shape[0]
-        text[i, :n].copy_(t)
+    length = max(s["t5"].shape[0] for s in stored)
+    text = torch.empty(len(stored), length, stored[0]["t5"].shape[1], dtype=decoded_dtype(stored[0]))
+    mask = torch.zeros(len(stored), length)
+    for i, s in enumerate(stored):
+        n = s["t5"].shape[0]
+        decode_into(s, text[i, :n])
         text[i, n:].zero_()
         mask[i, :n] = 1
     return text, mask

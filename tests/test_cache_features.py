@@ -424,9 +424,9 @@ def test_full_dropout_gives_null_labels(stage1):
 
 def test_full_dropout_gives_null_text(stage3):
     cache_dir = Path(stage3[0].data.cache_dir)
-    null = load_file(cache_dir / "null_caption.safetensors")["t5"].float()  # (1, C)
+    null = load_file(cache_dir / "null_caption.safetensors")["t5"]  # (1, C), the cached bf16
     for batch in take(FeatureLoader(cache_dir, spec(cond_dropout=1.0)), 2):
-        assert batch["text"].shape == (4, 1, 64)
+        assert batch["text"].shape == (4, 1, 64) and batch["text"].dtype == torch.bfloat16
         assert torch.equal(batch["text"], null.expand(4, 1, 64))
         assert batch["text_mask"].tolist() == [[1.0]] * 4
 
@@ -482,3 +482,46 @@ def test_shard_reader_groups_like_webdataset(stage3):
         expected = [{k: v for k, v in s.items() if k not in ("__url__", "__local_path__")} for s in theirs]
         assert [{k: v for k, v in s.items() if k != "__url__"} for s in ours] == expected
         assert len(ours) > 1
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mtime"),
+    [(tarfile.USTAR_FORMAT, 1), (tarfile.PAX_FORMAT, 1.5), (tarfile.GNU_FORMAT, 1)],
+)
+def test_tar_header_reader_agrees_with_tarfile(tmp_path, fmt, mtime):
+    """The loader's header-only tar reader finds what tarfile finds: pax records, GNU long names,
+    ustar prefixes, empty members, directories skipped."""
+    import io
+
+    from data.features import _tar_members
+
+    path = tmp_path / "t.tar"
+    names = ["a.json", "b" * 120 + "/k.feat.safetensors", "d/" * 60 + "x.json", "empty.txt"]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        info = tarfile.TarInfo("somedir")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for i, name in enumerate(names):
+            payload = bytes(range(i * 37 % 250)) * (i + 1)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(payload), mtime
+            tar.addfile(info, io.BytesIO(payload))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    assert list(_tar_members(memoryview(path.read_bytes()), str(path))) == expected
+
+
+def test_tar_header_with_bad_checksum_names_shard(tmp_path):
+    import io
+
+    from data.features import _tar_members
+
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("a.json")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0x01  # a name byte: the stored checksum no longer matches
+    with pytest.raises(CacheError, match=r"t\.tar: corrupt feature shard \(bad tar header checksum at byte 0\)"):
+        list(_tar_members(memoryview(bytes(data)), str(path)))

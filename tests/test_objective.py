@@ -307,3 +307,19 @@ def test_objective_revalidates_a_mutated_config() -> None:
     config.prediction = "flow"
     with pytest.raises(ValueError, match=r"ObjectiveConfig\.learn_sigma"):
         Objective(config)
+
+
+def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
+    from train.config import Config
+    from train.trainer import lr_lambda
+
+    cfg = Config()
+    cfg.optim.warmup_steps, cfg.train.max_steps = 10, 110
+    constant = lr_lambda(cfg)
+    assert [constant(s) for s in (0, 4, 9, 50, 109)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    cfg.optim.lr_schedule = "cosine"
+    cosine = lr_lambda(cfg)
+    assert cosine(4) == pytest.approx(0.5) and cosine(9) == pytest.approx(1.0)
+    assert cosine(59) == pytest.approx(0.5)  # half-way through the decay
+    assert cosine(109) == pytest.approx(0.0, abs=1e-12)
+    assert all(cosine(s) >= cosine(s + 1) for s in range(9, 109))

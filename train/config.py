@@ -83,7 +83,8 @@ class OptimConfig:
     weight_decay: float = 3e-2  # AdamW weight decay (PixArt: 3e-2)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
-    warmup_steps: int = 1000  # linear warm-up steps, then constant
+    warmup_steps: int = 1000  # linear warm-up steps
+    lr_schedule: str = "constant"  # after warm-up: "constant" (PixArt) or "cosine" (to 0 at train.max_steps)
     grad_clip: float = 0.01  # max global grad norm (PixArt: 0.01)
     auto_lr: bool = False  # sqrt-scale lr by global batch / 256 (PixArt's auto_lr)
 
@@ -170,6 +171,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 # model.attention_backend -> the package it needs (looked up with find_spec: nothing is imported here).
 ATTENTION_BACKENDS: dict[str, str | None] = {"sdpa": None, "xformers": "xformers"}
+LR_SCHEDULES = ("constant", "cosine")  # keys of train.trainer.LR_SCHEDULES
 NONFINITE_CHECKS = ("step", "log")  # train.nonfinite_check choices (train/nonfinite.py GUARDS)
 
 
@@ -193,6 +195,11 @@ def check_train_options(cfg: Config, path: str) -> None:
         raise ConfigError(
             f"{path}: key 'train.nonfinite_check': {cfg.train.nonfinite_check!r} is not one of "
             f"{', '.join(NONFINITE_CHECKS)}"
+        )
+    if cfg.optim.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(
+            f"{path}: key 'optim.lr_schedule': {cfg.optim.lr_schedule!r} is not one of "
+            f"{', '.join(LR_SCHEDULES)}"
         )
     if cfg.model.checkpoint_blocks < -1:
         raise ConfigError(f"{path}: key 'model.checkpoint_blocks': must be >= -1 (-1 = all blocks)")

@@ -256,7 +256,7 @@ def dit_inputs(batch: dict) -> dict:
 def pixart_inputs(batch: dict) -> dict:
     """Model keyword arguments of a text batch (micro-conditions are ignored unless the model is MS)."""
     return {
-        "encoder_hidden_states": batch["text"],
+        "encoder_hidden_states": batch["text"].float(),  # the loader keeps the cached width (bf16)
         "encoder_attention_mask": batch["text_mask"],
         "added_cond_kwargs": {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]},
     }
