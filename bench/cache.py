@@ -2,7 +2,10 @@
 
 * ``loader_vs_raw_read``: :class:`FeatureLoader` samples/s over one epoch of a cache of
   256 px text samples (T5-XXL width, 80 tokens), divided by a plain sequential
-  ``open().read()`` of the same shard files in the same order.
+  ``open().read()`` of the same shard files in the same order.  The loader's batches hold
+  the cached bytes (bf16 moments and T5 rows, padded); the posterior sample and the
+  diffusion noise are drawn on the training device (``data.features.sample_latents``),
+  so they are not loader work.
 * ``extract_vs_bare``: the cache pass (read, decode, bucket, VAE + T5, write shards)
   images/s, divided by a bare ``vae.encode`` + T5 forward over the same
   preprocessed batches, on a small random VAE and the demo T5.

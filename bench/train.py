@@ -154,7 +154,7 @@ def run_trainer(cfg, run_dir: Path) -> list[dict[str, float]]:
 
 def loader_batches(cfg, count: int, device: torch.device) -> list[dict]:
     """The first ``count`` batches of the loader the Trainer builds (same spec, same stream)."""
-    from data.features import FeatureLoader, LoaderSpec
+    from data.features import FeatureLoader, LoaderSpec, sample_latents
     from train.models import family_of
     from train.objective import Objective
 
@@ -164,9 +164,10 @@ def loader_batches(cfg, count: int, device: torch.device) -> list[dict]:
     out, batches = [], iter(FeatureLoader(cfg.data.cache_dir, spec))
     for _ in range(count):
         b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
+        latents, noise = sample_latents(b, device)
         cond = family.inputs(b)
         timesteps = objective.timesteps_from_uniform(b["u"])
-        out.append({"latents": b["latents"], "cond": cond, "noise": b["noise"], "timesteps": timesteps})
+        out.append({"latents": latents, "cond": cond, "noise": noise, "timesteps": timesteps})
     return out
 
 

@@ -6,10 +6,10 @@ batch.  The stream therefore depends on (seed, epoch) only -- not on the number
 of processes -- which is what makes a resumed run bit-identical to an
 uninterrupted one, and a 2-process run equal to a 1-process run with the same
 global batch.  Only the process's own slice is decoded; shards are memory-mapped,
-so the others' payloads are never even copied.  Per-batch randomness (the latent sample drawn from
-the cached posterior, CFG condition dropout, the diffusion noise and timestep
-draw) comes from a generator seeded by (seed, epoch, batch index) and is drawn
-for the whole global batch, then sliced.
+so the others' payloads are never even copied.  Per-batch randomness (CFG condition
+dropout and the timestep draw here; the latent sample from the cached posterior and the
+diffusion noise in :func:`sample_latents`, on the training device) comes from generators
+seeded by (seed, epoch, batch index) and is drawn for the whole global batch, then sliced.
 
 The position (epoch, batches consumed) is exposed through ``state_dict`` so the
 trainer can checkpoint and resume it exactly.
@@ -61,6 +61,34 @@ class LoaderSpec:
     cond_dropout: float  # probability of replacing the condition with the null one
     null_label: int  # class id used as the null class (stage 1)
     pin_memory: bool = False  # page-lock batches in the prefetch thread (CUDA: copies overlap compute)
+
+
+@dataclass(frozen=True)
+class NoiseDraw:
+    """What :func:`sample_latents` needs to draw one batch's Gaussian noise where it is used."""
+
+    seed: int  # per (seed, epoch, batch index)
+    lo: int  # this process's rows of the global batch
+    hi: int
+    global_batch: int
+    scaling_factor: float  # the VAE's latent scale
+
+
+def sample_latents(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, diffusion noise) of a loader batch, drawn on ``device``.
+
+    The latent is sampled from the cached posterior, ``(mean + std * eps) * scaling_factor``.
+    Both Gaussian draws are made for the whole global batch from a generator seeded per batch,
+    then sliced to this process's rows: the same numbers on any number of processes, and on a
+    GPU the host neither generates nor copies them (the loader ships only the cached bytes).
+    """
+    draw: NoiseDraw = batch["noise_draw"]
+    g = torch.Generator(device).manual_seed(draw.seed)
+    shape = (draw.global_batch, *batch["mean"].shape[1:])
+    eps = torch.randn(shape, generator=g, device=device)[draw.lo : draw.hi]
+    noise = torch.randn(shape, generator=g, device=device)[draw.lo : draw.hi]
+    mean, std = batch["mean"].to(device).float(), batch["std"].to(device).float()
+    return (mean + std * eps) * draw.scaling_factor, noise
 
 
 def open_manifest(cache_dir: str | Path, expected: dict[str, str] | None) -> dict:
@@ -160,21 +188,18 @@ class FeatureLoader:
 
     # -- one batch -----------------------------------------------------------------
     def _collate(self, samples: list[dict], epoch: int, index: int) -> dict:
-        g = torch.Generator().manual_seed((self.spec.seed * 1_000_003 + epoch) * 1_000_033 + index)
+        seed = (self.spec.seed * 1_000_003 + epoch) * 1_000_033 + index
+        g = torch.Generator().manual_seed(seed)
         n = self.spec.global_batch
         lo, hi = self.spec.rank * n // self.spec.world, (self.spec.rank + 1) * n // self.spec.world
         feats = [_features(s) for s in samples[lo:hi]]
-        mean = _stack_float([f["mean"] for f in feats])  # (b, C, h, w)
-        std = _stack_float([f["std"] for f in feats])
-        shape = (n, *mean.shape[1:])
-        posterior_eps = torch.randn(shape, generator=g)[lo:hi]
-        noise = torch.randn(shape, generator=g)[lo:hi]
         u = torch.rand(n, generator=g)[lo:hi]  # timestep draw in [0, 1)
         drop = (torch.rand(n, generator=g) < self.spec.cond_dropout)[lo:hi]
         metas = [s["meta"] for s in samples[lo:hi]]
         batch = {
-            "latents": (mean + std * posterior_eps) * self.scaling_factor,
-            "noise": noise,
+            "mean": torch.stack([f["mean"] for f in feats]),  # (b, C, h, w), cached dtype
+            "std": torch.stack([f["std"] for f in feats]),
+            "noise_draw": NoiseDraw(seed, lo, hi, n, self.scaling_factor),
             "u": u,
             "keys": [m["key"] for m in metas],
             "position": (epoch, index),
@@ -334,14 +359,6 @@ def _pax_records(payload: bytes) -> dict[str, str]:
         records[key.decode("utf-8")] = value.decode("utf-8")
         pos += length
     return records
-
-
-def _stack_float(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Stack same-shape tensors into one new float32 tensor: a single converting copy each."""
-    out = torch.empty(len(tensors), *tensors[0].shape)
-    for i, t in enumerate(tensors):
-        out[i].copy_(t)
-    return out
 
 
 def _pad_text(stored: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from data import synthetic
 from data.cache import run_cache
 from data.demo_encoders import write_demo_text_encoder
-from data.features import CacheError, FeatureLoader, LoaderSpec, open_manifest
+from data.features import CacheError, FeatureLoader, LoaderSpec, open_manifest, sample_latents
 from data.fingerprint import fingerprint
 from train.config import Config, load_config
 
@@ -311,15 +311,18 @@ def test_batches_come_from_one_bucket(stage3):
     for batch in batches:
         (bucket,) = {bucket_of[k] for k in batch["keys"]}
         seen.add(bucket)
-        assert batch["latents"].shape == (4, 4, bucket[0] // 8, bucket[1] // 8)
+        latents, noise = sample_latents(batch, torch.device("cpu"))
+        assert latents.shape == noise.shape == (4, 4, bucket[0] // 8, bucket[1] // 8)
         assert bool((batch["aspect_ratio"] == bucket[0] / bucket[1]).all())
     assert len(seen) > 1
 
 
 def _assert_same_sample(a: dict, i: int, b: dict, j: int) -> None:
     assert a["keys"][i] == b["keys"][j]
-    for name in ("latents", "noise", "u"):
-        assert torch.equal(a[name][i], b[name][j]), name
+    drawn_a, drawn_b = sample_latents(a, torch.device("cpu")), sample_latents(b, torch.device("cpu"))
+    for k, name in enumerate(("latents", "noise")):
+        assert torch.equal(drawn_a[k][i], drawn_b[k][j]), name
+    assert torch.equal(a["u"][i], b["u"][j])
     if "labels" in a:
         assert a["labels"][i] == b["labels"][j]
     else:
@@ -523,5 +526,7 @@ def test_tar_header_with_bad_checksum_names_shard(tmp_path):
         tar.addfile(info, io.BytesIO(b"abc"))
     data = bytearray(path.read_bytes())
     data[10] ^= 0x01  # a name byte: the stored checksum no longer matches
-    with pytest.raises(CacheError, match=r"t\.tar: corrupt feature shard \(bad tar header checksum at byte 0\)"):
+    with pytest.raises(
+        CacheError, match=r"t\.tar: corrupt feature shard \(bad tar header checksum at byte 0\)"
+    ):
         list(_tar_members(memoryview(bytes(data)), str(path)))

@@ -29,7 +29,7 @@ from train.handoff import (
 )
 from train.handoff_init import load_initial_weights
 from train.models import SIZES, ClassConditionalDiT, Size, build_dit, build_pixart
-from train.objective import Objective
+from train.objective import DIFFUSERS_PREDICTION_TYPE, Objective
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = 8  # latent side: 4 x 4 tokens with patch 2
@@ -292,7 +292,7 @@ def assert_scheduler_is_training_schedule(out: Path, cfg) -> None:
     assert saved["num_train_timesteps"] == obj.num_timesteps == 1000
     assert saved["beta_start"] == obj.beta_start and saved["beta_end"] == obj.beta_end
     assert saved["beta_schedule"] == obj.beta_schedule == "linear"
-    assert saved["prediction_type"] == "epsilon" and obj.prediction == "epsilon"
+    assert saved["prediction_type"] == DIFFUSERS_PREDICTION_TYPE[obj.prediction]
 
 
 def capture_decoded_latents(pipe) -> list[torch.Tensor]:

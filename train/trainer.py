@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from data.features import FeatureLoader, LoaderSpec
+from data.features import FeatureLoader, LoaderSpec, sample_latents
 from data.fingerprint import fingerprint, tristage_version
 from train import checkpoint as ckpt
 from train import tracking, validation
@@ -219,13 +219,14 @@ class Trainer:
         """Forward + backward through the objective, NaN guard, clip, AdamW, EMA."""
         device = self.accelerator.device
         batch = {k: to_device(v, device) for k, v in batch.items()}
+        latents, noise = sample_latents(batch, device)
         cond = self.family.inputs(batch)
         timesteps = self.objective.timesteps_from_uniform(batch["u"]).to(device)
         with self.accelerator.autocast():
             loss, metrics = self.objective.loss(
                 self.model,
-                {"latents": batch["latents"], "cond": cond},
-                noise=batch["noise"],
+                {"latents": latents, "cond": cond},
+                noise=noise,
                 timesteps=timesteps,
             )
         self.accelerator.backward(loss)
