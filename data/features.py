@@ -317,11 +317,10 @@ def _tar_members(data: memoryview, shard: str) -> Iterator[tuple[str, int, int]]
             raise CacheError(f"{shard}: corrupt feature shard (bad tar header checksum at byte {pos})")
         if start + size > len(data):
             raise CacheError(f"{shard}: corrupt feature shard (member at byte {pos} is cut short)")
-        payload = bytes(data[start : start + size]) if kind in (b"x", b"L") else b""
         if kind == b"x":  # pax extended header: applies to the next member
-            override = _pax_records(payload)
+            override = _pax_records(bytes(data[start : start + size]))
         elif kind == b"L":  # GNU long name: applies to the next member
-            override = {"path": payload.rstrip(b"\0").decode("utf-8")}
+            override = {"path": bytes(data[start : start + size]).rstrip(b"\0").decode("utf-8")}
         else:
             if kind in _REGULAR:
                 yield override.get("path") or _tar_name(header), start, size
@@ -354,8 +353,9 @@ def _pax_records(payload: bytes) -> dict[str, str]:
     """``"%d key=value\\n"`` records of a pax extended header."""
     records, pos = {}, 0
     while pos < len(payload):
-        length = int(payload[pos : payload.index(b" ", pos)])
-        key, _, value = payload[payload.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        space = payload.index(b" ", pos)
+        length = int(payload[pos:space])
+        key, _, value = payload[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8")] = value.decode("utf-8")
         pos += length
     return records

@@ -7,6 +7,7 @@ path through the same code the real runs use.
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import shutil
@@ -24,7 +25,7 @@ from safetensors.torch import load_file
 from data import synthetic
 from data.cache import run_cache
 from data.demo_encoders import write_demo_text_encoder
-from data.features import CacheError, FeatureLoader, LoaderSpec, open_manifest, sample_latents
+from data.features import CacheError, FeatureLoader, LoaderSpec, _tar_members, open_manifest, sample_latents
 from data.fingerprint import fingerprint
 from train.config import Config, load_config
 
@@ -494,10 +495,6 @@ def test_shard_reader_groups_like_webdataset(stage3):
 def test_tar_header_reader_agrees_with_tarfile(tmp_path, fmt, mtime):
     """The loader's header-only tar reader finds what tarfile finds: pax records, GNU long names,
     ustar prefixes, empty members, directories skipped."""
-    import io
-
-    from data.features import _tar_members
-
     path = tmp_path / "t.tar"
     names = ["a.json", "b" * 120 + "/k.feat.safetensors", "d/" * 60 + "x.json", "empty.txt"]
     with tarfile.open(path, "w", format=fmt) as tar:
@@ -515,10 +512,6 @@ def test_tar_header_reader_agrees_with_tarfile(tmp_path, fmt, mtime):
 
 
 def test_tar_header_with_bad_checksum_names_shard(tmp_path):
-    import io
-
-    from data.features import _tar_members
-
     path = tmp_path / "t.tar"
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         info = tarfile.TarInfo("a.json")

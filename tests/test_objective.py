@@ -310,15 +310,11 @@ def test_objective_revalidates_a_mutated_config() -> None:
 
 
 def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
-    from train.config import Config
-    from train.trainer import lr_lambda
+    from train.lr_schedules import lr_lambda
 
-    cfg = Config()
-    cfg.optim.warmup_steps, cfg.train.max_steps = 10, 110
-    constant = lr_lambda(cfg)
+    constant = lr_lambda("constant", warmup_steps=10, max_steps=110)
     assert [constant(s) for s in (0, 4, 9, 50, 109)] == [0.1, 0.5, 1.0, 1.0, 1.0]
-    cfg.optim.lr_schedule = "cosine"
-    cosine = lr_lambda(cfg)
+    cosine = lr_lambda("cosine", warmup_steps=10, max_steps=110)
     assert cosine(4) == pytest.approx(0.5) and cosine(9) == pytest.approx(1.0)
     assert cosine(59) == pytest.approx(0.5)  # half-way through the decay
     assert cosine(109) == pytest.approx(0.0, abs=1e-12)

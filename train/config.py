@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from train.lr_schedules import LR_SCHEDULES
 from train.objective import ObjectiveConfig
 
 
@@ -171,7 +172,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 # model.attention_backend -> the package it needs (looked up with find_spec: nothing is imported here).
 ATTENTION_BACKENDS: dict[str, str | None] = {"sdpa": None, "xformers": "xformers"}
-LR_SCHEDULES = ("constant", "cosine")  # keys of train.trainer.LR_SCHEDULES
 NONFINITE_CHECKS = ("step", "log")  # train.nonfinite_check choices (train/nonfinite.py GUARDS)
 
 

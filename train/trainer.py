@@ -39,31 +39,13 @@ from train import tracking, validation
 from train.config import Config, check_train_options, save_config, to_yaml
 from train.ema import EMA
 from train.handoff_init import load_initial_weights
+from train.lr_schedules import lr_lambda
 from train.models import build_for_training, family_of
 from train.nonfinite import GUARDS, Report
 from train.objective import Objective
 
 log = logging.getLogger(__name__)
 TIMESTEP_BUCKETS = 4  # loss is also logged per quarter of the timestep range
-
-
-def _constant(step: int, warmup: int, total: int) -> float:
-    return min(1.0, (step + 1) / warmup)
-
-
-def _cosine(step: int, warmup: int, total: int) -> float:
-    progress = min(1.0, max(0, step + 1 - warmup) / max(1, total - warmup))
-    return _constant(step, warmup, total) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-# optim.lr_schedule -> lr factor of (step, warm-up steps, max steps)
-LR_SCHEDULES = {"constant": _constant, "cosine": _cosine}
-
-
-def lr_lambda(cfg: Config):
-    """The LambdaLR factor for ``optim.lr_schedule`` (linear warm-up in both; checked by the config)."""
-    schedule, warmup = LR_SCHEDULES[cfg.optim.lr_schedule], max(1, cfg.optim.warmup_steps)
-    return lambda step: schedule(step, warmup, cfg.train.max_steps)
 
 
 class Trainer:
@@ -85,7 +67,8 @@ class Trainer:
         self.guard = GUARDS[cfg.train.nonfinite_check](self.accelerator.device)
         self.adamw = self._adamw()
         self.optimizer = self.adamw  # accelerate's wrapper after prepare; self.adamw stays the raw AdamW
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        schedule = lr_lambda(cfg.optim.lr_schedule, cfg.optim.warmup_steps, cfg.train.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.loader = self._loader()
         self.state = ckpt.TrainState(version=tristage_version())
         self.ema: EMA | None = None
