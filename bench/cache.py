@@ -141,7 +141,7 @@ def loader_vs_raw(root: Path, shards: int, per_shard: int, batch: int, repeats: 
 
 
 # -- cache pass vs bare encoders --------------------------------------------------------------------
-def write_encoders(root: Path) -> dict[str, Path]:
+def write_encoders(root: Path, vae_channels: tuple[int, ...] = (16, 16, 32, 32)) -> dict[str, Path]:
     """A small random AutoencoderKL (factor 8) and the demo T5, saved for from_pretrained."""
     from diffusers import AutoencoderKL
 
@@ -151,7 +151,7 @@ def write_encoders(root: Path) -> dict[str, Path]:
     AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 16, 32, 32),
+        block_out_channels=vae_channels,
         norm_num_groups=8,
         latent_channels=4,
     ).save_pretrained(root / "vae")

@@ -24,12 +24,12 @@ from accelerate import Accelerator
 from PIL import Image
 
 from bench import resume as bench_resume
+from bench.cache import write_encoders
 from data import synthetic
 from data.cache import run_cache
-from data.demo_encoders import write_demo_text_encoder
 from train.config import load_config
 
-from .conftest import ROOT
+from .conftest import ROOT, run_cli_2proc
 
 IMAGES, PER_SHARD = 20, 2  # 10 units: several per rank, and room to kill a pass part-way
 CONFIG = ROOT / "configs" / "demo" / "stage2.yaml"  # VAE + T5: both encoders run in every process
@@ -38,27 +38,17 @@ CONFIG = ROOT / "configs" / "demo" / "stage2.yaml"  # VAE + T5: both encoders ru
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Iterator[dict]:
     """Raw SA-style shards, a tiny random VAE, the demo T5, and a clean 1-process reference cache."""
-    from diffusers import AutoencoderKL
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the subprocesses run with OMP_NUM_THREADS=1: same kernels, same bits
     root = tmp_path_factory.mktemp("cache_dist")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        norm_num_groups=8,
-        latent_channels=4,
-    ).save_pretrained(root / "vae")
-    tokenizer, text_encoder = write_demo_text_encoder(root)
+    encoders = write_encoders(root, vae_channels=(8, 8, 8, 8))
     raw = synthetic.write_stage2(root / "raw", IMAGES, size=64, per_shard=PER_SHARD)
     common = [
         f"data.source.paths=[{raw}/sa_*.tar]",
         f"data.source.captions={raw / 'llava_captions.jsonl'}",
-        f"encoders.vae={root / 'vae'}",
-        f"encoders.text_encoder={text_encoder}",
-        f"encoders.tokenizer={tokenizer}",
+        f"encoders.vae={encoders['vae']}",
+        f"encoders.text_encoder={encoders['text_encoder']}",
+        f"encoders.tokenizer={encoders['tokenizer']}",
         "encoders.batch_size=3",  # a full and a partial encoder batch in some units
     ]
 
@@ -98,10 +88,7 @@ def cache_cmd(world: dict, name: str) -> list[str]:
 
 
 def test_two_processes_write_what_one_writes(world):
-    accel = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    cmd = accel + [str(ROOT / "configs/accelerate/cpu_2proc.yaml"), *cache_cmd(world, "two")]
-    env = {**bench_resume.env(), "ACCELERATE_USE_CPU": "true"}
-    two = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    two = run_cli_2proc("cache", str(CONFIG), *world["overrides"]("two"), timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     cache_dir = world["root"] / "two" / "cache"
     reference = world["reference"]

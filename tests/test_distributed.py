@@ -4,8 +4,6 @@ with the same global batch -- same logged loss, same weights."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 
 from bench import resume as bench_resume
 
-from .conftest import ROOT, run_cli
+from .conftest import run_cli, run_cli_2proc
 
 STEPS = 3
 
@@ -40,16 +38,7 @@ def test_two_processes_match_one_with_the_same_global_batch(setup, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     single = run_cli("train", str(setup), *overrides(one, 8))
     assert single.returncode == 0, single.stderr[-3000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    launch += [str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "-m", "train.cli", "train", str(setup)]
-    double = subprocess.run(
-        launch + overrides(two, 4),
-        cwd=ROOT,
-        env={**bench_resume.env(), "ACCELERATE_USE_CPU": "true"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    double = run_cli_2proc("train", str(setup), *overrides(two, 4))
     assert double.returncode == 0, double.stderr[-3000:]
 
     logs = {

@@ -10,13 +10,7 @@ from train.models import SIZES, ClassConditionalDiT, build_dit, family_of, size_
 
 from .conftest import ROOT
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_xl2_matches_the_paper():

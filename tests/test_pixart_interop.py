@@ -41,13 +41,7 @@ MS_SIZE = Size(2, 2, 24, 2)
 NULL_CLASS = 1000  # DiTPipeline's hard-coded null class
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine thread hand-offs cost more than the maths (5x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -21,7 +21,7 @@ from train import checkpoint as ckpt
 from train.config import load_config
 from train.trainer import Trainer
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_cli, run_cli_2proc
 
 
 @pytest.fixture(scope="module")
@@ -169,15 +169,8 @@ def test_write_failure_keeps_previous_checkpoint(setup, tmp_path, monkeypatch, p
 def test_two_process_run_resumes_on_one(setup, tmp_path):
     """Saved with 2 CPU processes (gloo), resumed with 1 at the same global batch."""
     run_dir = tmp_path / "run"
-    accel = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    cmd = accel + [str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "-m", "train.cli", "train", str(setup)]
-    two = subprocess.run(
-        cmd + [f"run.dir={run_dir}", "data.batch_size=4", "train.max_steps=4"],
-        cwd=ROOT,
-        env={**bench_resume.env(), "ACCELERATE_USE_CPU": "true"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    two = run_cli_2proc(
+        "train", str(setup), f"run.dir={run_dir}", "data.batch_size=4", "train.max_steps=4", timeout=300
     )
     assert two.returncode == 0, two.stderr[-3000:]
     shutil.rmtree(run_dir / "final")

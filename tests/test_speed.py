@@ -27,12 +27,7 @@ def setup(tmp_path_factory) -> Path:
     return bench_resume.write_setup(tmp_path_factory.mktemp("speed"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg_for(config: Path, run_dir: Path, *overrides: str):
