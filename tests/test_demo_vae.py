@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from data.synthetic import BACKGROUNDS, COLOURS, SHAPES, render, sample_scene, shape_colour
+from data.synthetic import BACKGROUNDS, COLOURS, SHAPES, Scene, render, sample_scene, shape_colour
 
 VAE_DIR = Path(__file__).resolve().parents[1] / "data" / "assets" / "demo_vae"
 TOLERANCE = 20.0  # RGB units, Euclidean
@@ -106,3 +106,42 @@ def test_reconstructs_every_colour_shape_background_at_64px(vae: AutoencoderKL) 
 @pytest.mark.parametrize("height,width", [(128, 128), (96, 160)])
 def test_reconstructs_every_colour_at_stage3_sizes(vae: AutoencoderKL, height: int, width: int) -> None:
     _check(vae, _few_scenes(height, width, seed=1))
+
+
+def test_each_colour_has_one_code_whatever_the_background(vae: AutoencoderKL) -> None:
+    """The latent layout of ``train_demo_vae.CODES``: a colour's code does not depend on its background,
+    and the close hues (red/orange, purple/blue) are far apart in latent space."""
+    from data.assets.train_demo_vae import CODES
+
+    codes: dict[str, list[torch.Tensor]] = {c: [] for c in COLOURS}
+    for colour in COLOURS:
+        for background in BACKGROUNDS:
+            square = Scene(colour, "square", background, 64, 64, cx=32.0, cy=32.0, side=36.0)  # px 14-50
+            image = _to_tensor([np.asarray(render(square), dtype=np.float32)])
+            with torch.no_grad():
+                latent = vae.encode(image).latent_dist.mean
+            codes[colour].append(latent[0, :, 2:6, 2:6].mean((1, 2)))  # the 4x4 latent pixels inside it
+    for colour, per_background in codes.items():
+        target = torch.tensor(CODES[colour])
+        for code, background in zip(per_background, BACKGROUNDS, strict=True):
+            assert float((code - target).norm()) < 0.6, f"{colour} on {background}: {code.tolist()}"
+    for a, b in (("red", "orange"), ("purple", "blue"), ("yellow", "orange")):
+        assert float((codes[a][0] - codes[b][0]).norm()) > 2.0, (a, b)
+
+
+@pytest.mark.parametrize("background", list(BACKGROUNDS))
+def test_blurred_latents_still_decode_to_the_shapes_colour(vae: AutoencoderKL, background: str) -> None:
+    """A diffusion sample is never exactly an encoder output: a 3x3-blurred latent (the colour's code
+    mixed with the background's) must still decode to the colour, not to a hue the mixture passes."""
+    rng = random.Random(11)
+    scenes = [
+        sample_scene(rng, colour, shape, background, 128, 128) for colour in COLOURS for shape in SHAPES
+    ]
+    images = _to_tensor([np.asarray(render(s), dtype=np.float32) for s in scenes])
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mean
+        blurred = torch.nn.functional.avg_pool2d(latents, 3, stride=1, padding=1, count_include_pad=False)
+        decoded = _to_uint8(vae.decode(blurred).sample)
+    read = [shape_colour(d) for d in decoded]
+    wrong = [f"{s.colour} {s.shape}: {r}" for s, r in zip(scenes, read, strict=True) if r != s.colour]
+    assert len(wrong) <= 1, wrong  # at most one of 18
