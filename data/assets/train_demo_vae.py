@@ -99,7 +99,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from data.synthetic import BACKGROUNDS, COLOURS, HELD_OUT, SHAPES, STAGE3_SIZES, render, sample_scene
+from data.synthetic import BACKGROUNDS, COLOURS, STAGE3_SIZES, render, sample_scene, text_combinations
 
 OUT_DIR = Path(__file__).resolve().parent / "demo_vae"
 
@@ -169,7 +169,7 @@ class Pool:
 
 def render_pool(rng: random.Random, n: int, height: int, width: int) -> Pool:
     """``n`` renders cycling through every combination the text stages may see, random positions/sizes."""
-    combos = [(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS if (c, s, b) not in HELD_OUT]
+    combos = text_combinations()
     images, alphas, shape_codes, background_codes = [], [], [], []
     for i in range(n):
         colour, shape, background = combos[i % len(combos)]
@@ -250,6 +250,11 @@ class Batches:
         return images, latent_target(alpha, shape_code, background_code)
 
 
+def box_blur(z: torch.Tensor) -> torch.Tensor:
+    """Each latent pixel replaced by the mean of its 3x3 neighbourhood (edges: of the pixels inside)."""
+    return torch.nn.functional.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
+
+
 def degrade(z: torch.Tensor, fraction: float, max_noise: float = 0.3) -> torch.Tensor:
     """A ``fraction`` of the latents (B, 4, h, w) blurred and noised, the rest as they are.
 
@@ -261,8 +266,7 @@ def degrade(z: torch.Tensor, fraction: float, max_noise: float = 0.3) -> torch.T
     """
     batch = z.shape[0]
     chosen = (torch.rand(batch, 1, 1, 1) < fraction).float()
-    blurred = torch.nn.functional.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
-    mixed = torch.lerp(z, blurred, torch.rand(batch, 1, 1, 1) * chosen)
+    mixed = torch.lerp(z, box_blur(z), torch.rand(batch, 1, 1, 1) * chosen)
     return mixed + chosen * max_noise * torch.rand(batch, 1, 1, 1) * torch.randn_like(z)
 
 
