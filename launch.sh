@@ -26,7 +26,7 @@ usage() { sed -n '2,16p' "$0" >&2; exit 2; }
 target=$1; shift
 
 if [ "$target" = demo ]; then
-  exec accelerate launch --num_processes 1 -m train.cli demo --out "${1:-demo_out}"
+  exec accelerate launch --num_processes 1 -m tristage.train.cli demo --out "${1:-demo_out}"
 fi
 
 accel=() overrides=()
@@ -37,8 +37,8 @@ done
 
 run_stage() {
   local config=${CONFIG[$1]}
-  accelerate launch "${accel[@]}" -m train.cli cache "$config" "${overrides[@]}"
-  accelerate launch "${accel[@]}" -m train.cli train "$config" "${overrides[@]}"
+  accelerate launch "${accel[@]}" -m tristage.train.cli cache "$config" "${overrides[@]}"
+  accelerate launch "${accel[@]}" -m tristage.train.cli train "$config" "${overrides[@]}"
 }
 
 case "$target" in

@@ -49,7 +49,7 @@ class FakeEncoders:
 
 
 def bench_config(cache_dir: Path, batch_size: int = 16, text_dtype: str = "bfloat16"):
-    from train.config import Config
+    from tristage.train.config import Config
 
     cfg = Config()
     cfg.encoders.text_feature_dtype = text_dtype
@@ -62,8 +62,8 @@ def write_fake_cache(
     cache_dir: Path, shards: int, per_shard: int, text_dtype: str = "bfloat16"
 ) -> list[Path]:
     """A cache of 256 px text samples written through ShardWriter and write_manifest."""
-    from data.cache import ShardWriter, shard_path, write_manifest, write_null_caption
-    from data.sources import Skips, Unit
+    from tristage.data.cache import ShardWriter, shard_path, write_manifest, write_null_caption
+    from tristage.data.sources import Skips, Unit
 
     cache_dir.mkdir(parents=True)
     cfg, encoders = bench_config(cache_dir, text_dtype=text_dtype), FakeEncoders()
@@ -114,7 +114,7 @@ def raw_read(shards: list[Path], samples: int) -> float:
 
 def loader_read(cache_dir: Path, samples: int, batch: int) -> float:
     """Samples/s of FeatureLoader batches over one epoch (one process, the whole batch decoded)."""
-    from data.features import FeatureLoader, LoaderSpec
+    from tristage.data.features import FeatureLoader, LoaderSpec
 
     spec = LoaderSpec(
         batch, rank=0, world=1, seed=0, shuffle_buffer=4 * batch, cond_dropout=0.1, null_label=0
@@ -145,7 +145,7 @@ def write_encoders(root: Path, vae_channels: tuple[int, ...] = (16, 16, 32, 32))
     """A small random AutoencoderKL (factor 8) and the demo T5, saved for from_pretrained."""
     from diffusers import AutoencoderKL
 
-    from data.demo_encoders import write_demo_text_encoder
+    from tristage.demo.encoders import write_demo_text_encoder
 
     torch.manual_seed(0)
     AutoencoderKL(
@@ -160,7 +160,7 @@ def write_encoders(root: Path, vae_channels: tuple[int, ...] = (16, 16, 32, 32))
 
 
 def extract_config(root: Path, enc: dict[str, Path], raw: Path, batch: int):
-    from train.config import load_config
+    from tristage.train.config import load_config
 
     overrides = [
         f"run.dir={root / 'run'}",
@@ -178,8 +178,8 @@ def extract_config(root: Path, enc: dict[str, Path], raw: Path, batch: int):
 
 def cache_pass(cfg, encoders) -> tuple[float, int]:
     """Seconds and images of the cache pass over every unit (encoders already loaded)."""
-    from data.cache import cache_unit
-    from data.sources import open_source
+    from tristage.data.cache import cache_unit
+    from tristage.data.sources import open_source
 
     source = open_source(cfg.data.source)
     Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
@@ -191,8 +191,8 @@ def cache_pass(cfg, encoders) -> tuple[float, int]:
 
 def bare_batches(cfg, encoders) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The cache pass's encoder batches, preprocessed up front: (pixels, token ids, mask)."""
-    from data.cache import decode, to_pixels
-    from data.sources import Skips, open_source
+    from tristage.data.cache import decode, to_pixels
+    from tristage.data.sources import Skips, open_source
 
     source, batches, skips = open_source(cfg.data.source), [], Skips()
     n = cfg.encoders.batch_size
@@ -222,8 +222,8 @@ def bare_pass(encoders, batches) -> tuple[float, int]:
 
 
 def extract_vs_bare(root: Path, images: int, per_shard: int, batch: int, repeats: int) -> dict:
-    from data import synthetic
-    from data.cache import Encoders
+    from tristage.data.cache import Encoders
+    from tristage.demo import synthetic
 
     enc = write_encoders(root / "encoders")
     raw = synthetic.write_stage2(root / "raw", images, size=256, per_shard=per_shard)

@@ -31,9 +31,9 @@ def write_setup(root: Path) -> Path:
     from accelerate import Accelerator
     from diffusers import AutoencoderKL
 
-    from data import synthetic
-    from data.cache import run_cache
-    from train.config import load_config, save_config
+    from tristage.data.cache import run_cache
+    from tristage.demo import synthetic
+    from tristage.train.config import load_config, save_config
 
     raw = synthetic.write_stage1(root / "raw", n=18 * 12, per_shard=72)
     vae = AutoencoderKL(
@@ -66,7 +66,7 @@ def write_setup(root: Path) -> Path:
 
 
 def train_cmd(config: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "train.cli", "train", str(config), f"run.dir={run_dir}"]
+    return [sys.executable, "-m", "tristage.train.cli", "train", str(config), f"run.dir={run_dir}"]
 
 
 def env() -> dict[str, str]:

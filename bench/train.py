@@ -37,7 +37,7 @@ H100_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100 SXM, dense bf16 tensor-core peak
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tristage bench train", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="demo", help="model size, a key of train.models.SIZES")
+    parser.add_argument("--size", default="demo", help="model size, a key of train/models/sizes.py SIZES")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
     parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--steps", type=int, default=24, help="timed steps per run (a multiple of --window)")
@@ -58,7 +58,7 @@ def bench_config(root: Path, args: argparse.Namespace, device: torch.device):
     """A PixArt stage config of the requested shape, reading the synthetic cache in ``root/cache``."""
     from omegaconf import OmegaConf
 
-    from train.config import Config
+    from tristage.train.config import Config
 
     overrides = [
         f"run.dir={root / 'run'}",
@@ -99,9 +99,9 @@ def write_cache(cfg, samples: int) -> None:
     import webdataset as wds
     from safetensors.torch import save, save_file
 
-    from data.cache import NULL_CAPTION
-    from data.features import MANIFEST
-    from data.fingerprint import fingerprint
+    from tristage.data.cache import NULL_CAPTION
+    from tristage.data.features import MANIFEST
+    from tristage.data.fingerprint import fingerprint
 
     cache, res = Path(cfg.data.cache_dir), cfg.data.resolution
     cache.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def sync(device: torch.device) -> None:
 
 def run_trainer(cfg, run_dir: Path) -> list[dict[str, float]]:
     """One Trainer run: its metric windows after the first, as wall, data-wait and CPU seconds."""
-    from train.trainer import Trainer
+    from tristage.train.training.trainer import Trainer
 
     cfg.run.dir = str(run_dir)
     Trainer(cfg).train()
@@ -154,9 +154,9 @@ def run_trainer(cfg, run_dir: Path) -> list[dict[str, float]]:
 
 def loader_batches(cfg, count: int, device: torch.device) -> list[dict]:
     """The first ``count`` batches of the loader the Trainer builds (same spec, same stream)."""
-    from data.features import FeatureLoader, LoaderSpec, sample_latents
-    from train.models import family_of
-    from train.objective import Objective
+    from tristage.data.features import FeatureLoader, LoaderSpec, sample_latents
+    from tristage.train.diffusion.objective import Objective
+    from tristage.train.models.families import family_of
 
     data = cfg.data
     spec = LoaderSpec(data.batch_size, 0, 1, cfg.train.seed, data.shuffle_buffer, data.cond_dropout, 0)
@@ -176,8 +176,8 @@ def run_bare(cfg, batches: list[dict], window: int, device: torch.device) -> lis
     the first window."""
     from accelerate.utils import set_seed
 
-    from train.models import build_for_training
-    from train.objective import Objective
+    from tristage.train.diffusion.objective import Objective
+    from tristage.train.models.speed import build_for_training
 
     set_seed(cfg.train.seed)
     model = build_for_training(cfg.model, 2 * cfg.model.in_channels, cfg.train.compile).to(device)
@@ -219,8 +219,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
-    from train.flops import image_tokens, train_flops_per_image
-    from train.models import size_of
+    from tristage.train.models.flops import image_tokens, train_flops_per_image
+    from tristage.train.models.sizes import size_of
 
     cfg = bench_config(root, args, device)
     write_cache(cfg, samples=4 * args.batch)

@@ -30,11 +30,11 @@ from PIL import Image
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
-from data.buckets import RatioOutOfRange, place
-from data.fingerprint import fingerprint, first_difference
-from data.sources import RawItem, Skips, Unit, class_names, open_source
-from data.text_codec import encode_text_feature
-from train.config import Config
+from tristage.data.buckets import RatioOutOfRange, place
+from tristage.data.fingerprint import fingerprint, first_difference
+from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source
+from tristage.data.text_codec import encode_text_feature
+from tristage.train.config import Config
 
 MANIFEST = "manifest.json"
 NULL_CAPTION = "null_caption.safetensors"

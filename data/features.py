@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from data.fingerprint import first_difference
-from data.text_codec import decode_into, decoded_dtype
+from tristage.data.fingerprint import first_difference
+from tristage.data.text_codec import decode_into, decoded_dtype
 
 MANIFEST = "manifest.json"
 _ST_DTYPES = {

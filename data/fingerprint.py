@@ -14,8 +14,8 @@ from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from data.buckets import bucket_table
-from train.config import Config
+from tristage.data.buckets import bucket_table
+from tristage.train.config import Config
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")
 _MIB = 1 << 20

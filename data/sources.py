@@ -20,7 +20,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from train.config import SourceConfig
+from tristage.train.config import SourceConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import resume as bench_resume
+from tristage.bench import resume as bench_resume
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``tristage ARGS`` as a user would (a fresh interpreter)."""
     return subprocess.run(
-        [sys.executable, "-m", "train.cli", *args],
+        [sys.executable, "-m", "tristage.train.cli", *args],
         cwd=cwd or ROOT,
         capture_output=True,
         text=True,
@@ -36,7 +36,7 @@ def run_cli_2proc(*args: str, timeout: int = 600) -> subprocess.CompletedProcess
     config = ROOT / "configs/accelerate/cpu_2proc.yaml"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
     return subprocess.run(
-        [*launch, "-m", "train.cli", *args],
+        [*launch, "-m", "tristage.train.cli", *args],
         cwd=ROOT,
         env={**bench_resume.env(), "ACCELERATE_USE_CPU": "true"},
         capture_output=True,

@@ -54,7 +54,17 @@ def server(tmp_path_factory):
     torch.set_num_threads(before)
     port, out = free_port(), root / "outputs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1"}
-    cmd = [sys.executable, "-m", "train.cli", "app", str(export), "--port", str(port), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tristage.train.cli",
+        "app",
+        str(export),
+        "--port",
+        str(port),
+        "--out",
+        str(out),
+    ]
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 180

@@ -11,7 +11,15 @@ from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import (
 )
 from PIL import Image
 
-from data.buckets import MULTIPLE, Placement, RatioOutOfRange, bucket_table, choose_bucket, fit, place
+from tristage.data.buckets import (
+    MULTIPLE,
+    Placement,
+    RatioOutOfRange,
+    bucket_table,
+    choose_bucket,
+    fit,
+    place,
+)
 
 
 @pytest.mark.parametrize(

@@ -23,11 +23,11 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from bench import resume as bench_resume
-from bench.cache import write_encoders
-from data import synthetic
-from data.cache import run_cache
-from train.config import load_config
+from tristage.bench import resume as bench_resume
+from tristage.bench.cache import write_encoders
+from tristage.data.cache import run_cache
+from tristage.demo import synthetic
+from tristage.train.config import load_config
 
 from .conftest import ROOT, run_cli_2proc
 
@@ -84,7 +84,7 @@ def keys(cache_dir: Path) -> Counter:
 
 
 def cache_cmd(world: dict, name: str) -> list[str]:
-    return ["-m", "train.cli", "cache", str(CONFIG), *world["overrides"](name)]
+    return ["-m", "tristage.train.cli", "cache", str(CONFIG), *world["overrides"](name)]
 
 
 def test_two_processes_write_what_one_writes(world):

@@ -22,12 +22,19 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file
 
-from data import synthetic
-from data.cache import run_cache
-from data.demo_encoders import write_demo_text_encoder
-from data.features import CacheError, FeatureLoader, LoaderSpec, _tar_members, open_manifest, sample_latents
-from data.fingerprint import fingerprint
-from train.config import Config, load_config
+from tristage.data.cache import run_cache
+from tristage.data.features import (
+    CacheError,
+    FeatureLoader,
+    LoaderSpec,
+    _tar_members,
+    open_manifest,
+    sample_latents,
+)
+from tristage.data.fingerprint import fingerprint
+from tristage.demo import synthetic
+from tristage.demo.encoders import write_demo_text_encoder
+from tristage.train.config import Config, load_config
 
 from .conftest import ROOT
 
@@ -447,7 +454,7 @@ def test_no_dropout_keeps_labels(stage1):
 def test_safetensors_views_equal_safetensors_load():
     from safetensors.torch import save as st_save
 
-    from data.features import _safetensors_views
+    from tristage.data.features import _safetensors_views
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -475,7 +482,7 @@ def test_safetensors_views_equal_safetensors_load():
 def test_shard_reader_groups_like_webdataset(stage3):
     import webdataset as wds
 
-    from data.features import _shard_samples
+    from tristage.data.features import _shard_samples
 
     for shard in sorted(Path(stage3[0].data.cache_dir).glob("features-*.tar")):
         ours = [

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import Config, ConfigError, load_config, save_config
+from tristage.train.config import Config, ConfigError, load_config, save_config
 
 from .conftest import ROOT
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DiTPipeline, PixArtAlphaPipeline
 
-from train.demo import run_demo
+from tristage.demo.run import run_demo
 
 from .conftest import run_cli
 

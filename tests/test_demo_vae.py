@@ -14,9 +14,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from data.synthetic import BACKGROUNDS, COLOURS, SHAPES, Scene, render, sample_scene, shape_colour
+from tristage.demo.synthetic import BACKGROUNDS, COLOURS, SHAPES, Scene, render, sample_scene, shape_colour
 
-VAE_DIR = Path(__file__).resolve().parents[1] / "data" / "assets" / "demo_vae"
+VAE_DIR = Path(__file__).resolve().parents[1] / "demo" / "assets" / "demo_vae"
 TOLERANCE = 20.0  # RGB units, Euclidean
 
 

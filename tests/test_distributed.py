@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench import resume as bench_resume
+from tristage.bench import resume as bench_resume
 
 from .conftest import run_cli, run_cli_2proc
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from train import evaluate
-from train.cli import main
+from tristage.train.cli import main
+from tristage.train.inference import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,9 +7,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from train.config import ModelConfig
-from train.flops import forward_flops_per_image, image_tokens, train_flops_per_image
-from train.models import family_of
+from tristage.train.config import ModelConfig
+from tristage.train.models.families import family_of
+from tristage.train.models.flops import forward_flops_per_image, image_tokens, train_flops_per_image
 
 
 def test_pixart_xl2_at_256px_with_120_tokens():

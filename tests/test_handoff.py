@@ -9,14 +9,14 @@ import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 
-from train.handoff import (
+from tristage.train.conversion.handoff import (
     convert_dit_to_pixart,
     dit_to_diffusers,
     dit_to_official_state_dict,
     dit_to_pixart,
     load_dit_checkpoint,
 )
-from train.models import ClassConditionalDiT
+from tristage.train.models.dit import ClassConditionalDiT
 
 TINY = dict(
     sample_size=8,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.config import load_config
-from train.models import SIZES, ClassConditionalDiT, build_dit, family_of, size_of
+from tristage.train.config import load_config
+from tristage.train.models.dit import ClassConditionalDiT, build_dit
+from tristage.train.models.families import family_of
+from tristage.train.models.sizes import SIZES, size_of
 
 from .conftest import ROOT
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.objective import Objective, ObjectiveConfig, approx_standard_normal_cdf
+from tristage.train.diffusion.objective import Objective, ObjectiveConfig, approx_standard_normal_cdf
 
 T = 1000
 
@@ -310,7 +310,7 @@ def test_objective_revalidates_a_mutated_config() -> None:
 
 
 def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():
-    from train.lr_schedules import lr_lambda
+    from tristage.train.training.lr_schedules import lr_lambda
 
     constant = lr_lambda("constant", warmup_steps=10, max_steps=110)
     assert [constant(s) for s in (0, 4, 9, 50, 109)] == [0.1, 0.5, 1.0, 1.0, 1.0]

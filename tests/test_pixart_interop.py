@@ -18,18 +18,20 @@ from diffusers import (
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, T5EncoderModel
 
-from data.cache import Encoders
-from data.demo_encoders import write_demo_text_encoder
-from train.config import load_config, save_config
-from train.export import export
-from train.handoff import (
+from tristage.data.cache import Encoders
+from tristage.demo.encoders import write_demo_text_encoder
+from tristage.train.config import load_config, save_config
+from tristage.train.conversion.handoff import (
     load_pixart_checkpoint,
     pixart_state_dict_from_official,
     pixart_to_official_state_dict,
 )
-from train.handoff_init import load_initial_weights
-from train.models import SIZES, ClassConditionalDiT, Size, build_dit, build_pixart
-from train.objective import DIFFUSERS_PREDICTION_TYPE, Objective
+from tristage.train.conversion.init_from import load_initial_weights
+from tristage.train.diffusion.objective import DIFFUSERS_PREDICTION_TYPE, Objective
+from tristage.train.inference.export import export
+from tristage.train.models.dit import ClassConditionalDiT, build_dit
+from tristage.train.models.pixart import build_pixart
+from tristage.train.models.sizes import SIZES, Size
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = 8  # latent side: 4 x 4 tokens with patch 2
@@ -113,7 +115,7 @@ def test_official_pth_round_trip(tmp_path, caplog, ms):
     assert ("csize_embedder.mlp.0.weight" in state) == ms and ("ar_embedder.mlp.2.bias" in state) == ms
     torch.save({"state_dict": state}, tmp_path / "PixArt-tiny.pth")  # nested as the official trainer saves
 
-    with caplog.at_level(logging.WARNING, logger="train.handoff"):
+    with caplog.at_level(logging.WARNING, logger="tristage.train.conversion.handoff"):
         loaded = load_pixart_checkpoint(tmp_path / "PixArt-tiny.pth", num_attention_heads=2)
     assert "y_embedder.y_embedding" in caplog.text and 'T5("")' in caplog.text
     cfg = loaded.config

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench import resume as bench_resume
-from train import checkpoint as ckpt
-from train.config import load_config
-from train.trainer import Trainer
+from tristage.bench import resume as bench_resume
+from tristage.train.config import load_config
+from tristage.train.training import checkpoint as ckpt
+from tristage.train.training.trainer import Trainer
 
 from .conftest import ROOT, run_cli, run_cli_2proc
 
@@ -44,7 +44,7 @@ def test_sigterm_saves_and_exits_0_then_resume_continues(setup, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "train.cli",
+        "tristage.train.cli",
         "train",
         str(setup),
         f"run.dir={run_dir}",

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from train.cli import main
-from train.sample import SAMPLERS
+from tristage.train.cli import main
+from tristage.train.inference.sample import SAMPLERS
 
 from .conftest import run_cli
 from .tiny_exports import dit_export, pixart_export

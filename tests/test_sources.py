@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data import synthetic
-from data.sources import (
+from tristage.data.sources import (
     AestheticFolder,
     ImageNetFolders,
     ImageNetWds,
@@ -24,7 +23,8 @@ from data.sources import (
     load_captions,
     open_source,
 )
-from train.config import SourceConfig
+from tristage.demo import synthetic
+from tristage.train.config import SourceConfig
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (40, 32), colour=(200, 30, 30)) -> bytes:

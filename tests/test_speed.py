@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import resume as bench_resume
-from train import checkpoint as ckpt
-from train.cli import main as cli_main
-from train.config import ConfigError, ModelConfig, check_train_options, load_config
-from train.models import compile_blocks, enable_checkpointing, family_of
-from train.trainer import Trainer
+from tristage.bench import resume as bench_resume
+from tristage.train.cli import main as cli_main
+from tristage.train.config import ConfigError, ModelConfig, check_train_options, load_config
+from tristage.train.models.families import family_of
+from tristage.train.models.speed import compile_blocks, enable_checkpointing
+from tristage.train.training import checkpoint as ckpt
+from tristage.train.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

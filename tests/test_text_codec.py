@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from data.text_codec import FP8_MAX, decode_text_feature, encode_text_feature
-from train.config import Config
+from tristage.data.text_codec import FP8_MAX, decode_text_feature, encode_text_feature
+from tristage.train.config import Config
 
 
 def test_fp8_round_trip_is_close_and_half_the_bytes():
@@ -32,7 +32,7 @@ def test_casts_and_unknown_name():
 
 
 def test_fingerprint_tracks_text_dtype():
-    from data.fingerprint import fingerprint
+    from tristage.data.fingerprint import fingerprint
 
     cfg = Config()
     cfg.model.family, cfg.encoders.text_encoder = "pixart", "/nonexistent/t5"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import resume as bench_resume
-from train.checkpoint import TrainState
-from train.config import load_config
-from train.trainer import Trainer
+from tristage.bench import resume as bench_resume
+from tristage.train.config import load_config
+from tristage.train.training.checkpoint import TrainState
+from tristage.train.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,9 +99,9 @@ def test_pixart_validation_grid_from_the_frozen_encoders(tmp_path):
     """Stages 2-3: the grid comes from a PixArtAlphaPipeline built in memory around the live model."""
     from types import SimpleNamespace
 
-    from data.demo_encoders import demo_vae_path, write_demo_text_encoder
-    from train.ema import EMA
-    from train.validation import Validator
+    from tristage.demo.encoders import demo_vae_path, write_demo_text_encoder
+    from tristage.train.training.ema import EMA
+    from tristage.train.training.validation import Validator
 
     from .conftest import ROOT
     from .test_pixart_interop import tiny_pixart

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from data.demo_encoders import demo_vae_path, write_demo_text_encoder
-from train.config import load_config
-from train.export import export
-from train.models import SIZES, build_dit
+from tristage.demo.encoders import demo_vae_path, write_demo_text_encoder
+from tristage.train.config import load_config
+from tristage.train.inference.export import export
+from tristage.train.models.dit import build_dit
+from tristage.train.models.sizes import SIZES
 
 from .test_pixart_interop import ROOT, SAMPLE, SCALE, finish_run, perturb, tiny_pixart
 

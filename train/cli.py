@@ -11,13 +11,13 @@ import logging
 import sys
 from collections.abc import Callable
 
-from data.features import CacheError
-from data.sources import SourceError
-from train.app import AppError
-from train.checkpoint import CheckpointError
-from train.config import ConfigError
-from train.evaluate import EvalError
-from train.sample import SampleError
+from tristage.data.features import CacheError
+from tristage.data.sources import SourceError
+from tristage.train.config import ConfigError
+from tristage.train.inference.app import AppError
+from tristage.train.inference.evaluate import EvalError
+from tristage.train.inference.sample import SampleError
+from tristage.train.training.checkpoint import CheckpointError
 
 USER_ERRORS = (
     ConfigError,
@@ -35,8 +35,8 @@ USER_ERRORS = (
 def cmd_cache(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
-    from data.cache import run_cache
-    from train.config import check_cache_paths, load_config
+    from tristage.data.cache import run_cache
+    from tristage.train.config import check_cache_paths, load_config
 
     cfg = load_config(args.config, args.overrides)
     check_cache_paths(cfg, args.config)
@@ -46,9 +46,9 @@ def cmd_cache(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from train.checkpoint import latest
-    from train.config import check_train_options, check_train_paths, load_config
-    from train.trainer import run_train
+    from tristage.train.config import check_train_options, check_train_paths, load_config
+    from tristage.train.training.checkpoint import latest
+    from tristage.train.training.trainer import run_train
 
     cfg = load_config(args.config, args.overrides)
     check_train_options(cfg, args.config)
@@ -58,19 +58,19 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from train.export import export
+    from tristage.train.inference.export import export
 
     print(export(args.run_dir, args.out))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from train.handoff import convert_dit_to_pixart
+    from tristage.train.conversion.handoff import convert_dit_to_pixart
 
     convert_dit_to_pixart(args.src, args.out, args.caption_channels, args.interpolation_scale)
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from train.sample import run_sample
+    from tristage.train.inference.sample import run_sample
 
     run_sample(args)
 
@@ -78,19 +78,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
-    from train.evaluate import run_eval
+    from tristage.train.inference.evaluate import run_eval
 
     print(json.dumps(run_eval(args)))
 
 
 def cmd_app(args: argparse.Namespace) -> None:
-    from train.app import serve
+    from tristage.train.inference.app import serve
 
     serve(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from train.demo import run_demo
+    from tristage.demo.run import run_demo
 
     run_demo(args.out, fast=args.fast, vae=args.vae)
 
@@ -124,13 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     d2p.add_argument("out")
     d2p.add_argument("--caption-channels", type=int, default=4096)
     d2p.add_argument("--interpolation-scale", type=float, default=None)
-    from train.sample import add_sample_arguments
+    from tristage.train.inference.sample import add_sample_arguments
 
     add_sample_arguments(subs.add_parser("sample", help="generate PNGs from an exported pipeline"))
-    from train.evaluate import add_eval_arguments
+    from tristage.train.inference.evaluate import add_eval_arguments
 
     add_eval_arguments(subs.add_parser("eval", help="FID, CLIP score, demo adherence (offline)"))
-    from train.app import add_app_arguments
+    from tristage.train.inference.app import add_app_arguments
 
     add_app_arguments(subs.add_parser("app", help="local Gradio app around an exported pipeline"))
     bench = subs.add_parser("bench", help="benchmarks (JSON last line)")

@@ -13,8 +13,8 @@ from pathlib import Path
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.lr_schedules import LR_SCHEDULES
-from train.objective import ObjectiveConfig
+from tristage.train.diffusion.objective import ObjectiveConfig
+from tristage.train.training.lr_schedules import LR_SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -30,7 +30,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     family: str = "pixart"  # "dit" (stage 1, class-conditional) or "pixart" (stages 2-3, text-conditional)
-    size: str = "XL/2"  # transformer size from train.models.SIZES
+    size: str = "XL/2"  # transformer size from train/models/sizes.py SIZES
     sample_size: int = 32  # latent side of the base resolution (pixels / 8); sets the pos-embed base
     in_channels: int = 4  # VAE latent channels
     num_classes: int = 1000  # stage 1: class count; id num_classes is the null class used for CFG

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.config import Config
+from tristage.train.config import Config
 
 
 @dataclass(frozen=True)

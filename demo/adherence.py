@@ -12,7 +12,7 @@ import torch
 from diffusers import DiTPipeline, PixArtAlphaPipeline
 from PIL import Image
 
-from data import synthetic
+from tristage.demo import synthetic
 
 STEPS, GUIDANCE = 20, 4.5
 

@@ -113,7 +113,7 @@ class Generator:
     """The loaded pipeline, the output folder and a lock (one generation at a time)."""
 
     def __init__(self, export_dir: str | Path, out_dir: str | Path):
-        from train.sample import is_class_conditional, load_pipeline
+        from tristage.train.inference.sample import is_class_conditional, load_pipeline
 
         self.pipe = load_pipeline(str(export_dir))
         self.class_conditional = is_class_conditional(self.pipe)
@@ -128,7 +128,7 @@ class Generator:
         return run
 
     def __call__(self, req: Request) -> list[Path]:
-        from train.sample import SampleError, generate, set_sampler, size_of
+        from tristage.train.inference.sample import SampleError, generate, set_sampler, size_of
 
         check(req)
         seed = random.randrange(2**31) if req.random_seed else int(req.seed)
@@ -164,7 +164,7 @@ class Generator:
 def build_ui(gen: Generator):
     import gradio as gr
 
-    from train.sample import SAMPLERS
+    from tristage.train.inference.sample import SAMPLERS
 
     label = "Class label" if gen.class_conditional else "Prompt"
     with gr.Blocks(title="tristage") as ui:

@@ -99,7 +99,14 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from data.synthetic import BACKGROUNDS, COLOURS, STAGE3_SIZES, render, sample_scene, text_combinations
+from tristage.demo.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    STAGE3_SIZES,
+    render,
+    sample_scene,
+    text_combinations,
+)
 
 OUT_DIR = Path(__file__).resolve().parent / "demo_vae"
 

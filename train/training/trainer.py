@@ -32,17 +32,18 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from data.features import FeatureLoader, LoaderSpec, sample_latents
-from data.fingerprint import fingerprint, tristage_version
-from train import checkpoint as ckpt
-from train import tracking, validation
-from train.config import Config, check_train_options, save_config, to_yaml
-from train.ema import EMA
-from train.handoff_init import load_initial_weights
-from train.lr_schedules import lr_lambda
-from train.models import build_for_training, family_of
-from train.nonfinite import GUARDS, Report
-from train.objective import Objective
+from tristage.data.features import FeatureLoader, LoaderSpec, sample_latents
+from tristage.data.fingerprint import fingerprint, tristage_version
+from tristage.train.config import Config, check_train_options, save_config, to_yaml
+from tristage.train.conversion.init_from import load_initial_weights
+from tristage.train.diffusion.objective import Objective
+from tristage.train.models.families import family_of
+from tristage.train.models.speed import build_for_training
+from tristage.train.training import checkpoint as ckpt
+from tristage.train.training import tracking, validation
+from tristage.train.training.ema import EMA
+from tristage.train.training.lr_schedules import lr_lambda
+from tristage.train.training.nonfinite import GUARDS, Report
 
 log = logging.getLogger(__name__)
 TIMESTEP_BUCKETS = 4  # loss is also logged per quarter of the timestep range

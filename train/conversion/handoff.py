@@ -35,7 +35,9 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
 from safetensors.torch import load_file
 from torch import nn
 
-from train.models import ClassConditionalDiT, Size, build_pixart
+from tristage.train.models.dit import ClassConditionalDiT
+from tristage.train.models.pixart import build_pixart
+from tristage.train.models.sizes import Size
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train.adherence import grid
-from train.config import Config
+from tristage.demo.adherence import grid
+from tristage.train.config import Config
 
 
 @dataclass
@@ -87,8 +87,8 @@ class Validator:
     def _dit_pipeline(self, model: torch.nn.Module):
         from diffusers import DiTPipeline
 
-        from train.export import scheduler_for
-        from train.handoff import dit_to_diffusers
+        from tristage.train.conversion.handoff import dit_to_diffusers
+        from tristage.train.inference.export import scheduler_for
 
         transformer = dit_to_diffusers(model).to(model.device).eval()
         vae = self._vae(model.device)
@@ -97,7 +97,7 @@ class Validator:
     def _pixart_pipeline(self, model: torch.nn.Module):
         from diffusers import PixArtAlphaPipeline
 
-        from train.export import scheduler_for
+        from tristage.train.inference.export import scheduler_for
 
         return PixArtAlphaPipeline(
             tokenizer=None,

@@ -283,7 +283,7 @@ def reference_of(path: Path, size: int) -> torch.Tensor | dict:
 
 def adherence(export_dir: Path, per_prompt: int) -> dict:
     """Stage-1 (DiTPipeline) or held-out (PixArtAlphaPipeline) adherence, by the export's pipeline."""
-    from train import adherence as demo_adherence
+    from tristage.demo import adherence as demo_adherence
 
     index = export_dir / "model_index.json"
     if not index.is_file():

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from data import synthetic
+from tristage.demo import synthetic
 
 _EXTRA_WORDS = (
     "a an the of on in at is it this that there shows image picture photo illustration simple shape shapes "

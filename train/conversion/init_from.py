@@ -4,7 +4,7 @@ The source is a previous stage's ``final/`` (or a model folder).  What happens
 depends on (source class, target class), looked up in :data:`CONVERTERS`:
 
 * DiT -> DiT: a plain load (continue stage 1 elsewhere);
-* DiT -> PixArt: the paper's adaLN-single re-parameterisation (:func:`train.handoff.dit_to_pixart`);
+* DiT -> PixArt: the paper's adaLN-single re-parameterisation (:func:`tristage.train.conversion.handoff.dit_to_pixart`);
 * PixArt -> PixArt: a load that recomputes the positional embedding for the new
   resolution and, when the target is PixArt-MS, adds the micro-condition
   embedders with a zeroed output so the outputs are unchanged at initialisation.
@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from diffusers import PixArtTransformer2DModel
 
-from train.config import Config
-from train.models import ClassConditionalDiT, init_caption_projection
+from tristage.train.config import Config
+from tristage.train.models.dit import ClassConditionalDiT
+from tristage.train.models.pixart import init_caption_projection
 
 POS_EMBED = "pos_embed.pos_embed"  # fixed sin-cos buffer; recomputed for the target resolution
 MS_PREFIXES = ("adaln_single.emb.resolution_embedder.", "adaln_single.emb.aspect_ratio_embedder.")
@@ -62,7 +63,7 @@ def _dit_to_dit(folder: Path, model: torch.nn.Module, cfg: Config) -> None:
 
 
 def _dit_to_pixart(folder: Path, model: torch.nn.Module, cfg: Config) -> None:
-    from train.handoff import dit_to_pixart
+    from tristage.train.conversion.handoff import dit_to_pixart
 
     dit = ClassConditionalDiT.from_pretrained(folder)
     pixart = dit_to_pixart(
@@ -79,7 +80,7 @@ def _pixart_to_pixart(folder: Path, model: torch.nn.Module, cfg: Config) -> None
 
 def _pixart_file_to_pixart(path: Path, model: torch.nn.Module, cfg: Config) -> None:
     """An official ``.pth`` (or a bare diffusers state dict), read at the target's grid and head count."""
-    from train.handoff import load_pixart_checkpoint
+    from tristage.train.conversion.handoff import load_pixart_checkpoint
 
     source = load_pixart_checkpoint(
         path,
@@ -131,7 +132,7 @@ def source_kind(path: Path) -> str:
     """What ``init_from`` holds: a folder's ``_class_name``, or a weights file's layout (FILE_LAYOUTS)."""
     if not path.is_file():
         return source_class(model_folder(path))
-    from train.handoff import read_weights_file
+    from tristage.train.conversion.handoff import read_weights_file
 
     keys = read_weights_file(path).keys()  # memory-mapped: no copy of the weights
     kinds = [kind for key, kind in FILE_LAYOUTS.items() if key in keys]

@@ -19,11 +19,11 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL, DiTPipeline, DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
-from data.sources import class_names
-from train.config import Config, load_config
-from train.handoff_init import model_folder, source_class
-from train.models import ClassConditionalDiT
-from train.objective import Objective
+from tristage.data.sources import class_names
+from tristage.train.config import Config, load_config
+from tristage.train.conversion.init_from import model_folder, source_class
+from tristage.train.diffusion.objective import Objective
+from tristage.train.models.dit import ClassConditionalDiT
 
 
 def scheduler_for(cfg: Config) -> DPMSolverMultistepScheduler:
@@ -41,7 +41,7 @@ def id2label(cfg: Config) -> dict[str, str]:
 
 
 def export_dit(folder: Path, cfg: Config, out: Path) -> None:
-    from train.handoff import dit_to_diffusers
+    from tristage.train.conversion.handoff import dit_to_diffusers
 
     transformer = dit_to_diffusers(ClassConditionalDiT.from_pretrained(folder))
     pipe = DiTPipeline(

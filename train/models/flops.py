@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from train.models import size_of
+from tristage.train.models.sizes import size_of
 
 TIMESTEP_CHANNELS = 256  # sinusoidal timestep features fed to the timestep MLP (DiT and PixArt)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from data import synthetic
-from data.demo_encoders import demo_vae_path, write_demo_text_encoder
-from train.config import Config, load_config, save_config
+from tristage.demo import synthetic
+from tristage.demo.encoders import demo_vae_path, write_demo_text_encoder
+from tristage.train.config import Config, load_config, save_config
 
 log = logging.getLogger("tristage.demo")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
@@ -75,8 +75,8 @@ def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale, vae: Pa
 def run_stage(cfg: Config) -> dict:
     from accelerate import Accelerator
 
-    from data.cache import run_cache
-    from train.trainer import run_train
+    from tristage.data.cache import run_cache
+    from tristage.train.training.trainer import run_train
 
     save_config(cfg, Path(cfg.run.dir) / "config.yaml")
     manifest = run_cache(cfg, Accelerator())
@@ -110,8 +110,8 @@ def loss_fell(run_dir: Path) -> bool:
 
 def run_demo(out: str | Path, fast: bool = False, vae: str | Path | None = None) -> dict:
     """Everything, end to end; returns (and writes) the report."""
-    from train.adherence import adherence_report
-    from train.export import export
+    from tristage.demo.adherence import adherence_report
+    from tristage.train.inference.export import export
 
     started, out, scale = time.time(), Path(out), FAST if fast else FULL
     torch.set_num_threads(max(1, torch.get_num_threads()))

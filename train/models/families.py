@@ -1,0 +1,70 @@
+"""One spec per model family: how the trainer builds, feeds and reloads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers import PixArtTransformer2DModel
+
+from tristage.train.models.dit import ClassConditionalDiT, build_dit
+from tristage.train.models.pixart import build_pixart
+from tristage.train.models.sizes import size_of
+
+
+def dit_inputs(batch: dict) -> dict:
+    """Model keyword arguments of a stage-1 batch."""
+    return {"class_labels": batch["labels"]}
+
+
+def pixart_inputs(batch: dict) -> dict:
+    """Model keyword arguments of a text batch (micro-conditions are ignored unless the model is MS)."""
+    return {
+        "encoder_hidden_states": batch["text"].float(),  # the loader keeps the cached width (bf16)
+        "encoder_attention_mask": batch["text_mask"],
+        "added_cond_kwargs": {"resolution": batch["resolution"], "aspect_ratio": batch["aspect_ratio"]},
+    }
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the trainer builds, feeds and reloads one model family."""
+
+    model_class: type  # diffusers-style class with from_pretrained / save_pretrained
+    build: object  # (ModelConfig, out_channels) -> model
+    inputs: object  # batch -> model keyword arguments
+
+
+def _build_dit(cfg, out_channels: int) -> ClassConditionalDiT:
+    return build_dit(
+        size_of(cfg.size),
+        cfg.sample_size,
+        cfg.in_channels,
+        out_channels,
+        cfg.num_classes,
+        cfg.class_embed_std,
+    )
+
+
+def _build_pixart(cfg, out_channels: int) -> PixArtTransformer2DModel:
+    return build_pixart(
+        size_of(cfg.size),
+        cfg.sample_size,
+        cfg.in_channels,
+        out_channels,
+        cfg.caption_channels,
+        cfg.interpolation_scale,
+        cfg.use_additional_conditions,
+        cfg.caption_embed_std,
+    )
+
+
+FAMILIES: dict[str, Family] = {
+    "dit": Family(ClassConditionalDiT, _build_dit, dit_inputs),
+    "pixart": Family(PixArtTransformer2DModel, _build_pixart, pixart_inputs),
+}
+
+
+def family_of(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"model.family: unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
