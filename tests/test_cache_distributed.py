@@ -160,10 +160,10 @@ def test_summary_counts_skips_by_reason(world, tmp_path, caplog):
     cache_dir = tmp_path / "cache"
     overrides = [*world["common"], f"run.dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}"]
     overrides += [f"data.source.paths=[{tmp_path / 'sa_0.tar'}]", f"data.source.captions={captions}"]
-    with caplog.at_level(logging.WARNING, logger="data.cache"):
+    with caplog.at_level(logging.WARNING, logger="tristage.data.cache"):
         manifest = run_cache(load_config(CONFIG, overrides), Accelerator())
     assert manifest["samples"] == 1
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "data.cache"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "tristage.data.cache"]
     assert line.startswith(
         "cache: 1 samples in 1 shards; skipped missing_caption=1, undecodable_image=1 "
         f"(report: {cache_dir / 'skipped.json'}); 2 images read in "
