@@ -13,18 +13,9 @@ from diffusers import DiTPipeline, PixArtAlphaPipeline
 from PIL import Image
 
 from tristage.demo import synthetic
+from tristage.train.inference.grid import grid
 
 STEPS, GUIDANCE = 20, 4.5
-
-
-def grid(images: list[Image.Image], columns: int) -> Image.Image:
-    """Images (all the same size) tiled row by row."""
-    w, h = images[0].size
-    rows = (len(images) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, image in enumerate(images):
-        canvas.paste(image, ((i % columns) * w, (i // columns) * h))
-    return canvas
 
 
 def held_out_prompts() -> list[tuple[str, str]]:

@@ -4,7 +4,7 @@ The source is a previous stage's ``final/`` (or a model folder).  What happens
 depends on (source class, target class), looked up in :data:`CONVERTERS`:
 
 * DiT -> DiT: a plain load (continue stage 1 elsewhere);
-* DiT -> PixArt: the paper's adaLN-single re-parameterisation (:func:`tristage.train.conversion.handoff.dit_to_pixart`);
+* DiT -> PixArt: the paper's adaLN-single re-parameterisation (``handoff.dit_to_pixart``);
 * PixArt -> PixArt: a load that recomputes the positional embedding for the new
   resolution and, when the target is PixArt-MS, adds the micro-condition
   embedders with a zeroed output so the outputs are unchanged at initialisation.

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from tristage.demo.adherence import grid
 from tristage.train.config import Config
+from tristage.train.inference.grid import grid
 
 
 @dataclass
