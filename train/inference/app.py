@@ -161,10 +161,42 @@ class Generator:
         return paths
 
 
+def _advanced_settings(gr) -> list:
+    """The accordion's controls, in ``Request`` field order after the prompt and image count."""
+    from tristage.train.inference.sample import SAMPLERS
+
+    with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+        with gr.Row():
+            seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+            random_seed = gr.Checkbox(label="Random seed", value=False, elem_id="random-seed")
+        with gr.Row():
+            use_negative = gr.Checkbox(label="Use negative prompt", value=False, elem_id="use-negative")
+            negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+        style = gr.Radio(list(STYLES), value="No style", label="Style", elem_id="style")
+        with gr.Row():
+            guidance = gr.Slider(0, MAX_GUIDANCE, value=4.5, step=0.1, label="Guidance scale")
+            steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
+            sampler = gr.Dropdown(sorted(SAMPLERS), value="dpm-solver++", label="Sampler")
+    return [seed, random_seed, use_negative, negative, style, guidance, steps, sampler]
+
+
+def _on_generate(gen: Generator):
+    """The Generate handler: (request fields..., gallery so far) -> (gallery, history, message)."""
+
+    def on_generate(*values):
+        *fields, past = values
+        try:
+            paths = gen(Request(*fields))
+        except AppError as err:
+            return past, past, f"**Error:** {err}"
+        shown = past + [str(p) for p in paths]
+        return shown, shown, f"Saved {len(paths)} image(s) to `{paths[0].parent}`"
+
+    return on_generate
+
+
 def build_ui(gen: Generator):
     import gradio as gr
-
-    from tristage.train.inference.sample import SAMPLERS
 
     label = "Class label" if gen.class_conditional else "Prompt"
     with gr.Blocks(title="tristage") as ui:
@@ -174,43 +206,10 @@ def build_ui(gen: Generator):
             num_images = gr.Number(label="Number of images", value=1, precision=0, elem_id="num-images")
             button = gr.Button("Generate", variant="primary", elem_id="generate")
         message = gr.Markdown(elem_id="message")
-        with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
-            with gr.Row():
-                seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
-                random_seed = gr.Checkbox(label="Random seed", value=False, elem_id="random-seed")
-            with gr.Row():
-                use_negative = gr.Checkbox(label="Use negative prompt", value=False, elem_id="use-negative")
-                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
-            style = gr.Radio(list(STYLES), value="No style", label="Style", elem_id="style")
-            with gr.Row():
-                guidance = gr.Slider(0, MAX_GUIDANCE, value=4.5, step=0.1, label="Guidance scale")
-                steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="steps")
-                sampler = gr.Dropdown(sorted(SAMPLERS), value="dpm-solver++", label="Sampler")
+        inputs = [prompt, num_images, *_advanced_settings(gr)]
         gallery = gr.Gallery(label="Outputs of this session", elem_id="gallery", columns=4)
         history = gr.State([])
-        inputs = [
-            prompt,
-            num_images,
-            seed,
-            random_seed,
-            use_negative,
-            negative,
-            style,
-            guidance,
-            steps,
-            sampler,
-        ]
-
-        def on_generate(*values):
-            *fields, past = values
-            try:
-                paths = gen(Request(*fields))
-            except AppError as err:
-                return past, past, f"**Error:** {err}"
-            shown = past + [str(p) for p in paths]
-            return shown, shown, f"Saved {len(paths)} image(s) to `{paths[0].parent}`"
-
-        button.click(on_generate, [*inputs, history], [gallery, history, message])
+        button.click(_on_generate(gen), [*inputs, history], [gallery, history, message])
     return ui
 
 
