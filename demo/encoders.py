@@ -75,5 +75,5 @@ def write_demo_text_encoder(out: Path) -> tuple[Path, Path]:
 
 
 def demo_vae_path() -> Path:
-    """The committed demo VAE (trained once by ``data/assets/train_demo_vae.py``)."""
+    """The committed demo VAE (trained once by ``demo/assets/train_demo_vae.py``)."""
     return Path(__file__).parent / "assets" / "demo_vae"

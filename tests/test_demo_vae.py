@@ -1,4 +1,4 @@
-"""The committed demo VAE (``data/assets/demo_vae``) reconstructs every demo colour faithfully.
+"""The committed demo VAE (``demo/assets/demo_vae``) reconstructs every demo colour faithfully.
 
 Red/orange and purple/blue are close hues: a blurry VAE shifts one into the other, and every
 adherence number of the demo (``shape_colour``) would then measure the VAE, not the model.
@@ -111,7 +111,7 @@ def test_reconstructs_every_colour_at_stage3_sizes(vae: AutoencoderKL, height: i
 def test_each_colour_has_one_code_whatever_the_background(vae: AutoencoderKL) -> None:
     """The latent layout of ``train_demo_vae.CODES``: a colour's code does not depend on its background,
     and the close hues (red/orange, purple/blue) are far apart in latent space."""
-    from data.assets.train_demo_vae import CODES
+    from tristage.demo.assets.train_demo_vae import CODES
 
     codes: dict[str, list[torch.Tensor]] = {c: [] for c in COLOURS}
     for colour in COLOURS:
@@ -133,7 +133,7 @@ def test_each_colour_has_one_code_whatever_the_background(vae: AutoencoderKL) ->
 def test_blurred_latents_still_decode_to_the_shapes_colour(vae: AutoencoderKL, background: str) -> None:
     """A diffusion sample is never exactly an encoder output: a 3x3-blurred latent (the colour's code
     mixed with the background's) must still decode to the colour, not to a hue the mixture passes."""
-    from data.assets.train_demo_vae import box_blur
+    from tristage.demo.assets.train_demo_vae import box_blur
 
     rng = random.Random(11)
     scenes = [

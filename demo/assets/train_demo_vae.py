@@ -10,14 +10,14 @@ The faithful analogue is a small ``diffusers.AutoencoderKL`` with the same
 interface (factor 8, 4 latent channels, a ``scaling_factor`` in its config)
 that was trained *once*, by this script, on the demo world of
 :mod:`data.synthetic`, with its weights committed next to it in
-``data/assets/demo_vae``.  The demo then loads it with
+``demo/assets/demo_vae``.  The demo then loads it with
 ``AutoencoderKL.from_pretrained`` and keeps it frozen, exactly as a real run
 treats ``sd-vae-ft-ema``.  Training the VAE at demo time instead would spend
 most of the demo's CPU time budget on a component the paper does not train.
 
 Re-create the committed weights (about 10 minutes on two CPU threads) with::
 
-    python -m data.assets.train_demo_vae --threads 2
+    python -m tristage.demo.assets.train_demo_vae --threads 2
 
 The run is seeded: the data, the initialisation and the batch order are all
 fixed, so the same torch version and thread count reproduce the same weights.
