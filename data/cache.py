@@ -88,14 +88,21 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def decode(item: RawItem, cfg: Config, skips: Skips) -> tuple[Image.Image, dict] | None:
-    """Decode, check size and ratio, and fit into a bucket; None (counted) when unusable."""
+def open_rgb(item: RawItem, skips: Skips) -> Image.Image | None:
+    """The item's image decoded to RGB; None (counted as ``undecodable_image``) when PIL cannot."""
     try:
         image = Image.open(io.BytesIO(item.image))
         image.load()
-        image = image.convert("RGB")
+        return image.convert("RGB")
     except Exception:  # PIL raises many types for bad files; all mean "undecodable"
         skips.add("undecodable_image", item.key)
+        return None
+
+
+def decode(item: RawItem, cfg: Config, skips: Skips) -> tuple[Image.Image, dict] | None:
+    """Decode, check size and ratio, and fit into a bucket; None (counted) when unusable."""
+    image = open_rgb(item, skips)
+    if image is None:
         return None
     if min(image.size) < MIN_SIDE:
         skips.add("too_small", item.key)

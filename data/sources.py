@@ -250,13 +250,15 @@ def load_captions(path: str) -> dict[str, str | bytes] | CaptionFolder:
 
 class SamLlava:
     """SA-1B tars (``sa_N.jpg`` + ``sa_N.json``) joined by image id with LLaVA captions (any form
-    :func:`load_captions` reads)."""
+    :func:`load_captions` reads).  With ``need_captions=False`` (the caption pass, which writes
+    that file) every image is read, with its caption when one exists."""
 
-    def __init__(self, cfg: SourceConfig):
+    def __init__(self, cfg: SourceConfig, need_captions: bool = True):
         self.tars = expand(cfg.paths)
-        if cfg.captions is None:
+        self.need_captions = need_captions
+        if cfg.captions is None and need_captions:
             raise SourceError("data.source.captions: sam_llava needs a caption file")
-        self.captions = load_captions(expand([cfg.captions])[0])
+        self.captions = {} if cfg.captions is None else load_captions(expand([cfg.captions])[0])
 
     def units(self) -> list[Unit]:
         return [Unit(i, t) for i, t in enumerate(self.tars)]
@@ -268,8 +270,8 @@ class SamLlava:
             if image is None:
                 skips.add("missing_image", key)
                 continue
-            caption = _caption_of(self.captions.get(key), key, skips)
-            if caption is not None:
+            caption = _caption_of(self.captions.get(key), key, skips if self.need_captions else Skips())
+            if caption is not None or not self.need_captions:
                 yield RawItem(key=key, image=image, caption=caption)
 
 
@@ -315,8 +317,9 @@ class AestheticFolder:
 
     CHUNK = 1000  # files per unit
 
-    def __init__(self, cfg: SourceConfig):
+    def __init__(self, cfg: SourceConfig, need_captions: bool = True):
         self.roots = expand(cfg.paths)
+        self.need_captions = need_captions  # False: images without a caption are read too
         if cfg.metadata is None:
             raise SourceError("data.source.metadata: aesthetic_folder needs a metadata JSONL or parquet")
         self.meta_path = expand([cfg.metadata])[0]
@@ -338,12 +341,12 @@ class AestheticFolder:
             path = self._find(record.get("file") or "")
             if not _above(score, self.min_score):
                 skips.add("below_aesthetic_threshold", key)
-            elif not caption:
+            elif not caption and self.need_captions:
                 skips.add("missing_caption", key)
             elif path is None:
                 skips.add("missing_image", key)
             else:
-                yield RawItem(key=key, image=path.read_bytes(), caption=caption, score=float(score))
+                yield RawItem(key=key, image=path.read_bytes(), caption=caption or None, score=float(score))
 
     def _find(self, name: str) -> Path | None:
         for root in self.roots:
@@ -395,10 +398,12 @@ def _synset_index(synsets: str | None, folders: list[Path]) -> dict[str, int]:
 
 class Wds:
     """Generic captioned webdataset tars: ``KEY.{jpg,png,..}`` + ``KEY.txt``, or ``KEY.json`` whose
-    ``caption`` (or ``text``) field holds the caption."""
+    ``caption`` (or ``text``) field holds the caption; ``need_captions=False`` reads uncaptioned
+    images too."""
 
-    def __init__(self, cfg: SourceConfig):
+    def __init__(self, cfg: SourceConfig, need_captions: bool = True):
         self.tars = expand(cfg.paths)
+        self.need_captions = need_captions
 
     def units(self) -> list[Unit]:
         return [Unit(i, t) for i, t in enumerate(self.tars)]
@@ -414,8 +419,8 @@ class Wds:
                 skips.add("missing_image", key)
                 continue
             raw = sample["txt"] if "txt" in sample else meta.get("caption", meta.get("text"))
-            caption = _caption_of(raw, key, skips)
-            if caption is not None:
+            caption = _caption_of(raw, key, skips if self.need_captions else Skips())
+            if caption is not None or not self.need_captions:
                 yield RawItem(key=key, image=image, caption=caption, score=self._score(meta))
 
     def _wanted(self, meta: dict, key: str, skips: Skips) -> bool:
@@ -429,8 +434,8 @@ class AestheticWds(Wds):
     """Aesthetic sets as webdataset tars: ``KEY.{jpg,png}`` + ``KEY.json`` with ``caption`` and
     ``aesthetic_score``; only images scoring above ``min_aesthetic`` are kept."""
 
-    def __init__(self, cfg: SourceConfig):
-        super().__init__(cfg)
+    def __init__(self, cfg: SourceConfig, need_captions: bool = True):
+        super().__init__(cfg, need_captions)
         self.min_score = cfg.min_aesthetic
 
     def _wanted(self, meta: dict, key: str, skips: Skips) -> bool:
@@ -455,11 +460,19 @@ SOURCES: dict[str, Callable[[SourceConfig], Source]] = {
 }
 
 
-def open_source(cfg: SourceConfig) -> Source:
-    """The reader for ``cfg.kind``."""
+# Readers that can also yield images without a caption (for the caption pass).
+CAPTIONED_SOURCES = ("sam_llava", "aesthetic_folder", "aesthetic_wds", "wds")
+
+
+def open_source(cfg: SourceConfig, need_captions: bool = True) -> Source:
+    """The reader for ``cfg.kind``; ``need_captions=False`` keeps images that have no caption yet."""
     if cfg.kind not in SOURCES:
         raise SourceError(f"data.source.kind: unknown source {cfg.kind!r}; known: {', '.join(SOURCES)}")
-    return SOURCES[cfg.kind](cfg)
+    if need_captions:
+        return SOURCES[cfg.kind](cfg)
+    if cfg.kind not in CAPTIONED_SOURCES:
+        raise SourceError(f"data.source.kind: {cfg.kind} has class labels, not captions; nothing to caption")
+    return SOURCES[cfg.kind](cfg, need_captions=False)
 
 
 def class_names(cfg: SourceConfig) -> dict[int, str]:

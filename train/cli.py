@@ -1,4 +1,4 @@
-"""``tristage`` command line: cache, train, export, convert, sample, eval, app, demo.
+"""``tristage`` command line: caption, cache, train, export, convert, sample, eval, app, demo.
 
 Bad input (config keys, paths, caches, checkpoints) ends with one line on
 stderr naming the file or key, and exit code 2 -- no traceback.
@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from tristage.data.caption import CaptionError
 from tristage.data.features import CacheError
 from tristage.data.sources import SourceError
 from tristage.train.config import ConfigError
@@ -21,6 +22,7 @@ from tristage.train.training.checkpoint import CheckpointError
 
 USER_ERRORS = (
     ConfigError,
+    CaptionError,
     CacheError,
     SourceError,
     CheckpointError,
@@ -30,6 +32,17 @@ USER_ERRORS = (
     FileNotFoundError,
     KeyError,
 )
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    from accelerate import Accelerator
+
+    from tristage.data.caption import run_caption
+    from tristage.train.config import check_caption_paths, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    check_caption_paths(cfg, args.config)
+    run_caption(cfg.caption, cfg.data.source, Accelerator())  # rank 0 logs the summary
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -101,7 +114,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     importlib.import_module(f"bench.{BENCHES[args.which]}").main(args.rest)
 
 
-BENCHES = {"resume": "resume", "cache": "cache", "train": "train"}  # `tristage bench NAME` -> bench/NAME.py
+# `tristage bench NAME` -> bench/NAME.py
+BENCHES = {"resume": "resume", "cache": "cache", "train": "train", "caption": "caption"}
 
 
 def _with_config(sub: argparse.ArgumentParser) -> None:
@@ -112,6 +126,7 @@ def _with_config(sub: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tristage", description=__doc__.splitlines()[0])
     subs = parser.add_subparsers(dest="command", required=True)
+    _with_config(subs.add_parser("caption", help="caption a stage's raw images with a VLM (LLaVA) -> JSONL"))
     _with_config(subs.add_parser("cache", help="run the frozen-encoder caching pass for a stage"))
     _with_config(subs.add_parser("train", help="train one stage (resumable; run under accelerate launch)"))
     exp = subs.add_parser("export", help="write a diffusers pipeline folder from a finished stage")
@@ -146,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+    "caption": cmd_caption,
     "cache": cmd_cache,
     "train": cmd_train,
     "export": cmd_export,

@@ -78,6 +78,43 @@ class EncoderConfig:
     batch_size: int = 16  # images per encoder forward in the cache pass
 
 
+# PixArt-alpha §2.2: SAM images re-captioned by LLaVA with this prompt.
+PAPER_CAPTION_PROMPT = "Describe this image and its style in a very detailed manner"
+CAPTION_DTYPES = ("auto", "bfloat16", "float16", "float32")  # caption.dtype choices
+
+
+@dataclass
+class CaptionConfig:
+    model: str = "llava-hf/llava-1.5-7b-hf"  # VLM hub id or folder: LLaVA, LLaVA-NeXT, any image-text-to-text
+    prompt: str = PAPER_CAPTION_PROMPT  # the instruction given with every image
+    max_new_tokens: int = 256  # caption length budget in generated tokens
+    batch_size: int = 16  # images per generate() call
+    sort_window: int = 8  # batches read ahead and sorted by image size, so a batch pads little
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
+    do_sample: bool = False  # false: greedy (reproducible); true: sample with temperature and top_p
+    temperature: float = 0.7  # sampling temperature (do_sample only)
+    top_p: float = 0.9  # nucleus sampling mass (do_sample only)
+    seed: int = 0  # sampling seed; unit i samples from seed + i, so a rerun repeats it
+    hint: bool = False  # give the reader's existing caption (alt-text) to the model as a hint
+    hint_prompt: str = "{prompt}. An existing caption, which may be wrong: {hint}"  # prompt with a hint
+    output: str | None = None  # caption JSONL to write ({"id", "caption"} per line); parts in OUTPUT.parts/
+
+    def __post_init__(self) -> None:
+        for key in ("max_new_tokens", "batch_size", "sort_window"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key 'caption.{key}': must be >= 1, got {getattr(self, key)}")
+        if self.dtype not in CAPTION_DTYPES:
+            raise ConfigError(
+                f"key 'caption.dtype': {self.dtype!r} is not one of {', '.join(CAPTION_DTYPES)}"
+            )
+        if not self.temperature > 0:
+            raise ConfigError(f"key 'caption.temperature': must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"key 'caption.top_p': must be in (0, 1], got {self.top_p}")
+        if "{prompt}" not in self.hint_prompt or "{hint}" not in self.hint_prompt:
+            raise ConfigError("key 'caption.hint_prompt': must contain {prompt} and {hint}")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 2e-5  # AdamW learning rate (PixArt: 2e-5)
@@ -139,6 +176,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # diffusion loss
     data: DataConfig = field(default_factory=DataConfig)  # raw source, cache and loader
     encoders: EncoderConfig = field(default_factory=EncoderConfig)  # frozen VAE and T5
+    caption: CaptionConfig = field(default_factory=CaptionConfig)  # `tristage caption`: VLM re-captioning
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and schedule
     train: TrainConfig = field(default_factory=TrainConfig)  # loop settings
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # full-state saves
@@ -167,6 +205,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _one_line(f"{path} (command-line override)", err) from None
+    except ConfigError as err:  # a section's __post_init__ check: it names the key, we add the file
+        raise ConfigError(f"{path}: {err}") from None
     return cfg
 
 
@@ -214,6 +254,15 @@ def check_train_paths(cfg: Config, path: str, has_checkpoint: bool) -> None:
 
 def check_cache_paths(cfg: Config, path: str) -> None:
     """Raw sources and local encoder folders must exist before the cache pass loads anything."""
+    check_source_paths(cfg, path)
+    for key in ("vae", "text_encoder", "tokenizer"):
+        value = getattr(cfg.encoders, key)
+        if value is not None and _looks_local(value):
+            require_exists(path, f"encoders.{key}", value)
+
+
+def check_source_paths(cfg: Config, path: str, skip: str | None = None) -> None:
+    """Every raw source path must match something (``skip``: a path written, not read, by this pass)."""
     import glob
 
     for i, pattern in enumerate(cfg.data.source.paths):
@@ -223,12 +272,21 @@ def check_cache_paths(cfg: Config, path: str) -> None:
         raise ConfigError(f"{path}: key 'data.source.paths': no source paths given")
     for key in ("captions", "metadata", "synsets"):
         value = getattr(cfg.data.source, key)
-        if value is not None:
+        if value is not None and value != skip:
             require_exists(path, f"data.source.{key}", value)
-    for key in ("vae", "text_encoder", "tokenizer"):
-        value = getattr(cfg.encoders, key)
-        if value is not None and _looks_local(value):
-            require_exists(path, f"encoders.{key}", value)
+
+
+def check_caption_paths(cfg: Config, path: str) -> None:
+    """The caption pass needs an output path, raw images and (if local) the model folder.
+
+    ``data.source.captions`` may name the output itself (the stage-2 config reads what this pass
+    writes), so it need not exist yet.
+    """
+    if cfg.caption.output is None:
+        raise ConfigError(f"{path}: key 'caption.output': set the caption JSONL to write")
+    check_source_paths(cfg, path, skip=cfg.caption.output)
+    if _looks_local(cfg.caption.model):
+        require_exists(path, "caption.model", cfg.caption.model)
 
 
 def _looks_local(name: str) -> bool:

@@ -1,0 +1,330 @@
+"""The captioning pass: a vision-language model over raw source units -> caption JSONL + manifest.
+
+PixArt-alpha §2.2 re-captions SAM with LLaVA ("Describe this image and its style in a
+very detailed manner") because alt-texts name too few objects.  This pass does that
+for any source a stage config declares, with the readers and the unit split of the
+cache pass (``data/sources.py``, ``data/cache.py``): unit ``i`` belongs to rank
+``i % world`` and becomes ``OUTPUT.parts/captions-{i:05d}.jsonl``, written under a
+temporary name, fsynced, renamed, then marked complete by ``captions-{i:05d}.done.json``.
+A rerun skips marked units, so a killed or requeued job continues, and no two processes
+write the same file.  Rank 0 then concatenates the parts in unit order (each part in
+reader order) into ``OUTPUT`` and writes ``OUTPUT`` minus suffix ``.manifest.json``
+(model, prompt, generation settings, counts, skips), so the final file does not depend
+on how many processes wrote it.
+
+The model is any ``AutoModelForImageTextToText`` whose processor has a chat template
+(LLaVA-1.5, LLaVA-NeXT, ...), loaded with ``from_pretrained`` from a hub id or a folder.
+Images are read a few batches ahead and sorted by size, so a batch holds similar image
+token counts (LLaVA-NeXT's grid depends on the image size) and prompts; generation is
+batched with left padding.  This module takes the caption and source sub-configs only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tristage.data.cache import _atomic_write, _fsync, open_rgb, own_units
+from tristage.data.sources import Skips, Unit, open_source
+
+SETTINGS = "settings.json"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+log = logging.getLogger(__name__)
+
+
+class CaptionError(ValueError):
+    """A caption pass that cannot run as configured; the message names the key or file."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a GPU (as LLaVA is served), float32 on the CPU (bf16 matmuls are slow there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+@dataclass
+class Captioner:
+    """A loaded VLM and its processor, turning image batches into caption batches."""
+
+    model: torch.nn.Module
+    processor: object
+    cfg: object  # CaptionConfig (train/config.py; data/ takes its sub-configs, never imports train/)
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def load(cls, cfg, device: torch.device) -> Captioner:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(cfg.model)
+        if not processor.chat_template:
+            raise CaptionError(f"caption.model: {cfg.model} has no chat template in its processor")
+        # Decoder-only batches: left padding makes every prompt end at the last column.
+        processor.tokenizer.padding_side = "left"
+        dtype = resolve_dtype(cfg.dtype, device)
+        model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
+        return cls(model.to(device).eval().requires_grad_(False), processor, cfg, device, dtype)
+
+    def prompt(self, hint: str | None) -> str:
+        """The chat-formatted prompt for one image (with its existing caption when hints are on)."""
+        text = self.cfg.prompt
+        if self.cfg.hint and hint:
+            text = self.cfg.hint_prompt.format(prompt=self.cfg.prompt, hint=hint)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def inputs(self, images: list, hints: list[str | None]):
+        """Processor outputs for one batch: left-padded token ids, pixel values (model dtype)."""
+        texts = [self.prompt(h) for h in hints]
+        batch = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
+        return batch.to(self.device, dtype=self.dtype)  # casts only the floating tensors
+
+    def generation_kwargs(self) -> dict:
+        cfg = self.cfg
+        sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
+        return {"max_new_tokens": self.cfg.max_new_tokens, "do_sample": self.cfg.do_sample, **sampling}
+
+    @torch.no_grad()
+    def generate(self, batch) -> list[str]:
+        """One batched ``generate`` -> the new text of every row, stripped."""
+        out = self.model.generate(**batch, **self.generation_kwargs())  # (B, L_in + new)
+        new = out[:, batch["input_ids"].shape[1] :]
+        return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def part_path(parts: Path, unit: Unit) -> Path:
+    return parts / f"captions-{unit.index:05d}.jsonl"
+
+
+def part_done(part: Path) -> Path:
+    return part.with_suffix(".done.json")
+
+
+def parts_dir(output: str | Path) -> Path:
+    return Path(f"{output}.parts")
+
+
+def manifest_path(output: str | Path) -> Path:
+    return Path(output).with_suffix(".manifest.json")
+
+
+def decoded(items: Iterable, skips: Skips) -> Iterator[tuple[int, str, object, str | None]]:
+    """(reader position, key, RGB image, existing caption) of every decodable item."""
+    for n, item in enumerate(items):
+        image = open_rgb(item, skips)
+        if image is not None:
+            yield n, item.key, image, item.caption
+
+
+def size_batches(rows: Iterable[tuple], batch_size: int, window: int) -> Iterator[list[tuple]]:
+    """Batches of ``batch_size`` rows, each cut from ``window`` batches read ahead and sorted by
+    (aspect ratio, area, hint length): similar images and prompts share a batch, so it pads little."""
+    pending: list[tuple] = []
+
+    def key(row: tuple) -> tuple:
+        width, height = row[2].size
+        return (round(width / height, 2), width * height, len(row[3] or ""), row[0])
+
+    for row in rows:
+        pending.append(row)
+        if len(pending) == batch_size * window:
+            yield from _chunks(sorted(pending, key=key), batch_size)
+            pending = []
+    yield from _chunks(sorted(pending, key=key), batch_size)
+
+
+def _chunks(rows: list, size: int) -> Iterator[list]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def prefetched(batches: Iterator, depth: int = 2) -> Iterator:
+    """Run a batch producer in a thread, ``depth`` batches ahead, so reading, decoding and the
+    processor overlap generation; an exception in the producer is raised here."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    end = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                slots.put(batch)
+            slots.put(end)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            slots.put(err)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (batch := slots.get()) is not end:
+        if isinstance(batch, BaseException):
+            raise batch
+        yield batch
+
+
+def unit_batches(captioner: Captioner, source, unit: Unit, skips: Skips, counter: list[int]) -> Iterator:
+    """(rows, processor inputs) per batch of one unit; ``counter[0]`` counts the raw items read."""
+
+    def items() -> Iterator:
+        for item in source.read(unit, skips):
+            counter[0] += 1
+            yield item
+
+    cfg = captioner.cfg
+    for rows in size_batches(decoded(items(), skips), cfg.batch_size, cfg.sort_window):
+        yield rows, captioner.inputs([r[2] for r in rows], [r[3] for r in rows])
+
+
+def caption_unit(captioner: Captioner, source, unit: Unit, parts: Path, rank: int, bar) -> int:
+    """Caption one unit into its part file (atomic, then its done marker); returns images read."""
+    skips, counter, lines = Skips(), [0], []
+    if captioner.cfg.do_sample:
+        torch.manual_seed(captioner.cfg.seed + unit.index)  # a rerun of this unit samples the same text
+    for rows, batch in prefetched(unit_batches(captioner, source, unit, skips, counter)):
+        for (n, key, _, _), text in zip(rows, captioner.generate(batch)):
+            if text:
+                lines.append((n, json.dumps({"id": key, "caption": text}, ensure_ascii=False)))
+            else:
+                skips.add("empty_caption", key)
+        bar.update(len(rows))
+    part = part_path(parts, unit)
+    _atomic_write(part, "".join(line + "\n" for _, line in sorted(lines)))  # reader order
+    done = {"captions": len(lines), "images": counter[0], "rank": rank, "skips": skips.to_dict()}
+    _atomic_write(part_done(part), json.dumps(done))
+    return counter[0]
+
+
+def remove_stale_tmp(units: list[Unit], parts: Path) -> None:
+    """Delete the ``*.tmp-*`` files a killed pass left for these units (only their owner calls this)."""
+    for unit in units:
+        part = part_path(parts, unit)
+        for final in (part, part_done(part)):
+            for tmp in parts.glob(f"{final.name}.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
+
+def settings_of(cfg, source_cfg, dtype: torch.dtype) -> dict:
+    """Everything that changes the captions; a rerun into the same parts must agree with it."""
+    return {
+        **{k: v for k, v in asdict(cfg).items() if k != "output"},
+        "dtype": str(dtype).removeprefix("torch."),
+        "source": {"kind": source_cfg.kind, "paths": list(source_cfg.paths)},
+    }
+
+
+def check_settings(parts: Path, settings: dict) -> None:
+    """Refuse to mix captions made with other settings into existing parts (one line naming the key)."""
+    path = parts / SETTINGS
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    for key in sorted(set(old) | set(settings)):
+        if old.get(key) != settings.get(key):
+            raise CaptionError(
+                f"{path}: parts were captioned with a different caption.{key}; use another caption.output"
+            )
+
+
+def assemble(units: list[Unit], parts: Path, output: Path) -> tuple[int, Skips, int]:
+    """Concatenate the parts in unit order into ``output`` (atomically): (captions, skips, images)."""
+    skips, captions, images = Skips(), 0, 0
+    tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as out:
+        for unit in units:
+            part = part_path(parts, unit)
+            done = json.loads(part_done(part).read_text())
+            skips.merge(done["skips"])
+            captions, images = captions + done["captions"], images + done["images"]
+            with open(part, "rb") as fh:
+                shutil.copyfileobj(fh, out)
+    _fsync(tmp)
+    os.replace(tmp, output)
+    return captions, skips, images
+
+
+def write_manifest(output: Path, settings: dict, model_class: str, counts: tuple, units: int) -> dict:
+    captions, skips, images = counts
+    manifest = {
+        "output": output.name,
+        "model_class": model_class,
+        "settings": settings,
+        "units": units,
+        "images": images,
+        "captions": captions,
+        "skipped": dict(skips.counts),
+        "skipped_examples": skips.examples,
+    }
+    _atomic_write(manifest_path(output), json.dumps(manifest, indent=1))
+    return manifest
+
+
+def run_caption(cfg, source_cfg, accelerator) -> dict | None:
+    """The whole pass under an ``accelerate`` process group; rank 0 returns the manifest."""
+    output = Path(cfg.output)
+    parts = parts_dir(output)
+    parts.mkdir(parents=True, exist_ok=True)
+    source = open_source(_without(source_cfg, cfg.output), need_captions=False)
+    units = source.units()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    settings = settings_of(cfg, source_cfg, resolve_dtype(cfg.dtype, accelerator.device))
+    check_settings(parts, settings)
+    remove_stale_tmp(own_units(units, rank, world), parts)
+    fresh = [u for u in units if not part_done(part_path(parts, u)).exists()]
+    accelerator.wait_for_everyone()  # every rank checked the settings and listed `fresh` before writes
+    if accelerator.is_main_process and not (parts / SETTINGS).exists():
+        _atomic_write(parts / SETTINGS, json.dumps(settings, indent=1))
+    captioner = Captioner.load(cfg, accelerator.device)
+    start = time.perf_counter()
+    caption_units(captioner, source, own_units(fresh, rank, world), parts, accelerator)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return None
+    counts = assemble(units, parts, output)
+    manifest = write_manifest(output, settings, type(captioner.model).__name__, counts, len(units))
+    log_summary(manifest, fresh, parts, output, time.perf_counter() - start)
+    return manifest
+
+
+def _without(source_cfg, output: str):
+    """The source config with ``captions`` dropped when it names this pass's own output: the pass
+    writes that file, so it is never its input (nor its hints)."""
+    from dataclasses import replace
+
+    return replace(source_cfg, captions=None) if source_cfg.captions == output else source_cfg
+
+
+def caption_units(captioner: Captioner, source, todo: list[Unit], parts: Path, accelerator) -> None:
+    """This process's units, with a rank-0 progress bar counting images (its rate is images/s)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(unit="img", disable=not accelerator.is_main_process, desc=f"caption ({len(todo)} units)")
+    for unit in todo:
+        caption_unit(captioner, source, unit, parts, accelerator.process_index, bar)
+    bar.close()
+
+
+def log_summary(manifest: dict, fresh: list[Unit], parts: Path, output: Path, seconds: float) -> None:
+    """Rank 0's end-of-pass line: captions, skips by reason, images captioned now and images/s."""
+    images = sum(json.loads(part_done(part_path(parts, u)).read_text())["images"] for u in fresh)
+    skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
+    log.warning(
+        "caption: %d captions from %d units in %s; skipped %s (examples: %s); "
+        "%d images read in this run in %.1fs, %.2f images/s",
+        manifest["captions"],
+        manifest["units"],
+        output,
+        skipped,
+        manifest_path(output),
+        images,
+        seconds,
+        images / max(seconds, 1e-9),
+    )

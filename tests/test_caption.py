@@ -1,0 +1,198 @@
+"""`tristage caption`: a tiny LLaVA (saved, then loaded back with from_pretrained) captions SA-style
+tars into the JSONL the stage-2 reader consumes; one line per readable image in the reader's id form,
+corrupt images counted, a SIGKILLed pass resumes to the same file, 2 processes equal 1, and the output
+feeds `tristage cache` and a short stage-2 run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import signal
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from accelerate import Accelerator
+
+from tristage.data.cache import run_cache
+from tristage.data.caption import Captioner, CaptionError, part_done, parts_dir, run_caption
+from tristage.data.sources import Skips, open_source
+from tristage.demo import synthetic
+from tristage.demo.captioner import write_captioner
+from tristage.train import cli
+from tristage.train.config import PAPER_CAPTION_PROMPT, load_config
+from tristage.train.training.trainer import Trainer
+
+from .conftest import ROOT, run_cli_2proc
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # the subprocesses run one thread: same bits
+CONFIG = ROOT / "configs" / "demo" / "stage2.yaml"
+IMAGES, PER_SHARD = 6, 2  # 3 good units, plus one tar holding a corrupt image
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """Raw SA-style tars (one with a corrupt JPEG and a 48x64 image), the tiny LLaVA, a 1-process run."""
+    root = tmp_path_factory.mktemp("caption")
+    raw = synthetic.write_stage2(root / "raw", IMAGES, size=64, per_shard=PER_SHARD)
+    (raw / "llava_captions.jsonl").unlink()  # the pass makes the captions
+    with tarfile.open(raw / "sa_000009.tar", "w") as tar:
+        _add(tar, "sa_900.jpg", b"\xff\xd8 not really a jpeg")
+        _add(tar, "sa_901.png", synthetic._encode(synthetic.render(_scene(48, 64)), "PNG"))
+    model = write_captioner(root / "tiny_llava")
+
+    def overrides(name: str, *extra: str) -> list[str]:
+        out = root / name / "captions.jsonl"
+        return [
+            f"data.source.paths=[{raw}/sa_*.tar]",
+            f"data.source.captions={out}",  # the stage-2 config reads what the pass writes
+            f"caption.output={out}",
+            f"caption.model={model}",
+            "caption.max_new_tokens=6",
+            "caption.batch_size=2",
+            "caption.sort_window=2",
+            *extra,
+        ]
+
+    cfg = load_config(CONFIG, overrides("one"))
+    manifest = run_caption(cfg.caption, cfg.data.source, Accelerator())
+    return {"root": root, "raw": raw, "overrides": overrides, "cfg": cfg, "manifest": manifest}
+
+
+def _scene(height: int, width: int):
+    import random
+
+    return synthetic.sample_scene(random.Random(0), "red", "circle", "white", width, height)
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_one_line_per_readable_image_in_reader_id_form(world):
+    cfg, manifest = world["cfg"], world["manifest"]
+    rows = lines(Path(cfg.caption.output))
+    expected = [f"sa_{i}" for i in range(1, IMAGES + 1)] + ["sa_901"]  # unit order, then reader order
+    assert [r["id"] for r in rows] == expected and all(r["caption"] for r in rows)
+    assert manifest["skipped"] == {"undecodable_image": 1}
+    assert manifest["skipped_examples"]["undecodable_image"] == ["sa_900"]
+    assert manifest["model_class"] == "LlavaForConditionalGeneration"
+    assert manifest["settings"]["prompt"] == PAPER_CAPTION_PROMPT
+    assert manifest["settings"]["do_sample"] is False and manifest["settings"]["dtype"] == "float32"
+    # The stage-2 reader, pointed at the output, joins every readable image with its caption.
+    source = open_source(cfg.data.source)
+    skips = Skips()
+    joined = {item.key: item.caption for unit in source.units() for item in source.read(unit, skips)}
+    assert joined == {r["id"]: r["caption"] for r in rows}
+    assert skips.counts == {"missing_caption": 1}  # sa_900, the corrupt one
+
+
+def _killed_run(cfg) -> None:
+    os.environ["TQDM_DISABLE"] = "1"
+    run_caption(cfg.caption, cfg.data.source, Accelerator())
+
+
+def test_sigkill_then_rerun_gives_the_same_file(world):
+    cfg = load_config(CONFIG, world["overrides"]("killed"))
+    parts = parts_dir(cfg.caption.output)
+    child = multiprocessing.get_context("fork").Process(target=_killed_run, args=(cfg,))
+    child.start()
+    deadline = time.time() + 60
+    while not list(parts.glob("*.done.json")) and time.time() < deadline and child.is_alive():
+        time.sleep(0.005)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    # Also the worst moments of a kill: a unit written but not yet marked, and a half-written temp file.
+    done = sorted(parts.glob("*.done.json"))
+    assert done, "the pass was killed before any unit finished"
+    for marker in done[1:]:
+        marker.unlink()
+    (parts / "captions-00001.jsonl").write_text('{"id": "half"')
+    (parts / "captions-00002.jsonl.tmp-99999").write_text("stale")
+    run_caption(cfg.caption, cfg.data.source, Accelerator())
+    assert Path(cfg.caption.output).read_bytes() == Path(world["cfg"].caption.output).read_bytes()
+    assert not list(parts.glob("*.tmp-*"))
+
+
+def test_two_processes_equal_one(world):
+    result = run_cli_2proc("caption", str(CONFIG), *world["overrides"]("two"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = world["root"] / "two" / "captions.jsonl"
+    assert out.read_bytes() == Path(world["cfg"].caption.output).read_bytes()
+    ranks = {p.name: json.loads(p.read_text())["rank"] for p in parts_dir(out).glob("*.done.json")}
+    assert ranks == {f"captions-{i:05d}.done.json": i % 2 for i in range(4)}  # each unit by its owner
+    assert "caption: 7 captions from 4 units" in result.stderr and "undecodable_image=1" in result.stderr
+
+
+def test_output_feeds_cache_and_a_short_stage2_run(world, tmp_path):
+    from tristage.bench.cache import write_encoders
+
+    enc = write_encoders(tmp_path, vae_channels=(8, 8, 8, 8))
+    extra = [
+        f"run.dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"encoders.vae={enc['vae']}",
+        f"encoders.text_encoder={enc['text_encoder']}",
+        f"encoders.tokenizer={enc['tokenizer']}",
+        "model.size=tiny",
+        "data.batch_size=2",
+        "train.max_steps=2",
+        "tracking.mode=disabled",
+        "checkpoint.every=100",
+    ]
+    cfg = load_config(CONFIG, world["overrides"]("one", *extra))
+    manifest = run_cache(cfg, Accelerator())
+    assert manifest["samples"] == 7 and manifest["skipped"] == {"missing_caption": 1}  # sa_900: no caption
+    Trainer(cfg).train()
+    assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_rerun_with_another_prompt_is_refused(world):
+    cfg = load_config(CONFIG, world["overrides"]("one", "caption.prompt=Say hi"))
+    with pytest.raises(CaptionError, match="different caption.prompt"):
+        run_caption(cfg.caption, cfg.data.source, Accelerator())
+    assert len(lines(Path(cfg.caption.output))) == 7  # nothing lost
+
+
+def test_hint_goes_into_the_prompt(world):
+    cfg = load_config(CONFIG, world["overrides"]("one", "caption.hint=true"))
+    captioner = Captioner.load(cfg.caption, Accelerator().device)
+    assert "may be wrong: a red dot" in captioner.prompt("a red dot")
+    assert captioner.prompt(None).rstrip().endswith("manner ASSISTANT:")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["caption.output=null"], "key 'caption.output': set the caption JSONL"),
+        (["caption.batch_size=0"], "key 'caption.batch_size': must be >= 1"),
+        (["caption.dtype=fp8"], "key 'caption.dtype'"),
+        (["caption.model=./no/such/model"], "key 'caption.model': path does not exist"),
+        (["data.source.kind=imagenet_wds"], "imagenet_wds has class labels, not captions"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(world, capsys, extra, message):
+    code = cli.main(["caption", str(CONFIG), *world["overrides"]("bad", *extra)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_model_without_chat_template_is_refused(world, tmp_path, capsys):
+    import shutil
+
+    model = shutil.copytree(world["cfg"].caption.model, tmp_path / "no_template")
+    (model / "chat_template.jinja").unlink()
+    code = cli.main(["caption", str(CONFIG), *world["overrides"]("bad", f"caption.model={model}")])
+    assert code == 2 and "has no chat template" in capsys.readouterr().err
+    parts = parts_dir(world["root"] / "bad" / "captions.jsonl")
+    assert not part_done(parts / "captions-00000.jsonl").exists()
