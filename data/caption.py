@@ -272,7 +272,7 @@ def run_caption(cfg, source_cfg, accelerator) -> dict | None:
     output = Path(cfg.output)
     parts = parts_dir(output)
     parts.mkdir(parents=True, exist_ok=True)
-    source = open_source(_without(source_cfg, cfg.output), need_captions=False)
+    source = open_images(source_cfg, cfg.output)
     units = source.units()
     rank, world = accelerator.process_index, accelerator.num_processes
     settings = settings_of(cfg, source_cfg, resolve_dtype(cfg.dtype, accelerator.device))
@@ -294,12 +294,13 @@ def run_caption(cfg, source_cfg, accelerator) -> dict | None:
     return manifest
 
 
-def _without(source_cfg, output: str):
-    """The source config with ``captions`` dropped when it names this pass's own output: the pass
-    writes that file, so it is never its input (nor its hints)."""
+def open_images(source_cfg, output: str):
+    """The source's reader, yielding images with or without a caption.  ``captions`` is dropped when
+    it names this pass's own output: the pass writes that file, so it is never its input (nor hints)."""
     from dataclasses import replace
 
-    return replace(source_cfg, captions=None) if source_cfg.captions == output else source_cfg
+    own = source_cfg.captions == output
+    return open_source(replace(source_cfg, captions=None) if own else source_cfg, need_captions=False)
 
 
 def caption_units(captioner: Captioner, source, todo: list[Unit], parts: Path, accelerator) -> None:

@@ -1,7 +1,7 @@
 """A tiny LLaVA for offline tests and the caption benchmark: CLIP vision tower + Llama + chat template.
 
 The real captioning step uses ``llava-hf/llava-1.5-7b-hf`` (PixArt-alpha §2.2). This
-builds a ``LlavaForConditionalGeneration`` of the same class from small configs
+builds a ``LlavaForConditionalGeneration`` of the same class (and a LLaVA-NeXT) from small configs
 (random, seeded), a word-level tokenizer over the demo vocabulary with a LLaVA-1.5
 style chat template, and a ``LlavaProcessor``; ``save_pretrained`` writes them to
 one folder that ``tristage caption`` loads back through ``from_pretrained`` -- the
@@ -11,6 +11,7 @@ pipeline tests need: real text in the reader's id form.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,13 +22,17 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
 from tristage.demo.encoders import demo_vocabulary
 
-IMAGE_SIDE, PATCH = 32, 8  # 16 image tokens per image
+IMAGE_SIDE, PATCH = 32, 8  # tests: 16 image tokens per image
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), as a Jinja chat template.
 CHAT_TEMPLATE = (
@@ -59,60 +64,86 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(
-    vocab_size: int, image_token_id: int, pad_id: int, seed: int = 0
-) -> LlavaForConditionalGeneration:
-    """CLIP tower (2 layers, width 32) + Llama (2 layers, width 64), seeded."""
+@dataclass(frozen=True)
+class TinyShape:
+    """Sizes of the tiny LLaVA (the tests' default; the benchmark makes it wider)."""
+
+    width: int = 64  # Llama hidden size (the CLIP tower is half as wide)
+    layers: int = 2  # layers of the Llama and of the CLIP tower
+    image_side: int = IMAGE_SIDE  # the processor's resize/crop side and the tower's image size
+    patch: int = PATCH  # CLIP patch side: (image_side / patch)^2 image tokens
+
+
+def _configs(tokenizer: PreTrainedTokenizerFast, shape: TinyShape) -> dict:
+    """The tower, language model and wiring shared by the LLaVA and LLaVA-NeXT configs."""
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
+        hidden_size=shape.width // 2,
+        intermediate_size=shape.width,
+        num_hidden_layers=shape.layers,
         num_attention_heads=2,
-        image_size=IMAGE_SIDE,
-        patch_size=PATCH,
-        projection_dim=32,
+        image_size=shape.image_side,
+        patch_size=shape.patch,
+        projection_dim=shape.width // 2,
     )
     text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        hidden_size=shape.width,
+        intermediate_size=2 * shape.width,
+        num_hidden_layers=shape.layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        pad_token_id=pad_id,
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=1,
         eos_token_id=2,
     )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config).eval()
+    return {
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+    }
 
 
-def write_captioner(out: str | Path, seed: int = 0) -> Path:
-    """Save a tiny LLaVA model + processor to ``out`` (loadable with ``from_pretrained``)."""
-    out = Path(out)
-    tokenizer = build_tokenizer()
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIDE}, crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE}
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-        chat_template=CHAT_TEMPLATE,
-    )
-    image_id = tokenizer.convert_tokens_to_ids("<image>")
-    model = build_model(len(tokenizer), image_id, tokenizer.pad_token_id, seed)
+def _processor_kwargs(tokenizer: PreTrainedTokenizerFast, shape: TinyShape) -> dict:
+    return {
+        "tokenizer": tokenizer,
+        "patch_size": shape.patch,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,  # CLIP's CLS token, dropped by the "default" strategy
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def _save(model, processor, tokenizer: PreTrainedTokenizerFast, out: str | Path) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    return out
+    return Path(out)
+
+
+def write_captioner(out: str | Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
+    """Save a tiny LLaVA(-1.5) model + processor to ``out`` (loadable with ``from_pretrained``)."""
+    tokenizer = build_tokenizer()
+    side = shape.image_side
+    images = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    processor = LlavaProcessor(image_processor=images, **_processor_kwargs(tokenizer, shape))
+    configs = _configs(tokenizer, shape)
+    torch.manual_seed(seed)
+    return _save(LlavaForConditionalGeneration(LlavaConfig(**configs)).eval(), processor, tokenizer, out)
+
+
+def write_next_captioner(out: str | Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
+    """Save a tiny LLaVA-NeXT: "anyres" tiles, so an image's token count depends on its size."""
+    tokenizer = build_tokenizer()
+    side = shape.image_side
+    grid = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+    images = LlavaNextImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}, image_grid_pinpoints=grid
+    )
+    processor = LlavaNextProcessor(image_processor=images, **_processor_kwargs(tokenizer, shape))
+    configs = _configs(tokenizer, shape)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(LlavaNextConfig(**configs, image_grid_pinpoints=grid)).eval()
+    return _save(model, processor, tokenizer, out)

@@ -28,3 +28,14 @@ def test_bench_train_prints_overhead_and_throughput():
     figures = last_json(result.stdout)
     assert figures["img_per_s"] > 0 and figures["bare_img_per_s"] > 0
     assert "overhead_vs_bare" in figures and figures["steps"] == 4
+
+
+def test_bench_caption_prints_the_ratio(capsys):
+    from tristage.bench import caption
+
+    args = "--images 4 --per-unit 2 --image-px 64 --batch 2 --max-new-tokens 4 --width 64 --layers 1"
+    caption.main([*args.split(), "--repeats", "1", "--image-side", "32"])
+    figures = last_json(capsys.readouterr().out)
+    assert figures["captions"] == 4 and figures["new_tokens_per_caption"] <= 4
+    assert figures["captions_per_s"] > 0 and figures["bare_captions_per_s"] > 0
+    assert figures["caption_vs_bare"] > 0 and figures["clock"] == "process_cpu"

@@ -22,7 +22,7 @@ from tristage.data.cache import run_cache
 from tristage.data.caption import Captioner, CaptionError, part_done, parts_dir, run_caption
 from tristage.data.sources import Skips, open_source
 from tristage.demo import synthetic
-from tristage.demo.captioner import write_captioner
+from tristage.demo.captioner import write_captioner, write_next_captioner
 from tristage.train import cli
 from tristage.train.config import PAPER_CAPTION_PROMPT, load_config
 from tristage.train.training.trainer import Trainer
@@ -155,6 +155,14 @@ def test_output_feeds_cache_and_a_short_stage2_run(world, tmp_path):
     assert manifest["samples"] == 7 and manifest["skipped"] == {"missing_caption": 1}  # sa_900: no caption
     Trainer(cfg).train()
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_llava_next_through_the_same_path(world):
+    model = write_next_captioner(world["root"] / "tiny_llava_next")
+    cfg = load_config(CONFIG, world["overrides"]("next", f"caption.model={model}"))
+    manifest = run_caption(cfg.caption, cfg.data.source, Accelerator())
+    assert manifest["model_class"] == "LlavaNextForConditionalGeneration" and manifest["captions"] == 7
+    assert [r["id"] for r in lines(Path(cfg.caption.output))][-1] == "sa_901"  # the 48x64 image
 
 
 def test_rerun_with_another_prompt_is_refused(world):
