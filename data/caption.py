@@ -8,7 +8,7 @@ cache pass (``data/sources.py``, ``data/cache.py``): unit ``i`` belongs to rank
 temporary name, fsynced, renamed, then marked complete by ``captions-{i:05d}.done.json``.
 A rerun skips marked units, so a killed or requeued job continues, and no two processes
 write the same file.  Rank 0 then concatenates the parts in unit order (each part in
-reader order) into ``OUTPUT`` and writes ``OUTPUT`` minus suffix ``.manifest.json``
+reader order) into ``OUTPUT`` and writes the manifest beside it (``captions.manifest.json``
 (model, prompt, generation settings, counts, skips), so the final file does not depend
 on how many processes wrote it.
 
