@@ -8,8 +8,8 @@ cache pass (``data/sources.py``, ``data/cache.py``): unit ``i`` belongs to rank
 temporary name, fsynced, renamed, then marked complete by ``captions-{i:05d}.done.json``.
 A rerun skips marked units, so a killed or requeued job continues, and no two processes
 write the same file.  Rank 0 then concatenates the parts in unit order (each part in
-reader order) into ``OUTPUT`` and writes the manifest beside it (``captions.manifest.json``
-(model, prompt, generation settings, counts, skips), so the final file does not depend
+reader order) into ``OUTPUT`` and writes the manifest beside it (``captions.manifest.json``:
+model, prompt, generation settings, counts, skips), so the final file does not depend
 on how many processes wrote it.
 
 The model is any ``AutoModelForImageTextToText`` whose processor has a chat template
@@ -68,7 +68,11 @@ class Captioner:
     def load(cls, cfg, device: torch.device) -> Captioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        processor = AutoProcessor.from_pretrained(cfg.model)
+        try:
+            processor = AutoProcessor.from_pretrained(cfg.model)
+        except (OSError, ValueError) as err:  # not on disk and not reachable, or not a processor folder
+            reason = str(err).splitlines()[0]
+            raise CaptionError(f"caption.model: cannot load {cfg.model}: {reason}") from None
         if not processor.chat_template:
             raise CaptionError(f"caption.model: {cfg.model} has no chat template in its processor")
         # Decoder-only batches: left padding makes every prompt end at the last column.
@@ -222,9 +226,11 @@ def settings_of(cfg, source_cfg, dtype: torch.dtype) -> dict:
 
 
 def check_settings(parts: Path, settings: dict) -> None:
-    """Refuse to mix captions made with other settings into existing parts (one line naming the key)."""
+    """Refuse to mix captions made with other settings into existing parts (one line naming the key).
+    Without a finished part there is nothing to mix with (a run that failed to start, e.g. a mistyped
+    model id, can be rerun with other settings)."""
     path = parts / SETTINGS
-    if not path.exists():
+    if not path.exists() or not any(parts.glob("*.done.json")):
         return
     old = json.loads(path.read_text())
     for key in sorted(set(old) | set(settings)):
@@ -280,9 +286,9 @@ def run_caption(cfg, source_cfg, accelerator) -> dict | None:
     remove_stale_tmp(own_units(units, rank, world), parts)
     fresh = [u for u in units if not part_done(part_path(parts, u)).exists()]
     accelerator.wait_for_everyone()  # every rank checked the settings and listed `fresh` before writes
-    if accelerator.is_main_process and not (parts / SETTINGS).exists():
-        _atomic_write(parts / SETTINGS, json.dumps(settings, indent=1))
     captioner = Captioner.load(cfg, accelerator.device)
+    if accelerator.is_main_process:
+        _atomic_write(parts / SETTINGS, json.dumps(settings, indent=1))  # equal to any older one
     start = time.perf_counter()
     caption_units(captioner, source, own_units(fresh, rank, world), parts, accelerator)
     accelerator.wait_for_everyone()

@@ -165,6 +165,16 @@ def test_llava_next_through_the_same_path(world):
     assert [r["id"] for r in lines(Path(cfg.caption.output))][-1] == "sa_901"  # the 48x64 image
 
 
+def test_sampling_is_seeded_per_unit(world):
+    cfg = load_config(CONFIG, world["overrides"]("sampled", "caption.do_sample=true"))
+    run_caption(cfg.caption, cfg.data.source, Accelerator())
+    first = Path(cfg.caption.output).read_bytes()
+    part_done(parts_dir(cfg.caption.output) / "captions-00001.jsonl").unlink()  # redo one unit
+    run_caption(cfg.caption, cfg.data.source, Accelerator())
+    assert Path(cfg.caption.output).read_bytes() == first
+    assert first != Path(world["cfg"].caption.output).read_bytes()  # sampled, not greedy
+
+
 def test_rerun_with_another_prompt_is_refused(world):
     cfg = load_config(CONFIG, world["overrides"]("one", "caption.prompt=Say hi"))
     with pytest.raises(CaptionError, match="different caption.prompt"):
@@ -186,6 +196,7 @@ def test_hint_goes_into_the_prompt(world):
         (["caption.batch_size=0"], "key 'caption.batch_size': must be >= 1"),
         (["caption.dtype=fp8"], "key 'caption.dtype'"),
         (["caption.model=./no/such/model"], "key 'caption.model': path does not exist"),
+        (["caption.model=nobody/no-such-vlm"], "caption.model: cannot load nobody/no-such-vlm"),
         (["data.source.kind=imagenet_wds"], "imagenet_wds has class labels, not captions"),
     ],
 )

@@ -522,3 +522,23 @@ def test_generic_wds_reads_txt_or_json_captions(tmp_path):
         "missing_image": ["a_k5"],
         "bad_json": ["a_k6"],
     }
+
+
+def test_caption_pass_reads_uncaptioned_images_too(tmp_path):
+    """need_captions=False (the caption pass): a missing or unreadable caption is no skip, the image
+    comes with caption None; everything else is still counted."""
+    jpg = image_bytes("JPEG")
+    members = [("k0.jpg", jpg), ("k0.txt", b"alt text"), ("k1.jpg", jpg), ("k2.jpg", jpg)]
+    members += [("k2.txt", b"\xfe"), ("k3.txt", b"no image")]
+    write_tar(tmp_path / "w-0.tar", members)
+    cfg = SourceConfig(kind="wds", paths=[str(tmp_path / "w-0.tar")])
+    items, skips = read_all(open_source(cfg, need_captions=False))
+    assert [(i.key, i.caption) for i in items] == [("k0", "alt text"), ("k1", None), ("k2", None)]
+    assert skips.counts == {"missing_image": 1}
+    records = [{"file": "a.png", "caption": "", "aesthetic_score": 7.0}]
+    items, skips = read_all(open_source(write_aesthetic(tmp_path / "aes", records, ["a.png"]), False))
+    assert [(i.key, i.caption) for i in items] == [("a", None)] and not skips.counts
+    sam = SourceConfig(kind="sam_llava", paths=[str(tmp_path / "w-0.tar")])  # no caption file yet
+    assert [i.key for i in read_all(open_source(sam, need_captions=False))[0]] == ["k0", "k1", "k2"]
+    with pytest.raises(SourceError, match="imagenet_wds has class labels, not captions"):
+        open_source(SourceConfig(kind="imagenet_wds", paths=[str(tmp_path / "w-0.tar")]), False)
