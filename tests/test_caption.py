@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate import Accelerator
 
 from tristage.data.cache import run_cache
-from tristage.data.caption import Captioner, CaptionError, part_done, parts_dir, run_caption
+from tristage.data.caption import Captioner, CaptionError, part_done, parts_dir, resolve_dtype, run_caption
 from tristage.data.sources import Skips, open_source
 from tristage.demo import synthetic
 from tristage.demo.captioner import write_captioner, write_next_captioner
@@ -88,7 +89,8 @@ def test_one_line_per_readable_image_in_reader_id_form(world):
     assert manifest["skipped_examples"]["undecodable_image"] == ["sa_900"]
     assert manifest["model_class"] == "LlavaForConditionalGeneration"
     assert manifest["settings"]["prompt"] == PAPER_CAPTION_PROMPT
-    assert manifest["settings"]["do_sample"] is False and manifest["settings"]["dtype"] == "float32"
+    assert manifest["settings"]["do_sample"] is False
+    assert manifest["settings"]["dtype"] == str(resolve_dtype("auto", Accelerator().device))[6:]  # torch.
     # The stage-2 reader, pointed at the output, joins every readable image with its caption.
     source = open_source(cfg.data.source)
     skips = Skips()
@@ -215,3 +217,16 @@ def test_model_without_chat_template_is_refused(world, tmp_path, capsys):
     assert code == 2 and "has no chat template" in capsys.readouterr().err
     parts = parts_dir(world["root"] / "bad" / "captions.jsonl")
     assert not part_done(parts / "captions-00000.jsonl").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_captions_in_bf16_and_the_bench_times_wall_clock(world, capsys):
+    from tristage.bench import caption as bench
+
+    cfg = load_config(CONFIG, world["overrides"]("gpu"))
+    manifest = run_caption(cfg.caption, cfg.data.source, Accelerator())
+    assert manifest["settings"]["dtype"] == "bfloat16" and manifest["captions"] == 7
+    bench.main("--images 32 --per-unit 16 --batch 8 --repeats 2".split())
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["clock"] == "wall" and figures["dtype"] == "bfloat16" and figures["caption_vs_bare"] > 0
