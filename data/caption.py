@@ -217,12 +217,10 @@ def remove_stale_tmp(units: list[Unit], parts: Path) -> None:
 
 
 def settings_of(cfg, source_cfg, dtype: torch.dtype) -> dict:
-    """Everything that changes the captions; a rerun into the same parts must agree with it."""
-    return {
-        **{k: v for k, v in asdict(cfg).items() if k != "output"},
-        "dtype": str(dtype).removeprefix("torch."),
-        "source": {"kind": source_cfg.kind, "paths": list(source_cfg.paths)},
-    }
+    """Everything that changes the captions, by config key; reruns into the same parts must agree."""
+    settings = {f"caption.{k}": v for k, v in asdict(cfg).items() if k != "output"}
+    settings["caption.dtype"] = str(dtype).removeprefix("torch.")  # "auto" resolved on this device
+    return {**settings, "data.source.kind": source_cfg.kind, "data.source.paths": list(source_cfg.paths)}
 
 
 def check_settings(parts: Path, settings: dict) -> None:
@@ -235,9 +233,7 @@ def check_settings(parts: Path, settings: dict) -> None:
     old = json.loads(path.read_text())
     for key in sorted(set(old) | set(settings)):
         if old.get(key) != settings.get(key):
-            raise CaptionError(
-                f"{path}: parts were captioned with a different caption.{key}; use another caption.output"
-            )
+            raise CaptionError(f"{path}: parts were made with a different {key}; use another caption.output")
 
 
 def assemble(units: list[Unit], parts: Path, output: Path) -> tuple[int, Skips, int]:

@@ -88,9 +88,10 @@ def test_one_line_per_readable_image_in_reader_id_form(world):
     assert manifest["skipped"] == {"undecodable_image": 1}
     assert manifest["skipped_examples"]["undecodable_image"] == ["sa_900"]
     assert manifest["model_class"] == "LlavaForConditionalGeneration"
-    assert manifest["settings"]["prompt"] == PAPER_CAPTION_PROMPT
-    assert manifest["settings"]["do_sample"] is False
-    assert manifest["settings"]["dtype"] == str(resolve_dtype("auto", Accelerator().device))[6:]  # torch.
+    assert manifest["settings"]["caption.prompt"] == PAPER_CAPTION_PROMPT
+    assert manifest["settings"]["caption.do_sample"] is False
+    dtype = str(resolve_dtype("auto", Accelerator().device)).removeprefix("torch.")
+    assert manifest["settings"]["caption.dtype"] == dtype
     # The stage-2 reader, pointed at the output, joins every readable image with its caption.
     source = open_source(cfg.data.source)
     skips = Skips()
@@ -179,7 +180,7 @@ def test_sampling_is_seeded_per_unit(world):
 
 def test_rerun_with_another_prompt_is_refused(world):
     cfg = load_config(CONFIG, world["overrides"]("one", "caption.prompt=Say hi"))
-    with pytest.raises(CaptionError, match="different caption.prompt"):
+    with pytest.raises(CaptionError, match="with a different caption.prompt; use another caption.output"):
         run_caption(cfg.caption, cfg.data.source, Accelerator())
     assert len(lines(Path(cfg.caption.output))) == 7  # nothing lost
 
@@ -226,7 +227,7 @@ def test_gpu_captions_in_bf16_and_the_bench_times_wall_clock(world, capsys):
 
     cfg = load_config(CONFIG, world["overrides"]("gpu"))
     manifest = run_caption(cfg.caption, cfg.data.source, Accelerator())
-    assert manifest["settings"]["dtype"] == "bfloat16" and manifest["captions"] == 7
+    assert manifest["settings"]["caption.dtype"] == "bfloat16" and manifest["captions"] == 7
     bench.main("--images 32 --per-unit 16 --batch 8 --repeats 2".split())
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert figures["clock"] == "wall" and figures["dtype"] == "bfloat16" and figures["caption_vs_bare"] > 0
