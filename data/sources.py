@@ -399,11 +399,13 @@ def _synset_index(synsets: str | None, folders: list[Path]) -> dict[str, int]:
 class Wds:
     """Generic captioned webdataset tars: ``KEY.{jpg,png,..}`` + ``KEY.txt``, or ``KEY.json`` whose
     ``caption`` (or ``text``) field holds the caption; ``need_captions=False`` reads uncaptioned
-    images too."""
+    images too.  A ``captions`` file (e.g. ``tristage caption``'s JSONL) replaces the tars' own
+    captions, joined by sample key."""
 
     def __init__(self, cfg: SourceConfig, need_captions: bool = True):
         self.tars = expand(cfg.paths)
         self.need_captions = need_captions
+        self.captions = None if cfg.captions is None else load_captions(expand([cfg.captions])[0])
 
     def units(self) -> list[Unit]:
         return [Unit(i, t) for i, t in enumerate(self.tars)]
@@ -418,10 +420,15 @@ class Wds:
             if image is None:
                 skips.add("missing_image", key)
                 continue
-            raw = sample["txt"] if "txt" in sample else meta.get("caption", meta.get("text"))
+            raw = self._raw_caption(sample, meta, key)
             caption = _caption_of(raw, key, skips if self.need_captions else Skips())
             if caption is not None or not self.need_captions:
                 yield RawItem(key=key, image=image, caption=caption, score=self._score(meta))
+
+    def _raw_caption(self, sample: dict, meta: dict, key: str) -> str | bytes | None:
+        if self.captions is not None:
+            return self.captions.get(key)
+        return sample["txt"] if "txt" in sample else meta.get("caption", meta.get("text"))
 
     def _wanted(self, meta: dict, key: str, skips: Skips) -> bool:
         return True

@@ -542,3 +542,16 @@ def test_caption_pass_reads_uncaptioned_images_too(tmp_path):
     assert [i.key for i in read_all(open_source(sam, need_captions=False))[0]] == ["k0", "k1", "k2"]
     with pytest.raises(SourceError, match="imagenet_wds has class labels, not captions"):
         open_source(SourceConfig(kind="imagenet_wds", paths=[str(tmp_path / "w-0.tar")]), False)
+
+
+def test_wds_caption_file_replaces_the_tars_captions(tmp_path):
+    """`tristage caption` output for a generic webdataset: joined by sample key, the tars' own
+    captions ignored, a key the file lacks counted as missing_caption."""
+    jpg = image_bytes("JPEG")
+    write_tar(tmp_path / "w-0.tar", [("a/k0.jpg", jpg), ("a/k0.txt", b"alt"), ("a/k1.jpg", jpg)])
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text(json.dumps({"id": "a_k0", "caption": "a detailed caption"}) + "\n")
+    cfg = SourceConfig(kind="wds", paths=[str(tmp_path / "w-0.tar")], captions=str(captions))
+    items, skips = read_all(open_source(cfg))
+    assert [(i.key, i.caption) for i in items] == [("a_k0", "a detailed caption")]
+    assert skips.counts == {"missing_caption": 1} and skips.examples["missing_caption"] == ["a_k1"]

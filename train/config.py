@@ -48,7 +48,7 @@ class ModelConfig:
 class SourceConfig:
     kind: str = MISSING  # raw reader, a key of data.sources.SOURCES: imagenet_wds, imagenet_folders, ...
     paths: list[str] = field(default_factory=list)  # shard globs, tar files or folders to read
-    captions: str | None = None  # sam_llava: id -> caption as JSON/JSONL, a tar or a folder of ID.txt files
+    captions: str | None = None  # id -> caption (JSON/JSONL/tar/ID.txt dir): sam_llava; wds: over its own
     metadata: str | None = None  # aesthetic_folder: JSONL or parquet with file, caption, aesthetic_score
     synsets: str | None = None  # imagenet: "synset name" lines; line order = class index
     min_aesthetic: float = 0.0  # aesthetic sets: keep only images scoring above this
