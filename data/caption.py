@@ -96,9 +96,10 @@ class Captioner:
         return batch.to(self.device, dtype=self.dtype)  # casts only the floating tensors
 
     def generation_kwargs(self) -> dict:
+        """``generate`` settings; temperature and top_p only when sampling (greedy ignores them)."""
         cfg = self.cfg
         sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else {}
-        return {"max_new_tokens": self.cfg.max_new_tokens, "do_sample": self.cfg.do_sample, **sampling}
+        return {"max_new_tokens": cfg.max_new_tokens, "do_sample": cfg.do_sample, **sampling}
 
     @torch.no_grad()
     def generate(self, batch) -> list[str]:
