@@ -116,7 +116,15 @@ def open_manifest(cache_dir: str | Path, expected: dict[str, str] | None) -> dic
 class FeatureLoader:
     """Infinite iterator of this process's slice of single-bucket global batches."""
 
-    def __init__(self, cache_dir: str | Path, spec: LoaderSpec, expected: dict[str, str] | None = None):
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        spec: LoaderSpec,
+        expected: dict[str, str] | None = None,
+        null_buffer: torch.Tensor | None = None,
+    ):
+        """``null_buffer`` (tokens, C): caption dropout uses its first L rows for a caption of L tokens,
+        under that caption's mask (PixArt-alpha's ``token_drop``), instead of the cached T5("")."""
         if spec.global_batch % spec.world:
             raise ValueError(f"global batch {spec.global_batch} is not divisible by {spec.world} processes")
         self.dir, self.spec = Path(cache_dir), spec
@@ -126,6 +134,7 @@ class FeatureLoader:
         self.scaling_factor = float(self.manifest["scaling_factor"])
         null = self.manifest.get("null_caption")
         self.null_text = load_file(self.dir / null) if null else None  # stored tensors of T5("")
+        self.null_buffer = null_buffer
         self.epoch, self.next_index = 0, 0
         self.dropped: dict[int, int] = {}  # epoch -> samples left in under-full buckets
         _spend_readonly_buffer_warning()
@@ -211,7 +220,7 @@ class FeatureLoader:
         if "t5" not in feats[0]:
             labels = torch.tensor([m["label"] for m in metas])
             return {"labels": torch.where(drop, torch.full_like(labels, self.spec.null_label), labels)}
-        texts = [self.null_text if d else f for f, d in zip(feats, drop.tolist())]
+        texts = [self._null(f) if d else f for f, d in zip(feats, drop.tolist())]
         text, mask = _pad_text(texts)  # (b, L, C) in the cached width, (b, L)
         bucket = metas[0]["bucket"]
         return {
@@ -220,6 +229,11 @@ class FeatureLoader:
             "resolution": torch.tensor([m["original_size"] for m in metas], dtype=torch.float32),
             "aspect_ratio": torch.full((len(metas), 1), bucket[0] / bucket[1]),
         }
+
+    def _null(self, feature: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.null_buffer is None:
+            return self.null_text
+        return {"t5": self.null_buffer[: feature["t5"].shape[0]].to(decoded_dtype(feature))}
 
     # -- iteration -----------------------------------------------------------------
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:

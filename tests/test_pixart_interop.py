@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, T5EncoderModel
 from tristage.data.cache import Encoders
 from tristage.demo.encoders import write_demo_text_encoder
 from tristage.train.config import load_config, save_config
-from tristage.train.conversion.handoff import (
+from tristage.train.conversion.pixart_layouts import (
     load_pixart_checkpoint,
     pixart_state_dict_from_official,
     pixart_to_official_state_dict,
@@ -35,7 +35,7 @@ from tristage.train.models.sizes import SIZES, Size
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = 8  # latent side: 4 x 4 tokens with patch 2
-SCALE = SAMPLE / 64  # the loader's default interpolation scale (resolution / 512)
+SCALE = max(SAMPLE // 64, 1)  # the loader's default interpolation scale (diffusers', the official lewei_scale)
 CAPTION = 12
 # MS embeds height, width and aspect ratio to hidden // 3 channels each and adds their concatenation to
 # the timestep embedding, so MS needs hidden % 3 == 0: "tiny" (32) and "demo" (128) cannot be MS; 48 can.
@@ -115,12 +115,12 @@ def test_official_pth_round_trip(tmp_path, caplog, ms):
     assert ("csize_embedder.mlp.0.weight" in state) == ms and ("ar_embedder.mlp.2.bias" in state) == ms
     torch.save({"state_dict": state}, tmp_path / "PixArt-tiny.pth")  # nested as the official trainer saves
 
-    with caplog.at_level(logging.WARNING, logger="tristage.train.conversion.handoff"):
+    with caplog.at_level(logging.WARNING, logger="tristage.train.conversion.pixart_layouts"):
         loaded = load_pixart_checkpoint(tmp_path / "PixArt-tiny.pth", num_attention_heads=2)
     assert "y_embedder.y_embedding" in caplog.text and 'T5("")' in caplog.text
     cfg = loaded.config
     assert (cfg.num_layers, cfg.caption_channels, cfg.out_channels, cfg.patch_size) == (2, CAPTION, 8, 2)
-    assert cfg.sample_size == SAMPLE and cfg.interpolation_scale == SCALE  # grid of pos_embed, res / 512
+    assert cfg.sample_size == SAMPLE and cfg.interpolation_scale == SCALE  # grid of pos_embed, lewei_scale
     assert loaded.adaln_single.emb.use_additional_conditions == ms
     assert_same_outputs(model, loaded, pixart_inputs(ms), f"official .pth round trip (ms={ms})")
 

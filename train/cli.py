@@ -77,9 +77,16 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from tristage.train.conversion.handoff import convert_dit_to_pixart
+    from tristage.train.conversion.init_from import convert_dit_to_pixart
 
-    convert_dit_to_pixart(args.src, args.out, args.caption_channels, args.interpolation_scale)
+    convert_dit_to_pixart(
+        args.src,
+        args.out,
+        args.caption_channels,
+        args.interpolation_scale,
+        args.num_attention_heads,
+        args.weights,
+    )
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -135,10 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv = subs.add_parser("convert", help="weight conversions")
     conv_subs = conv.add_subparsers(dest="conversion", required=True)
     d2p = conv_subs.add_parser("dit-to-pixart", help="adaLN-single re-parameterisation of a DiT")
-    d2p.add_argument("src", help="stage-1 final/, official DiT .pt, or diffusers DiT folder")
+    d2p.add_argument(
+        "src", help="stage-1 final/, official DiT .pt, DiT train.py checkpoint, or diffusers DiT folder"
+    )
     d2p.add_argument("out")
     d2p.add_argument("--caption-channels", type=int, default=4096)
-    d2p.add_argument("--interpolation-scale", type=float, default=None)
+    d2p.add_argument("--interpolation-scale", type=float, default=None, help="default: the DiT's table (1.0)")
+    d2p.add_argument(
+        "--num-attention-heads", type=int, default=16, help="official .pt only (XL/L 16, B 12, S 6)"
+    )
+    d2p.add_argument(
+        "--weights", choices=["ema", "model"], default="ema", help="of a DiT train.py checkpoint"
+    )
     from tristage.train.inference.sample import add_sample_arguments
 
     add_sample_arguments(subs.add_parser("sample", help="generate PNGs from an exported pipeline"))

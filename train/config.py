@@ -7,10 +7,12 @@ key and the file, before any heavy work starts.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tristage.train.diffusion.objective import ObjectiveConfig
@@ -37,7 +39,12 @@ class ModelConfig:
     class_embed_std: float = 0.02  # stage 1: init std of the class table (DiT: 0.02; the CPU demo: 1.0)
     caption_channels: int = 4096  # stage 2-3: T5 feature width (4096 for T5-XXL)
     caption_embed_std: float = 0.02  # init std of the new caption MLP (PixArt: 0.02; the narrow demo T5: 0.1)
-    interpolation_scale: float = 0.5  # pos-embed scale: 256px 0.5, 512px 1, 1024px 2 (diffusers' convention)
+    interpolation_scale: float | None = (
+        None  # pos-table scale; null = max(sample_size // 64, 1): 1 at 256/512 px, 2 at 1024
+    )
+    freq_shift: int = (
+        1  # stage 1 timestep sinusoid shift: 1 diffusers / DiTPipeline, 0 the official DiT weights
+    )
     use_additional_conditions: bool = False  # PixArt-MS resolution / aspect-ratio micro-conditions
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
     checkpoint_blocks: int = -1  # with gradient_checkpointing: leading blocks to recompute (-1 = all)
@@ -65,6 +72,9 @@ class DataConfig:
     num_workers: int = 2  # loader worker processes
     shuffle_buffer: int = 1000  # samples held for shuffling
     cond_dropout: float = 0.1  # caption/class dropout for classifier-free guidance
+    null_caption: str = (
+        "t5_empty"  # what a dropped caption becomes: t5_empty (T5(""), diffusers) | buffer (official)
+    )
 
 
 @dataclass
@@ -120,11 +130,11 @@ class OptimConfig:
     lr: float = 2e-5  # AdamW learning rate (PixArt: 2e-5)
     weight_decay: float = 3e-2  # AdamW weight decay (PixArt: 3e-2)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    eps: float = 1e-8  # AdamW epsilon
+    eps: float = 1e-10  # AdamW epsilon (PixArt: 1e-10; DiT: torch's 1e-8)
     warmup_steps: int = 1000  # linear warm-up steps
     lr_schedule: str = "constant"  # after warm-up: "constant" (PixArt) or "cosine" (to 0 at train.max_steps)
-    grad_clip: float = 0.01  # max global grad norm (PixArt: 0.01)
-    auto_lr: bool = False  # sqrt-scale lr by global batch / 256 (PixArt's auto_lr)
+    grad_clip: float | None = 0.01  # max global grad norm (PixArt: 0.01); null = no clipping (DiT)
+    auto_lr: bool = True  # sqrt-scale lr by global batch / 256 (PixArt's auto_lr; DiT: off)
 
 
 @dataclass
@@ -133,7 +143,10 @@ class TrainConfig:
     seed: int = 0  # seeds model init, data order and noise
     mixed_precision: str = "bf16"  # "no" | "fp16" | "bf16"
     grad_accum: int = 1  # micro-batches per optimizer step
-    ema_decay: float = 0.9999  # EMA of the weights (exported as the final model)
+    ema_decay: float = (
+        0.9999  # EMA of the weights (exported as the final model), constant from an initial copy
+    )
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)): for short runs (not official)
     log_every: int = 50  # steps between metric logs (host syncs only happen here)
     max_time: float | None = None  # wall-clock budget in seconds; save and exit cleanly before it
     max_nonfinite: int = 10  # consecutive non-finite steps before saving and stopping
@@ -170,7 +183,8 @@ class ValidationConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)  # where this stage writes
-    init_from: str | None = None  # previous stage's final/ (weights only), or null to start fresh
+    init_from: str | None = None  # previous stage's final/ (weights only), a released weights file, or null
+    init_from_weights: str = "ema"  # from a training checkpoint (DiT train.py, PixArt): its "ema" or "model"
     resume: str = "auto"  # auto | latest | none | <checkpoint path>
     model: ModelConfig = field(default_factory=ModelConfig)  # transformer
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # diffusion loss
@@ -184,10 +198,45 @@ class Config:
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # sample grids
 
 
-def _one_line(path: str, err: OmegaConfBaseException) -> ConfigError:
+def _one_line(path: str, err: OmegaConfBaseException, source: str | None = None) -> ConfigError:
+    """``path[:line]: key 'a.b': reason``; the line is looked up in ``source`` (the YAML text)."""
     key = getattr(err, "full_key", None) or "?"
+    line = _line_of(source, key) if source is not None else None
+    where = f"{path}:{line}" if line else path
     reason = str(err).splitlines()[0]
-    return ConfigError(f"{path}: key '{key}': {reason}")
+    return ConfigError(f"{where}: key '{key}': {reason}")
+
+
+def _line_of(source: str, key: str) -> int | None:
+    """The 1-based line of dotted ``key`` (or of its deepest present parent) in YAML ``source``."""
+    node, line = yaml.compose(source), None
+    for part in re.sub(r"\[.*?\]", "", key).split("."):
+        if not isinstance(node, yaml.MappingNode):
+            break
+        found = [(k, v) for k, v in node.value if k.value == part]
+        if not found:
+            break
+        line, node = found[0][0].start_mark.line + 1, found[0][1]
+    return line
+
+
+def _read_yaml(path: str) -> tuple[DictConfig, str]:
+    """The file as a DictConfig (and its text); syntax errors, duplicate keys and a top level that is
+    not a mapping are one line naming the file and, where the parser knows it, the line."""
+    source = Path(path).read_text()
+    try:
+        loaded = OmegaConf.load(path)  # OmegaConf's loader refuses duplicate keys
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    if not isinstance(loaded, DictConfig):
+        kind = type(loaded).__name__.replace("Config", "").lower()
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (run:, model:, ...), not a {kind}"
+        )
+    return loaded, source
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -195,11 +244,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = str(path)
     if not Path(path).is_file():
         raise ConfigError(f"{path}: config file not found")
+    loaded, source = _read_yaml(path)
     schema = OmegaConf.structured(Config)
     try:
-        merged = OmegaConf.merge(schema, OmegaConf.load(path))
+        merged = OmegaConf.merge(schema, loaded)
     except OmegaConfBaseException as err:
-        raise _one_line(path, err) from None
+        raise _one_line(path, err, source) from None
     try:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
@@ -243,13 +293,36 @@ def check_train_options(cfg: Config, path: str) -> None:
         )
     if cfg.model.checkpoint_blocks < -1:
         raise ConfigError(f"{path}: key 'model.checkpoint_blocks': must be >= -1 (-1 = all blocks)")
+    _check_choice(path, "data.null_caption", cfg.data.null_caption, NULL_CAPTIONS)
+    _check_choice(path, "init_from_weights", cfg.init_from_weights, INIT_FROM_WEIGHTS)
+
+
+NULL_CAPTIONS = ("t5_empty", "buffer")  # data.null_caption (train/training/null_caption.py)
+INIT_FROM_WEIGHTS = ("ema", "model")  # init_from_weights (train/conversion/keymap.py WEIGHTS_CHOICES)
+
+
+def _check_choice(path: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{path}: key '{key}': {value!r} is not one of {', '.join(choices)}")
 
 
 def check_train_paths(cfg: Config, path: str, has_checkpoint: bool) -> None:
     """Paths a training run reads must exist (init_from only matters without a checkpoint)."""
     if cfg.init_from is not None and not has_checkpoint:
         require_exists(path, "init_from", cfg.init_from)
+        _require_model_folder(path, Path(cfg.init_from))
     require_exists(path, "data.cache_dir", cfg.data.cache_dir)
+
+
+def _require_model_folder(cfg_path: str, init_from: Path) -> None:
+    """A folder ``init_from`` must hold a model: config.json in it or in its transformer/."""
+    if init_from.is_dir() and not any(
+        (init_from / sub / "config.json").is_file() for sub in ("", "transformer")
+    ):
+        raise ConfigError(
+            f"{cfg_path}: key 'init_from': {init_from} holds no model "
+            "(no config.json in it or in its transformer/)"
+        )
 
 
 def check_cache_paths(cfg: Config, path: str) -> None:

@@ -7,13 +7,20 @@
 The scheduler is a DPM-Solver++ built from the training noise schedule
 (``Objective.scheduler_kwargs``), so sampling matches training.  The CFG null
 condition is the one training used: class id ``num_classes`` for DiT, and T5("")
-for PixArt (the cache stores T5("") for caption dropout, and the pipeline's
-default negative prompt is "").
+for PixArt with ``data.null_caption: t5_empty`` (the cache stores T5("") for caption
+dropout, and the pipeline's default negative prompt is "").  With ``buffer`` the
+pipeline cannot hold the buffer (it always encodes a negative prompt unless given
+``negative_prompt_embeds``): the export keeps ``null_caption_buffer.safetensors``
+beside ``model_index.json`` and says so in one line.  A DiT trained with timestep
+``freq_shift`` 0 (the official weights) exports with one warning line: ``DiTPipeline``
+hard-codes shift 1 (``conversion.dit_layouts.dit_to_diffusers``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +31,9 @@ from tristage.train.config import Config, load_config
 from tristage.train.conversion.init_from import model_folder, source_class
 from tristage.train.diffusion.objective import Objective
 from tristage.train.models.dit import ClassConditionalDiT
+from tristage.train.training.null_caption import BUFFER_FILE
+
+log = logging.getLogger(__name__)
 
 
 def scheduler_for(cfg: Config) -> DPMSolverMultistepScheduler:
@@ -41,7 +51,7 @@ def id2label(cfg: Config) -> dict[str, str]:
 
 
 def export_dit(folder: Path, cfg: Config, out: Path) -> None:
-    from tristage.train.conversion.handoff import dit_to_diffusers
+    from tristage.train.conversion.dit_layouts import dit_to_diffusers
 
     transformer = dit_to_diffusers(ClassConditionalDiT.from_pretrained(folder))
     pipe = DiTPipeline(
@@ -65,6 +75,16 @@ def export_pixart(folder: Path, cfg: Config, out: Path) -> None:
         scheduler=scheduler_for(cfg),
     )
     pipe.save_pretrained(out, safe_serialization=True)
+    buffer = folder.parent / BUFFER_FILE
+    if buffer.is_file():
+        shutil.copy2(buffer, out / BUFFER_FILE)
+        log.warning(
+            "%s: trained with data.null_caption: buffer; PixArtAlphaPipeline's default negative prompt is "
+            'T5(""): to sample as trained pass negative_prompt_embeds from %s '
+            "(its first L rows, under the prompt's mask)",
+            out,
+            BUFFER_FILE,
+        )
 
 
 EXPORTERS: dict[str, Callable[[Path, Config, Path], None]] = {

@@ -146,8 +146,9 @@ def build_dit(
     out_channels: int,
     num_classes: int,
     class_embed_std: float = 0.02,
+    freq_shift: int = 1,
 ) -> ClassConditionalDiT:
-    """A freshly initialised stage-1 DiT."""
+    """A freshly initialised stage-1 DiT (``freq_shift``: 1 diffusers' sinusoid, 0 the official DiT's)."""
     return ClassConditionalDiT(
         sample_size=sample_size,
         patch_size=size.patch_size,
@@ -158,4 +159,5 @@ def build_dit(
         attention_head_dim=size.attention_head_dim,
         num_classes=num_classes,
         class_embed_std=class_embed_std,
+        freq_shift=freq_shift,
     )

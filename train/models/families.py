@@ -42,6 +42,7 @@ def _build_dit(cfg, out_channels: int) -> ClassConditionalDiT:
         out_channels,
         cfg.num_classes,
         cfg.class_embed_std,
+        cfg.freq_shift,
     )
 
 

@@ -14,11 +14,13 @@ def build_pixart(
     in_channels: int,
     out_channels: int,
     caption_channels: int,
-    interpolation_scale: float,
+    interpolation_scale: float | None,
     use_additional_conditions: bool,
     caption_embed_std: float = 0.02,
 ) -> PixArtTransformer2DModel:
-    """A freshly initialised PixArt transformer (adaLN-single, cross-attention to T5)."""
+    """A freshly initialised PixArt transformer (adaLN-single, cross-attention to T5).
+
+    ``interpolation_scale`` None is diffusers' ``max(sample_size // 64, 1)``, the official ``lewei_scale``."""
     model = PixArtTransformer2DModel(
         num_attention_heads=size.num_attention_heads,
         attention_head_dim=size.attention_head_dim,

@@ -8,12 +8,13 @@ import torch
 class EMA:
     """Shadow copy updated as shadow <- decay * shadow + (1 - decay) * param.
 
-    The decay warms up as min(decay, (1 + step) / (10 + step)) so that short
-    runs (the demo, fine-tunes) are not dominated by the initial weights.
+    As DiT's and PixArt-alpha's train.py: the shadow starts as a copy of the weights and blends at a
+    constant ``decay`` every step. With ``warmup`` the decay ramps as min(decay, (1 + step) / (10 + step))
+    instead, so that short runs (the demo) are not dominated by the initial weights.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = False):
+        self.decay, self.warmup = decay, warmup
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.shadow = [params[n].detach().float().clone() for n in self.names]
@@ -32,7 +33,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int, gate: torch.Tensor | None = None) -> None:
         """Blend the weights in; a 0-dim device ``gate`` (1 or 0) applies or skips it without a host sync."""
-        decay = min(self.decay, (1 + step) / (10 + step))
+        decay = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
         current = [p.float() for p in self._params(model)]
         if gate is None:
             torch._foreach_lerp_(self.shadow, current, 1.0 - decay)

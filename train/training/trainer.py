@@ -40,7 +40,7 @@ from tristage.train.diffusion.objective import Objective
 from tristage.train.models.families import family_of
 from tristage.train.models.speed import build_for_training
 from tristage.train.training import checkpoint as ckpt
-from tristage.train.training import tracking, validation
+from tristage.train.training import null_caption, tracking, validation
 from tristage.train.training.ema import EMA
 from tristage.train.training.lr_schedules import lr_lambda
 from tristage.train.training.nonfinite import GUARDS, Report
@@ -154,16 +154,29 @@ class Trainer:
         """Resume full state if a checkpoint applies, else load init_from weights (handoff)."""
         path = self._resume_path()
         if path is None:
+            source_null = None
             if self.cfg.init_from is not None:
-                load_initial_weights(self.model, self.cfg)
+                source_null = load_initial_weights(self.model, self.cfg)
+            self._set_null_caption(source_null)
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-            self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay)
+            self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
             return
         if self.cfg.init_from is not None:
             self._info(f"resuming from {path}; init_from={self.cfg.init_from} is ignored")
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-        self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay)
+        self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
         self._load_checkpoint(path)
+        self._set_null_caption(None)  # a resumed run reads the buffer it keeps in run.dir
+
+    def _set_null_caption(self, source: torch.Tensor | None) -> None:
+        """``data.null_caption: buffer``: the run's fixed null caption for the loader and validation."""
+        if self.cfg.data.null_caption != "buffer":
+            return
+        size = (self.cfg.encoders.max_tokens, self.cfg.model.caption_channels)
+        buffer = null_caption.resolve_buffer(self.run_dir, source, *size, self.cfg.train.seed)
+        self.loader.null_buffer = self.validator.null_buffer = buffer
+        if self.accelerator.is_main_process:
+            null_caption.save_buffer(buffer, self.run_dir)
 
     def _resume_path(self) -> Path | None:
         mode = self.cfg.resume
@@ -214,7 +227,10 @@ class Trainer:
                 timesteps=timesteps,
             )
         self.accelerator.backward(loss)
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        clip = (
+            math.inf if self.cfg.optim.grad_clip is None else self.cfg.optim.grad_clip
+        )  # None: DiT, no clipping
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)  # on the device
         self.guard.apply(finite, self._update)
         self._check_nonfinite(self.guard.poll(log_step=False))
@@ -303,6 +319,8 @@ class Trainer:
         raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.ema.copy_to(model)
         model.save_pretrained(final / "transformer", safe_serialization=True)
+        if self.loader.null_buffer is not None:
+            null_caption.save_buffer(self.loader.null_buffer, final)
         model.load_state_dict(raw)
         save_config(self.cfg, final / "config.yaml")
         (final / ckpt.MARKER).write_text("ok\n")

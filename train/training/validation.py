@@ -1,6 +1,6 @@
 """Validation sample grids: every ``validation.every`` steps rank 0 samples with the EMA weights.
 
-Stage 1 (DiT) goes through the export path (``handoff.dit_to_diffusers`` + ``DiTPipeline``) with
+Stage 1 (DiT) goes through the export path (``dit_layouts.dit_to_diffusers`` + ``DiTPipeline``) with
 ``validation.class_labels``; stages 2-3 build a ``PixArtAlphaPipeline`` in memory around the live
 transformer with ``validation.prompts``.  The T5 features of the prompts are computed once and the
 text encoder is released again (T5-XXL would otherwise hold ~9 GB next to training).  Sampling uses a
@@ -28,6 +28,7 @@ class Validator:
     cfg: Config
     vae: torch.nn.Module | None = None
     prompt_embeds: tuple[torch.Tensor, ...] | None = None
+    null_buffer: torch.Tensor | None = None  # data.null_caption: buffer -- the null training drops to
     written: list[Path] = field(default_factory=list)
 
     def due(self, step: int) -> bool:
@@ -87,7 +88,7 @@ class Validator:
     def _dit_pipeline(self, model: torch.nn.Module):
         from diffusers import DiTPipeline
 
-        from tristage.train.conversion.handoff import dit_to_diffusers
+        from tristage.train.conversion.dit_layouts import dit_to_diffusers
         from tristage.train.inference.export import scheduler_for
 
         transformer = dit_to_diffusers(model).to(model.device).eval()
@@ -125,9 +126,16 @@ class Validator:
             feats = t5(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state  # (2P, L, C)
             n = len(prompts)
             mask = tokens.attention_mask
-            self.prompt_embeds = (feats[:n], mask[:n], feats[n:], mask[n:])
+            self.prompt_embeds = (feats[:n], mask[:n], *self._null(feats[n:], mask[n:], mask[:n]))
             del t5  # features kept, encoder released
         return tuple(t.to(device) for t in self.prompt_embeds)
+
+    def _null(self, empty: torch.Tensor, empty_mask: torch.Tensor, prompt_mask: torch.Tensor) -> tuple:
+        """T5("") with its mask, or the buffer's rows under each prompt's own mask (official sampling)."""
+        if self.null_buffer is None:
+            return empty, empty_mask
+        tokens = prompt_mask.shape[1]
+        return self.null_buffer[:tokens].to(empty.dtype).expand(len(empty), -1, -1), prompt_mask
 
 
 @contextmanager
