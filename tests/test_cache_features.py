@@ -530,3 +530,53 @@ def test_tar_header_with_bad_checksum_names_shard(tmp_path):
         CacheError, match=r"t\.tar: corrupt feature shard \(bad tar header checksum at byte 0\)"
     ):
         list(_tar_members(memoryview(bytes(data)), str(path)))
+
+
+# -- data.null_caption: buffer -------------------------------------------------------------------
+def test_buffer_null_caption_keeps_each_caption_length(stage2):
+    """A dropped caption of L tokens becomes the buffer's first L rows under its own mask (official)."""
+    cache_dir = Path(stage2[0].data.cache_dir)
+    buffer = torch.randn(32, 64)
+    (kept,) = take(FeatureLoader(cache_dir, spec(cond_dropout=0.0)), 1)
+    (dropped,) = take(FeatureLoader(cache_dir, spec(cond_dropout=1.0), null_buffer=buffer), 1)
+    assert kept["keys"] == dropped["keys"] and torch.equal(kept["text_mask"], dropped["text_mask"])
+    lengths = kept["text_mask"].sum(1).long().tolist()
+    assert len(set(lengths)) > 1  # captions of different lengths: the check can fail
+    for i, n in enumerate(lengths):
+        assert torch.equal(dropped["text"][i, :n], buffer[:n].to(kept["text"].dtype))
+        assert not dropped["text"][i, n:].any()
+
+
+def test_trainer_keeps_the_buffer_through_resume_final_and_export(stage2, tmp_path, caplog):
+    import copy
+
+    from tristage.train.conversion.init_from import load_initial_weights
+    from tristage.train.inference.export import export
+    from tristage.train.models.families import family_of
+    from tristage.train.training.null_caption import BUFFER_FILE, load_buffer
+    from tristage.train.training.trainer import Trainer
+
+    cfg = copy.deepcopy(stage2[0])
+    cfg.run.dir, cfg.model.size, cfg.data.null_caption = str(tmp_path / "run"), "tiny", "buffer"
+    cfg.data.batch_size, cfg.train.max_steps, cfg.checkpoint.every = 2, 1, 1
+    cfg.tracking.mode, cfg.validation.every = "disabled", 0
+    Trainer(cfg).train()
+    buffer = load_buffer(tmp_path / "run")
+    assert buffer.shape == (cfg.encoders.max_tokens, cfg.model.caption_channels)
+    assert abs(buffer.std().item() * 64**0.5 - 1) < 0.1  # drawn N(0, 1) / sqrt(channels), as PixArt
+    assert torch.equal(load_buffer(tmp_path / "run" / "final"), buffer)
+
+    cfg.train.max_steps = 2  # a resumed run keeps its buffer, whatever the seed says now
+    cfg.train.seed = 7
+    trainer = Trainer(cfg)
+    trainer.train()
+    assert torch.equal(trainer.loader.null_buffer, buffer)
+
+    nxt = copy.deepcopy(cfg)  # the next stage starts from final/ and gets the same buffer back
+    nxt.init_from = str(tmp_path / "run" / "final")
+    assert torch.equal(load_initial_weights(family_of("pixart").build(nxt.model, 8), nxt), buffer)
+    with caplog.at_level("WARNING"):
+        out = export(tmp_path / "run", tmp_path / "export")
+    assert torch.equal(load_buffer(out), buffer) and (out / BUFFER_FILE).is_file()
+    (line,) = [r.getMessage() for r in caplog.records if BUFFER_FILE in r.getMessage()]
+    assert "negative_prompt_embeds" in line and "\n" not in line

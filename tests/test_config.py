@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tristage.train.cli import main
 from tristage.train.config import Config, ConfigError, load_config, save_config
 
 from .conftest import ROOT
@@ -29,14 +30,20 @@ def test_every_yaml_loads(path: Path):
 
 
 def test_paper_settings_in_real_configs():
+    """Stage 1 from scratch = DiT's train.py; stages 2-3 = PixArt-alpha's configs (README "Recipe")."""
+    stage1 = load_config(ROOT / "configs/stage1_imagenet.yaml")
+    assert (stage1.optim.lr, stage1.optim.weight_decay, stage1.optim.grad_clip) == (1e-4, 0.0, None)
+    assert not stage1.optim.auto_lr and stage1.optim.warmup_steps == 0
     for name in ("stage1_imagenet", "stage2_sam_llava", "stage3_aesthetic"):
         cfg = load_config(ROOT / "configs" / f"{name}.yaml")
         assert cfg.model.size == "XL/2"
-        assert cfg.optim.lr == pytest.approx(2e-5)
-        assert cfg.optim.weight_decay == pytest.approx(3e-2)
-        assert cfg.optim.grad_clip == pytest.approx(0.01)
-        assert cfg.train.ema_decay == pytest.approx(0.9999)
+        assert cfg.train.ema_decay == pytest.approx(0.9999) and not cfg.train.ema_warmup
         assert cfg.objective.learn_sigma and cfg.objective.num_timesteps == 1000
+        if name != "stage1_imagenet":
+            assert cfg.optim.lr == pytest.approx(2e-5) and cfg.optim.eps == pytest.approx(1e-10)
+            assert cfg.optim.weight_decay == pytest.approx(3e-2) and cfg.optim.auto_lr
+            assert cfg.optim.grad_clip == pytest.approx(0.01)
+            assert cfg.model.interpolation_scale == max(cfg.model.sample_size // 64, 1)  # lewei_scale
     assert load_config(ROOT / "configs/stage1_imagenet.yaml").train.max_steps == 300_000
     assert load_config(ROOT / "configs/stage2_sam_llava.yaml").train.max_steps == 150_000
 
@@ -86,3 +93,46 @@ def test_cli_bad_config_exit_2_one_line(cli, tmp_path, args, needle):
     assert len(lines) == 1, result.stderr
     assert needle in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+BASE = (ROOT / "configs/demo/stage1.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("run: {dir: x\nmodel: [1, 2\n", ["bad.yaml:2:", "invalid YAML"]),  # syntax error
+        ("- run\n- model\n", ["bad.yaml:", "top level must be a mapping", "list"]),
+        ("42\n", ["bad.yaml:", "top level must be a mapping", "single value"]),
+        (BASE + "\ntrain: {seed: 1}\n", ["bad.yaml:", "duplicate key train"]),
+        (BASE.replace("  size: demo", "  size: demo\n  sizes: 3"), ["bad.yaml:9:", "model.sizes"]),
+        (BASE.replace("max_steps: 450", "max_steps: many"), ["bad.yaml:27:", "train.max_steps"]),
+    ],
+    ids=["syntax", "list", "scalar", "duplicate", "unknown-key", "wrong-type"],
+)
+def test_bad_yaml_is_one_line_naming_file_and_line(capsys, tmp_path, text, needles):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert "\n" not in str(err.value)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+    assert main(["train", str(bad)]) == 2  # the CLI: exit 2, the one line on stderr, no traceback
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert needles[0] in line
+
+
+def test_init_from_folder_without_a_model_is_one_line(capsys, tmp_path):
+    empty = tmp_path / "final"
+    (empty / "transformer").mkdir(parents=True)
+    args = [
+        "train",
+        str(ROOT / "configs/demo/stage2.yaml"),
+        f"init_from={empty}",
+        f"run.dir={tmp_path / 'run'}",
+    ]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "init_from" in line and str(empty) in line and "holds no model" in line
+    assert not (tmp_path / "run").exists()

@@ -9,14 +9,18 @@ import pytest
 import torch
 from diffusers import PixArtTransformer2DModel
 
+from tristage.train.config import load_config
 from tristage.train.conversion.dit_layouts import (
     dit_to_diffusers,
     dit_to_official_state_dict,
     load_dit_checkpoint,
 )
-from tristage.train.conversion.init_from import convert_dit_to_pixart
+from tristage.train.conversion.init_from import convert_dit_to_pixart, load_initial_weights
 from tristage.train.conversion.reparam import dit_to_pixart
 from tristage.train.models.dit import ClassConditionalDiT
+from tristage.train.models.families import family_of
+
+from .conftest import ROOT
 
 TINY = dict(
     sample_size=8,
@@ -35,7 +39,11 @@ CAPTION_CHANNELS = 12
 def random_dit(freq_shift: int = 1, seed: int = 0) -> ClassConditionalDiT:
     """A tiny DiT with EVERY weight random: the zero-initialised adaLN and final layers would hide bugs."""
     torch.manual_seed(seed)
-    dit = ClassConditionalDiT(**TINY, freq_shift=freq_shift).eval()
+    return randomised(ClassConditionalDiT(**TINY, freq_shift=freq_shift))
+
+
+def randomised(dit: ClassConditionalDiT) -> ClassConditionalDiT:
+    dit.eval()
     with torch.no_grad():
         for p in dit.parameters():
             fan_in = p[0].numel() if p.ndim > 1 else 1
@@ -243,3 +251,38 @@ def test_convert_cli_writes_a_pixart_folder(tmp_path, source):
     x = latents(2)
     got = pixart_out(pixart, x, 500, *captions(2, torch.float32))
     torch.testing.assert_close(got, dit_out(dit, x, 500, torch.full((2,), NULL)), atol=1e-4, rtol=0)
+
+
+def shipped_handoff_gap(tmp_path, *stage2_overrides: str) -> float:
+    """A tiny stage-1 DiT built from configs/stage1_imagenet.yaml, handed to configs/stage2_sam_llava.yaml
+    through ``init_from``: max |PixArt - DiT| at t=500, null class, random captions. Only the size
+    (and the caption width) are overridden: the position settings are the shipped files'."""
+    stage1 = load_config(ROOT / "configs/stage1_imagenet.yaml", ["model.size=tiny", "model.num_classes=10"])
+    torch.manual_seed(0)
+    dit = randomised(family_of("dit").build(stage1.model, 8))
+    dit.save_pretrained(tmp_path / "stage1" / "final" / "transformer")
+    stage2 = load_config(
+        ROOT / "configs/stage2_sam_llava.yaml",
+        [
+            "model.size=tiny",
+            f"model.caption_channels={CAPTION_CHANNELS}",
+            f"init_from={tmp_path / 'stage1' / 'final'}",
+            *stage2_overrides,
+        ],
+    )
+    pixart = family_of("pixart").build(stage2.model, 8).eval()
+    load_initial_weights(pixart, stage2)
+    side = stage1.model.sample_size
+    x = torch.randn(2, 4, side, side)
+    want = dit_out(dit, x, 500, torch.full((2,), 10))
+    assert want.abs().max() > 0.1
+    return max(
+        (pixart_out(pixart, x, 500, *captions(2, torch.float32)) - want).abs().max().item() for _ in range(3)
+    )
+
+
+def test_handoff_is_exact_under_the_shipped_configs(tmp_path):
+    gap = shipped_handoff_gap(tmp_path)
+    print(f"shipped stage1 -> stage2 configs: max |delta| at t=500 {gap:.3g}")
+    assert gap < 1e-4
+    assert shipped_handoff_gap(tmp_path, "model.interpolation_scale=0.5") > 1e-2  # the old table: it can fail

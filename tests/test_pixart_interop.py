@@ -21,12 +21,12 @@ from transformers import AutoTokenizer, T5EncoderModel
 from tristage.data.cache import Encoders
 from tristage.demo.encoders import write_demo_text_encoder
 from tristage.train.config import load_config, save_config
+from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.conversion.pixart_layouts import (
     load_pixart_checkpoint,
     pixart_state_dict_from_official,
     pixart_to_official_state_dict,
 )
-from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.diffusion.objective import DIFFUSERS_PREDICTION_TYPE, Objective
 from tristage.train.inference.export import export
 from tristage.train.models.dit import ClassConditionalDiT, build_dit
@@ -35,7 +35,9 @@ from tristage.train.models.sizes import SIZES, Size
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = 8  # latent side: 4 x 4 tokens with patch 2
-SCALE = max(SAMPLE // 64, 1)  # the loader's default interpolation scale (diffusers', the official lewei_scale)
+SCALE = max(
+    SAMPLE // 64, 1
+)  # the loader's default interpolation scale (diffusers', the official lewei_scale)
 CAPTION = 12
 # MS embeds height, width and aspect ratio to hidden // 3 channels each and adds their concatenation to
 # the timestep embedding, so MS needs hidden % 3 == 0: "tiny" (32) and "demo" (128) cannot be MS; 48 can.
@@ -140,6 +142,42 @@ def test_diffusers_folder_and_state_dict_round_trip(tmp_path, ms):
     )
     assert bare.adaln_single.emb.use_additional_conditions == ms
     assert_same_outputs(model, bare, inputs, f"diffusers state dict (ms={ms})")
+
+
+def official_pixart_pos_embed(dim: int, grid: int, lewei_scale: float) -> torch.Tensor:
+    """PixArt.py's table, derived independently: the MAE sin-cos of positions (grid index / lewei_scale,
+    base size = the grid), [sincos(column), sincos(row)]."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    index = torch.arange(grid * grid)
+    rows, cols = (index // grid) / lewei_scale, (index % grid) / lewei_scale
+
+    def sincos(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos[:, None].double() * omega[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    return torch.cat([sincos(cols), sincos(rows)], dim=1)[None].float()
+
+
+# Release -> (latent side, MS, the official config's lewei_scale). Patch 8 keeps the 1024 grid at 16 x 16
+# tokens on CPU; the default scale depends on the latent side alone.
+RELEASES = {"256": (32, False, 1.0), "512": (64, False, 1.0), "1024-MS": (128, True, 2.0)}
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_official_release_loads_with_its_own_interpolation_scale(tmp_path, caplog, release):
+    side, ms, lewei_scale = RELEASES[release]
+    model = perturb(build_pixart(Size(2, 2, 24, 8), side, 4, 8, CAPTION, lewei_scale, ms))
+    state = pixart_to_official_state_dict(model, null_caption=torch.randn(7, CAPTION))
+    state["pos_embed"] = official_pixart_pos_embed(48, side // 8, lewei_scale)
+    torch.save({"state_dict": state}, tmp_path / f"PixArt-XL-2-{release}.pth")
+    with caplog.at_level(logging.WARNING):
+        loaded = load_pixart_checkpoint(tmp_path / f"PixArt-XL-2-{release}.pth", num_attention_heads=2)
+    assert loaded.config.interpolation_scale == lewei_scale and "pos_embed differs" not in caplog.text
+    inputs = pixart_inputs(ms, batch=2) | {"hidden_states": torch.randn(2, 4, side, side)}
+    assert_same_outputs(model, loaded, inputs, f"official PixArt-{release} .pth, default scale")
+    with caplog.at_level(logging.WARNING):  # another scale is not the release's table: said in one line
+        load_pixart_checkpoint(state, interpolation_scale=0.5, num_attention_heads=2)
+    assert "pos_embed differs from the table at interpolation_scale=0.5" in caplog.text
 
 
 def test_official_missing_and_unexpected_keys_are_named():

@@ -225,17 +225,18 @@ def _read_yaml(path: str) -> tuple[DictConfig, str]:
     not a mapping are one line naming the file and, where the parser knows it, the line."""
     source = Path(path).read_text()
     try:
+        root = yaml.compose(source)
+        if root is not None and not isinstance(root, yaml.MappingNode):
+            kind = "list" if isinstance(root, yaml.SequenceNode) else "single value"
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections (run:, model:, ...), not a {kind}"
+            )
         loaded = OmegaConf.load(path)  # OmegaConf's loader refuses duplicate keys
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else path
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
-    if not isinstance(loaded, DictConfig):
-        kind = type(loaded).__name__.replace("Config", "").lower()
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of sections (run:, model:, ...), not a {kind}"
-        )
     return loaded, source
 
 
