@@ -580,3 +580,16 @@ def test_trainer_keeps_the_buffer_through_resume_final_and_export(stage2, tmp_pa
     assert torch.equal(load_buffer(out), buffer) and (out / BUFFER_FILE).is_file()
     (line,) = [r.getMessage() for r in caplog.records if BUFFER_FILE in r.getMessage()]
     assert "negative_prompt_embeds" in line and "\n" not in line
+
+
+def test_validation_samples_with_the_training_null(stage2):
+    """Validation's negative embeddings: T5("") by default, the buffer under the prompts' masks with it."""
+    from tristage.train.training.validation import Validator
+
+    empty, empty_mask = torch.randn(2, 8, 64), torch.tensor([[1] + [0] * 7] * 2)
+    prompt_mask = torch.tensor([[1] * 3 + [0] * 5, [1] * 6 + [0] * 2])
+    plain = Validator(stage2[0])._null(empty, empty_mask, prompt_mask)
+    assert plain[0] is empty and plain[1] is empty_mask
+    buffer = torch.randn(32, 64)
+    null, mask = Validator(stage2[0], null_buffer=buffer)._null(empty, empty_mask, prompt_mask)
+    assert torch.equal(null, buffer[:8].expand(2, 8, 64)) and mask is prompt_mask

@@ -285,4 +285,6 @@ def test_handoff_is_exact_under_the_shipped_configs(tmp_path):
     gap = shipped_handoff_gap(tmp_path)
     print(f"shipped stage1 -> stage2 configs: max |delta| at t=500 {gap:.3g}")
     assert gap < 1e-4
-    assert shipped_handoff_gap(tmp_path, "model.interpolation_scale=0.5") > 1e-2  # the old table: it can fail
+    old = shipped_handoff_gap(tmp_path, "model.interpolation_scale=0.5")  # the old table: the check can fail
+    print(f"with the old interpolation_scale 0.5: max |delta| at t=500 {old:.3g}")
+    assert old > 1e-2

@@ -104,6 +104,22 @@ def _diffusers_embedder_copies(depth: int) -> list[tuple[str, list[str]]]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _dit_for(ours: Mapping[str, torch.Tensor], sample_size: int, heads: int, freq_shift: int):
+    """A ``ClassConditionalDiT`` shaped like the (our-named) tensors ``ours``."""
+    dim, in_channels, patch, _ = ours["pos_embed.proj.weight"].shape  # conv (D, C, p, p)
+    return ClassConditionalDiT(
+        sample_size=sample_size,
+        patch_size=patch,
+        in_channels=in_channels,
+        out_channels=ours["proj_out_2.weight"].shape[0] // patch**2,
+        num_layers=num_blocks(ours, "transformer_blocks."),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim(dim, heads),
+        num_classes=ours["class_embedder.weight"].shape[0] - 1,  # last row = null class
+        freq_shift=freq_shift,
+    )
+
+
 def _from_official(state: Mapping[str, torch.Tensor], num_attention_heads: int, sample_size: int | None):
     """The grid of the official ``pos_embed`` sets the sample size (``sample_size`` is not needed)."""
     depth = num_blocks(state, "blocks.")
@@ -113,25 +129,14 @@ def _from_official(state: Mapping[str, torch.Tensor], num_attention_heads: int, 
         "official DiT",
     )
     src = Tracked(state)
-    dim, in_channels, patch, _ = src["x_embedder.proj.weight"].shape
-    tokens = src["pos_embed"].shape[1]
-    grid = math.isqrt(tokens)
-    if grid * grid != tokens:
-        raise ValueError(f"official pos_embed has {tokens} tokens: not a square grid")
-    dit = ClassConditionalDiT(
-        sample_size=grid * patch,
-        patch_size=patch,
-        in_channels=in_channels,
-        out_channels=src["final_layer.linear.weight"].shape[0] // patch**2,
-        num_layers=depth,
-        num_attention_heads=num_attention_heads,
-        attention_head_dim=head_dim(dim, num_attention_heads),
-        num_classes=src[OFFICIAL_DIT_KEY].shape[0] - 1,  # last row = null class
-        freq_shift=OFFICIAL_FREQ_SHIFT,
-    )
     ours = {a: src[b] for a, b in _official_pairs(depth)}
     for names, fused in _official_qkv(depth):
         ours.update(zip(names, src[fused].chunk(3, dim=0), strict=True))
+    tokens, patch = src["pos_embed"].shape[1], ours["pos_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise ValueError(f"official pos_embed has {tokens} tokens: not a square grid")
+    dit = _dit_for(ours, grid * patch, num_attention_heads, OFFICIAL_FREQ_SHIFT)
     # The official pos_embed is a frozen sin-cos table (MAE formula); ours is recomputed, so only verify it.
     if not torch.allclose(src["pos_embed"].float(), dit.pos_embed.pos_embed, atol=1e-5):
         raise ValueError("official pos_embed differs from the fixed 2-D sin-cos table this DiT recomputes")
@@ -162,18 +167,7 @@ def _from_diffusers(state: Mapping[str, torch.Tensor], num_attention_heads: int,
     src = Tracked(state)
     ours = {a: src[b] for a, b in pairs}
     ours.update({name: _identical_copies(src, keys) for name, keys in copies})
-    dim, in_channels, patch, _ = ours["pos_embed.proj.weight"].shape
-    dit = ClassConditionalDiT(
-        sample_size=sample_size,
-        patch_size=patch,
-        in_channels=in_channels,
-        out_channels=ours["proj_out_2.weight"].shape[0] // patch**2,
-        num_layers=depth,
-        num_attention_heads=num_attention_heads,
-        attention_head_dim=head_dim(dim, num_attention_heads),
-        num_classes=ours["class_embedder.weight"].shape[0] - 1,  # LabelEmbedding's extra CFG row
-        freq_shift=DIFFUSERS_FREQ_SHIFT,
-    )
+    dit = _dit_for(ours, sample_size, num_attention_heads, DIFFUSERS_FREQ_SHIFT)
     src.assert_all_read("diffusers DiT")
     dit.load_state_dict(ours, strict=True)
     return dit

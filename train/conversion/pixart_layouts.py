@@ -20,21 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import PixArtTransformer2DModel
 
-from tristage.train.conversion.keymap import (
-    WB,
-    StateDict,
-    Tracked,
-    check_keys,
-    detached,
-    head_dim,
-    listing,
-    model_folder,
-    num_blocks,
-    read_safetensors,
-    read_weights_file,
-    unwrap_state_dict,
-    with_wb,
-)
+from tristage.train.conversion import keymap as km
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +66,7 @@ def _pixart_official_pairs(depth: int, ms: bool) -> list[tuple[str, str]]:
     tables = [("scale_shift_table", "final_layer.scale_shift_table")] + [
         (f"transformer_blocks.{i}.scale_shift_table", f"blocks.{i}.scale_shift_table") for i in range(depth)
     ]
-    return with_wb(top + blocks) + tables
+    return km.with_wb(top + blocks) + tables
 
 
 def _pixart_official_fused(depth: int) -> list[tuple[list[str], str]]:
@@ -90,7 +76,7 @@ def _pixart_official_fused(depth: int) -> list[tuple[list[str], str]]:
     fused = []
     for i in range(depth):
         ours = f"transformer_blocks.{i}"
-        for p in WB:
+        for p in km.WB:
             fused.append(([f"{ours}.attn1.to_{n}.{p}" for n in "qkv"], f"blocks.{i}.attn.qkv.{p}"))
             fused.append(([f"{ours}.attn2.to_{n}.{p}" for n in "kv"], f"blocks.{i}.cross_attn.kv_linear.{p}"))
     return fused
@@ -98,7 +84,7 @@ def _pixart_official_fused(depth: int) -> list[tuple[list[str], str]]:
 
 def pixart_state_dict_from_official(
     state: Mapping[str, torch.Tensor], use_additional_conditions: bool | None = None
-) -> tuple[StateDict, StateDict]:
+) -> tuple[km.StateDict, km.StateDict]:
     """Official PixArt-alpha keys -> diffusers keys; returns ``(converted, dropped)``.
 
     ``dropped`` holds the official-only tensors that were present: the null-caption buffer and the fixed
@@ -106,13 +92,13 @@ def pixart_state_dict_from_official(
     ``use_additional_conditions`` says so, or (None) when the checkpoint has them.
     Missing or unexpected keys raise ``ValueError`` naming them.
     """
-    state = unwrap_state_dict(state)
-    depth = num_blocks(state, "blocks.")
+    state = km.unwrap_state_dict(state)
+    depth = km.num_blocks(state, "blocks.")
     ms = _OFFICIAL_PIXART_MS_KEY in state if use_additional_conditions is None else use_additional_conditions
     pairs, fused = _pixart_official_pairs(depth, ms), _pixart_official_fused(depth)
     optional = {OFFICIAL_PIXART_NULL_CAPTION, OFFICIAL_PIXART_POS_EMBED} & set(state)
-    check_keys(state, {b for _, b in pairs} | {b for _, b in fused} | optional, "official PixArt-alpha")
-    src = Tracked(state)
+    km.check_keys(state, {b for _, b in pairs} | {b for _, b in fused} | optional, "official PixArt-alpha")
+    src = km.Tracked(state)
     out = {a: src[b] for a, b in pairs}
     for names, key in fused:
         out.update(zip(names, src[key].chunk(len(names), dim=0), strict=True))  # (n*D, ...) -> n x (D, ...)
@@ -123,14 +109,14 @@ def pixart_state_dict_from_official(
 
 def pixart_to_official_state_dict(
     model: PixArtTransformer2DModel, null_caption: torch.Tensor | None = None
-) -> StateDict:
+) -> km.StateDict:
     """The model in the official PixArt-alpha layout (fused qkv and kv, fixed ``pos_embed`` included).
 
     diffusers has no null-caption buffer: pass ``null_caption`` (``(tokens, caption_channels)``) to write one
     as ``y_embedder.y_embedding``, which the official code needs for caption dropout and CFG.
     """
     depth, ms = model.config.num_layers, model.adaln_single.emb.use_additional_conditions
-    src = Tracked(detached(model))
+    src = km.Tracked(km.detached(model))
     out = {b: src[a].clone() for a, b in _pixart_official_pairs(depth, ms)}
     for names, fused in _pixart_official_fused(depth):
         out[fused] = torch.cat([src[n] for n in names], dim=0)  # (n*D, D) or (n*D,)
@@ -149,7 +135,7 @@ def default_interpolation_scale(sample_size: int) -> float:
 
 def official_null_caption(state: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     """The official null-caption buffer ``y_embedder.y_embedding`` (tokens, caption_channels), if any."""
-    null = unwrap_state_dict(state).get(OFFICIAL_PIXART_NULL_CAPTION)
+    null = km.unwrap_state_dict(state).get(OFFICIAL_PIXART_NULL_CAPTION)
     return None if null is None else null.detach().float().clone()
 
 
@@ -179,7 +165,7 @@ def _diffusers_layout(state, sample_size: int | None, use_additional_conditions:
 
 
 # A layout is recognised by one key only it has; each returns (diffusers-named state, sample size, table).
-_PIXART_LAYOUTS: dict[str, Callable[..., tuple[StateDict, int | None, torch.Tensor | None]]] = {
+_PIXART_LAYOUTS: dict[str, Callable[..., tuple[km.StateDict, int | None, torch.Tensor | None]]] = {
     "x_embedder.proj.weight": _official_layout,
     "pos_embed.proj.weight": _diffusers_layout,
 }
@@ -195,16 +181,16 @@ def _pixart_config_from_shapes(
     """``PixArtTransformer2DModel`` arguments read off the tensor shapes (diffusers names)."""
     missing = [key for key in _PIXART_SHAPE_KEYS if key not in state]
     if missing:
-        raise ValueError(f"PixArt state dict does not match: missing keys: {listing(missing)}")
+        raise ValueError(f"PixArt state dict does not match: missing keys: {km.listing(missing)}")
     dim, in_channels, patch, _ = state["pos_embed.proj.weight"].shape  # conv (D, C, p, p)
     if interpolation_scale is None:
         interpolation_scale = default_interpolation_scale(sample_size)
     return dict(
         num_attention_heads=heads,
-        attention_head_dim=head_dim(dim, heads),
+        attention_head_dim=km.head_dim(dim, heads),
         in_channels=in_channels,
         out_channels=state["proj_out.weight"].shape[0] // patch**2,  # learned sigma: 2 * in_channels
-        num_layers=num_blocks(state, "transformer_blocks."),
+        num_layers=km.num_blocks(state, "transformer_blocks."),
         cross_attention_dim=dim,
         caption_channels=state["caption_projection.linear_1.weight"].shape[1],
         sample_size=sample_size,
@@ -215,7 +201,7 @@ def _pixart_config_from_shapes(
 
 
 def _pixart_filled(model: PixArtTransformer2DModel, state: Mapping[str, torch.Tensor], what: str):
-    check_keys(state, set(model.state_dict()), f"{what} -> PixArtTransformer2DModel")
+    km.check_keys(state, set(model.state_dict()), f"{what} -> PixArtTransformer2DModel")
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -227,14 +213,14 @@ def _pixart_from_state_dict(
     use_additional_conditions: bool | None,
     heads: int,
 ) -> PixArtTransformer2DModel:
-    state = unwrap_state_dict(state)
+    state = km.unwrap_state_dict(state)
     layouts = [fn for key, fn in _PIXART_LAYOUTS.items() if key in state]
     if len(layouts) != 1:
         raise ValueError(
             "cannot tell the PixArt checkpoint layout: expected official PixArt-alpha keys "
             "(x_embedder.*, blocks.N.*) or diffusers PixArtTransformer2DModel keys "
             "(pos_embed.proj.*, transformer_blocks.N.*); "
-            f"got: {listing(sorted(state), 8)}"
+            f"got: {km.listing(sorted(state), 8)}"
         )
     state, sample_size, table = layouts[0](state, sample_size, use_additional_conditions)
     if sample_size is None:
@@ -276,7 +262,7 @@ def _pixart_from_folder(
     }
     config.update({key: value for key, value in overrides.items() if value is not None})
     model = PixArtTransformer2DModel.from_config(config)
-    return _pixart_filled(model, read_safetensors(folder), str(folder))
+    return _pixart_filled(model, km.read_safetensors(folder), str(folder))
 
 
 def load_pixart_checkpoint(
@@ -307,9 +293,9 @@ def load_pixart_checkpoint(
     if not isinstance(source, Mapping):
         path = Path(source)
         if not path.is_file():
-            folder = model_folder(path)
+            folder = km.model_folder(path)
             return _pixart_from_folder(folder, sample_size, interpolation_scale, use_additional_conditions)
-        source = read_weights_file(path)
+        source = km.read_weights_file(path)
     return _pixart_from_state_dict(
         source, sample_size, interpolation_scale, use_additional_conditions, num_attention_heads
     )
