@@ -39,12 +39,8 @@ class ModelConfig:
     class_embed_std: float = 0.02  # stage 1: init std of the class table (DiT: 0.02; the CPU demo: 1.0)
     caption_channels: int = 4096  # stage 2-3: T5 feature width (4096 for T5-XXL)
     caption_embed_std: float = 0.02  # init std of the new caption MLP (PixArt: 0.02; the narrow demo T5: 0.1)
-    interpolation_scale: float | None = (
-        None  # pos-table scale; null = max(sample_size // 64, 1): 1 at 256/512 px, 2 at 1024
-    )
-    freq_shift: int = (
-        1  # stage 1 timestep sinusoid shift: 1 diffusers / DiTPipeline, 0 the official DiT weights
-    )
+    interpolation_scale: float | None = None  # pos table; null: max(sample_size // 64, 1), 2 only at 1024 px
+    freq_shift: int = 1  # stage 1 timestep sinusoid shift: 1 diffusers / DiTPipeline, 0 the official DiT
     use_additional_conditions: bool = False  # PixArt-MS resolution / aspect-ratio micro-conditions
     gradient_checkpointing: bool = False  # recompute block activations in backward to save memory
     checkpoint_blocks: int = -1  # with gradient_checkpointing: leading blocks to recompute (-1 = all)
@@ -72,9 +68,7 @@ class DataConfig:
     num_workers: int = 2  # loader worker processes
     shuffle_buffer: int = 1000  # samples held for shuffling
     cond_dropout: float = 0.1  # caption/class dropout for classifier-free guidance
-    null_caption: str = (
-        "t5_empty"  # what a dropped caption becomes: t5_empty (T5(""), diffusers) | buffer (official)
-    )
+    null_caption: str = "t5_empty"  # dropped captions become t5_empty (T5("")) | buffer (the official null)
 
 
 @dataclass
@@ -143,9 +137,7 @@ class TrainConfig:
     seed: int = 0  # seeds model init, data order and noise
     mixed_precision: str = "bf16"  # "no" | "fp16" | "bf16"
     grad_accum: int = 1  # micro-batches per optimizer step
-    ema_decay: float = (
-        0.9999  # EMA of the weights (exported as the final model), constant from an initial copy
-    )
+    ema_decay: float = 0.9999  # EMA of the weights (exported as final/), constant from an initial copy
     ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)): for short runs (not official)
     log_every: int = 50  # steps between metric logs (host syncs only happen here)
     max_time: float | None = None  # wall-clock budget in seconds; save and exit cleanly before it

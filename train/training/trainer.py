@@ -227,9 +227,8 @@ class Trainer:
                 timesteps=timesteps,
             )
         self.accelerator.backward(loss)
-        clip = (
-            math.inf if self.cfg.optim.grad_clip is None else self.cfg.optim.grad_clip
-        )  # None: DiT, no clipping
+        clip = self.cfg.optim.grad_clip
+        clip = math.inf if clip is None else clip  # None: no clipping (DiT); the norm is still logged
         grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)  # on the device
         self.guard.apply(finite, self._update)
