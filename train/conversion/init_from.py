@@ -70,8 +70,13 @@ def source_class(folder: Path) -> str:
 
 def _hub_class(folder: Path) -> str:
     """A ``Transformer2DModel`` folder is a DiT when its weights have diffusers' DiT keys."""
-    with safe_open(folder / "diffusion_pytorch_model.safetensors", "pt") as weights:
-        return "DiTTransformer2DModel" if DIFFUSERS_DIT_KEY in weights.keys() else "PixArtTransformer2DModel"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():  # sharded: the index names every key
+        keys = set(json.loads(index.read_text())["weight_map"])
+    else:
+        with safe_open(folder / "diffusion_pytorch_model.safetensors", "pt") as weights:
+            keys = set(weights.keys())
+    return "DiTTransformer2DModel" if DIFFUSERS_DIT_KEY in keys else "PixArtTransformer2DModel"
 
 
 def load_matching(
