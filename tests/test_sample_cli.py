@@ -83,3 +83,45 @@ def test_not_a_pipeline_folder_from_the_command_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith("not a pipeline folder (model_index.json missing)")
     assert "Traceback" not in result.stderr
+
+
+def test_pixart_export_with_a_null_buffer_samples_with_it(exports, tmp_path):
+    """data.null_caption: buffer exports keep the buffer; `tristage sample` guides against it, under the
+    prompt's mask, exactly as the pipeline does when handed those embeddings."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    from tristage.train.inference.sample import load_pipeline
+    from tristage.train.training.null_caption import save_buffer
+
+    export = tmp_path / "export"
+    shutil.copytree(exports["pixart"], export)
+    base = ["--prompt", "a red circle", "--steps", "2", "--seed", "1"]
+    assert main(["sample", str(export), *base, "--out", str(tmp_path / "t5")]) == 0
+    buffer = torch.randn(32, 64) * 3  # the demo T5: 32 tokens of 64 channels
+    save_buffer(buffer, export)
+    assert main(["sample", str(export), *base, "--out", str(tmp_path / "buffer")]) == 0
+    got = np.asarray(Image.open(tmp_path / "buffer" / "000_00.png"), dtype=np.int16)
+    t5_null = np.asarray(Image.open(tmp_path / "t5" / "000_00.png"), dtype=np.int16)
+    assert np.abs(got - t5_null).max() > 0  # the buffer changed the guidance
+
+    pipe = load_pipeline(str(export))
+    embeds, mask, _, _ = pipe.encode_prompt(
+        "a red circle", do_classifier_free_guidance=False, max_sequence_length=32
+    )
+    want = pipe(
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        negative_prompt=None,
+        negative_prompt_embeds=buffer[None],
+        negative_prompt_attention_mask=mask,
+        num_inference_steps=2,
+        guidance_scale=4.5,
+        height=got.shape[0],
+        width=got.shape[1],
+        generator=torch.Generator().manual_seed(1),
+        use_resolution_binning=False,
+    ).images[0]
+    assert np.abs(np.asarray(want, dtype=np.int16) - got).max() <= 1

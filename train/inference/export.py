@@ -11,7 +11,7 @@ for PixArt with ``data.null_caption: t5_empty`` (the cache stores T5("") for cap
 dropout, and the pipeline's default negative prompt is "").  With ``buffer`` the
 pipeline cannot hold the buffer (it always encodes a negative prompt unless given
 ``negative_prompt_embeds``): the export keeps ``null_caption_buffer.safetensors``
-beside ``model_index.json`` and says so in one line.  A DiT trained with timestep
+beside ``model_index.json`` (``tristage sample`` uses it) and says so in one line.  A DiT trained with timestep
 ``freq_shift`` 0 (the official weights) exports with one warning line: ``DiTPipeline``
 hard-codes shift 1 (``conversion.dit_layouts.dit_to_diffusers``).
 """
@@ -79,9 +79,9 @@ def export_pixart(folder: Path, cfg: Config, out: Path) -> None:
     if buffer.is_file():
         shutil.copy2(buffer, out / BUFFER_FILE)
         log.warning(
-            "%s: trained with data.null_caption: buffer; PixArtAlphaPipeline's default negative prompt is "
-            'T5(""): to sample as trained pass negative_prompt_embeds from %s '
-            "(its first L rows, under the prompt's mask)",
+            "%s: trained with data.null_caption: buffer; `tristage sample` uses it, but the pipeline's "
+            'own default negative prompt is T5(""): pass negative_prompt_embeds from %s '
+            "(under the prompt's mask)",
             out,
             BUFFER_FILE,
         )

@@ -15,6 +15,8 @@ from diffusers import (
     SASolverScheduler,
 )
 
+from tristage.train.training.null_caption import load_buffer
+
 # --sampler name -> diffusers scheduler class (built from the exported scheduler's config).
 SAMPLERS = {
     "dpm-solver++": DPMSolverMultistepScheduler,
@@ -119,9 +121,9 @@ def generate(pipe: DiffusionPipeline, prompt: str, args: argparse.Namespace, hei
             known = ", ".join(sorted(pipe.labels)[:20])
             raise SampleError(f"unknown class label {prompt!r}; known labels include: {known}") from None
         return pipe(ids, guidance_scale=args.guidance, num_inference_steps=args.steps, generator=g).images
+    texts = buffer_null(pipe, Path(args.export_dir), prompt) if not args.negative_prompt else {}
     return pipe(
-        prompt,
-        negative_prompt=args.negative_prompt,
+        **(texts or {"prompt": prompt, "negative_prompt": args.negative_prompt}),
         num_images_per_prompt=args.num_images,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
@@ -130,6 +132,25 @@ def generate(pipe: DiffusionPipeline, prompt: str, args: argparse.Namespace, hei
         generator=g,
         use_resolution_binning=False,
     ).images
+
+
+def buffer_null(pipe: DiffusionPipeline, export_dir: Path, prompt: str) -> dict:
+    """An export trained with ``data.null_caption: buffer`` keeps its null beside ``model_index.json``:
+    the prompt's T5 features, and as the negative the buffer under the prompt's own mask (how the model
+    was trained and how PixArt-alpha samples). ``{}`` when there is none (the pipeline's T5("") is right)."""
+    buffer = load_buffer(export_dir)
+    if buffer is None:
+        return {}
+    embeds, mask, _, _ = pipe.encode_prompt(
+        prompt, do_classifier_free_guidance=False, max_sequence_length=buffer.shape[0]
+    )  # (1, L, C), (1, L): padded to the training token budget, the buffer's length
+    return {
+        "prompt_embeds": embeds,
+        "prompt_attention_mask": mask,
+        "negative_prompt": None,  # the pipeline's default "" would clash with the embeddings
+        "negative_prompt_embeds": buffer[None].to(embeds.dtype),
+        "negative_prompt_attention_mask": mask,
+    }
 
 
 def run_sample(args: argparse.Namespace) -> list[Path]:
