@@ -11,9 +11,9 @@ for PixArt with ``data.null_caption: t5_empty`` (the cache stores T5("") for cap
 dropout, and the pipeline's default negative prompt is "").  With ``buffer`` the
 pipeline cannot hold the buffer (it always encodes a negative prompt unless given
 ``negative_prompt_embeds``): the export keeps ``null_caption_buffer.safetensors``
-beside ``model_index.json`` (``tristage sample`` uses it) and says so in one line.  A DiT trained with timestep
-``freq_shift`` 0 (the official weights) exports with one warning line: ``DiTPipeline``
-hard-codes shift 1 (``conversion.dit_layouts.dit_to_diffusers``).
+beside ``model_index.json`` (``tristage sample`` uses it) and says so in one line.
+A DiT trained with timestep ``freq_shift`` 0 (the official weights) exports with one warning
+line: ``DiTPipeline`` hard-codes shift 1 (``conversion.dit_layouts.dit_to_diffusers``).
 """
 
 from __future__ import annotations
