@@ -63,9 +63,7 @@ class DataConfig:
     cache_dir: str = MISSING  # feature shards + manifest written by `tristage cache`
     resolution: int = 256  # base pixel resolution of the bucket table
     multi_aspect: bool = False  # bucket by aspect ratio (PixArt tables) instead of a square crop
-    samples_per_shard: int = 1000  # cached samples per output shard
     batch_size: int = 32  # per-process batch (global = batch_size * processes * grad_accum)
-    num_workers: int = 2  # loader worker processes
     shuffle_buffer: int = 1000  # samples held for shuffling
     cond_dropout: float = 0.1  # caption/class dropout for classifier-free guidance
     null_caption: str = "t5_empty"  # dropped captions become t5_empty (T5("")) | buffer (the official null)
