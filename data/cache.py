@@ -38,6 +38,7 @@ from tristage.train.config import Config
 
 MANIFEST = "manifest.json"
 NULL_CAPTION = "null_caption.safetensors"
+VALIDATION_PROMPTS = "validation_prompts.safetensors"  # T5 features of validation.prompts and of ""
 MIN_SIDE = 32  # images smaller than this (either side) are skipped as too small
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -235,6 +236,27 @@ def write_null_caption(cfg: Config, encoders: Encoders, cache_dir: Path) -> None
     save_file({k: v.cpu().contiguous() for k, v in stored.items()}, cache_dir / NULL_CAPTION)
 
 
+@torch.no_grad()
+def write_validation_prompts(cfg: Config, encoders: Encoders, cache_dir: Path) -> None:
+    """T5 features of ``validation.prompts`` and of "" (the CFG null), padded to one length with a mask.
+
+    They are computed here, once, by the encoder already loaded on the accelerator, so no trainer rank
+    ever runs T5 for validation (T5-XXL on a CPU takes minutes while the other ranks wait).  The file
+    names its prompts; the encoder that made it is the one this cache's fingerprint names.
+    """
+    path = cache_dir / VALIDATION_PROMPTS
+    if encoders.text_encoder is None or not cfg.validation.prompts:
+        path.unlink(missing_ok=True)
+        return
+    prompts = list(cfg.validation.prompts)
+    feats = encoders.encode_text([*prompts, ""], cfg.encoders.max_tokens)  # each (L_i, C)
+    embeds = torch.zeros(len(feats), max(len(f) for f in feats), feats[0].shape[1])  # (P + 1, L, C)
+    mask = torch.zeros(embeds.shape[:2], dtype=torch.long)  # (P + 1, L)
+    for i, feat in enumerate(feats):
+        embeds[i, : len(feat)], mask[i, : len(feat)] = feat.float(), 1
+    save_file(_cpu({"embeds": embeds, "mask": mask}), path, metadata={"prompts": json.dumps(prompts)})
+
+
 def write_manifest(cfg: Config, units: list[Unit], cache_dir: Path, fp: dict, scaling_factor: float) -> dict:
     """Collect the done markers into ``manifest.json`` and ``skipped.json`` (rank 0, after all units)."""
     skips, shards = Skips(), []
@@ -297,6 +319,7 @@ def run_cache(cfg: Config, accelerator) -> dict | None:
     if not accelerator.is_main_process:
         return None
     write_null_caption(cfg, encoders, cache_dir)
+    write_validation_prompts(cfg, encoders, cache_dir)
     manifest = write_manifest(cfg, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
     log_summary(manifest, fresh, cache_dir, time.perf_counter() - start)
     return manifest

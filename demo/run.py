@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,6 +59,7 @@ def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale, vae: Pa
         f"data.cache_dir={out / 'cache' / f'stage{n}'}",
         f"encoders.vae={vae or demo_vae_path()}",
         f"train.max_steps={scale.steps[n - 1]}",
+        f"validation.every={scale.steps[n - 1]}",  # one grid per stage, at its last step (W&B image)
     ]
     if n > 1:
         overrides += [
@@ -72,7 +75,47 @@ def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale, vae: Pa
     return load_config(CONFIGS / f"stage{n}.yaml", overrides + sources[n] + list(scale.overrides))
 
 
-def run_stage(cfg: Config) -> dict:
+@dataclass
+class StopSignals:
+    """Whether a stop (SIGTERM, SIGUSR1) arrived at any point of the demo, whoever handled it.
+
+    While a stage trains, the trainer's own handlers catch a stop (it saves and exits cleanly); outside
+    training this class's do-nothing handler keeps the default action (death) away.  Python writes the
+    number of every signal it catches to the wakeup fd, whichever Python handler then runs, so a stop the
+    trainer took after its last step is seen here too, and the demo never starts the next stage.
+    """
+
+    seen: set[int] = field(default_factory=set)
+    _fds: tuple[int, int] = (-1, -1)
+    _restore: dict = field(default_factory=dict)
+
+    WATCHED = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __enter__(self) -> StopSignals:
+        self._fds = os.pipe()
+        for fd in self._fds:
+            os.set_blocking(fd, False)
+        self._restore = {"fd": signal.set_wakeup_fd(self._fds[1], warn_on_full_buffer=False)}
+        self._restore |= {sig: signal.signal(sig, lambda *_: None) for sig in self.WATCHED}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.set_wakeup_fd(self._restore.pop("fd"))
+        for sig, handler in self._restore.items():
+            signal.signal(sig, handler)
+        for fd in self._fds:
+            os.close(fd)
+
+    def requested(self) -> bool:
+        try:
+            self.seen |= {n for n in os.read(self._fds[0], 4096) if n in self.WATCHED}
+        except BlockingIOError:  # nothing caught since the last look
+            pass
+        return bool(self.seen)
+
+
+def run_stage(cfg: Config, stop: StopSignals) -> dict | None:
+    """Cache and train one stage; None when a stop arrived (the trainer then saved a checkpoint)."""
     from accelerate import Accelerator
 
     from tristage.data.cache import run_cache
@@ -81,7 +124,11 @@ def run_stage(cfg: Config) -> dict:
     save_config(cfg, Path(cfg.run.dir) / "config.yaml")
     manifest = run_cache(cfg, Accelerator())
     log.warning("%s: cached %d samples, skipped %s", cfg.run.name, manifest["samples"], manifest["skipped"])
+    if stop.requested():
+        return None
     summary = run_train(cfg)
+    if stop.requested() or not (Path(cfg.run.dir) / "final" / "COMPLETE").is_file():
+        return None
     plot_loss(Path(cfg.run.dir))
     return summary
 
@@ -115,18 +162,37 @@ def run_demo(out: str | Path, fast: bool = False, vae: str | Path | None = None)
 
     started, out, scale = time.time(), Path(out), FAST if fast else FULL
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    data = write_world(out / "data", scale)
-    write_demo_text_encoder(out / "encoders")
-    summaries = [run_stage(stage_config(n, out, data, scale, vae)) for n in (1, 2, 3)]
-    export(out / "stage1", out / "stage1" / "export")
-    export(out / "stage3", out / "export")
+    with StopSignals() as stop:
+        data = write_world(out / "data", scale)
+        write_demo_text_encoder(out / "encoders")
+        summaries = []
+        for n in (1, 2, 3):
+            summary = None if stop.requested() else run_stage(stage_config(n, out, data, scale, vae), stop)
+            if summary is None:
+                return stopped(f"stage {n}")
+            summaries.append(summary)
+        exports = {
+            1: export(out / "stage1", out / "stage1" / "export"),
+            3: export(out / "stage3", out / "export"),
+        }
+        if stop.requested():
+            return stopped("the exports")
+    for n, folder in exports.items():
+        summaries[n - 1]["export"] = str(folder)  # the trainer's summary predates the export
     report = adherence_report(out, scale.samples_per_prompt)
+    report["exports"] = {f"stage{n}": str(folder) for n, folder in exports.items()}
     report["loss_fell"] = {f"stage{n}": loss_fell(out / f"stage{n}") for n in (1, 2, 3)}
     report["stages"] = summaries
     report["wall_s"] = round(time.time() - started, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print_report(report)
     return report
+
+
+def stopped(during: str) -> dict:
+    """A stop ends the demo cleanly: one line, exit 0; a rerun resumes from the saved checkpoints."""
+    print(f"stopped during {during}; rerun to continue", flush=True)
+    return {"stopped": during}
 
 
 def print_report(report: dict) -> None:

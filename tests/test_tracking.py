@@ -95,31 +95,48 @@ def test_validation_never_when_every_is_0(setup, tmp_path):
     assert not (run_dir / "validation").exists()
 
 
-def test_pixart_validation_grid_from_the_frozen_encoders(tmp_path):
-    """Stages 2-3: the grid comes from a PixArtAlphaPipeline built in memory around the live model."""
+def pixart_validation_config(tmp_path: Path, *overrides: str):
+    """Demo stage 3 with the tiny T5, validation on, and the prompts' features cached as the cache pass
+    writes them (data/cache.py write_validation_prompts)."""
+    from tristage.data.cache import Encoders, write_validation_prompts
+    from tristage.demo.encoders import demo_vae_path, write_demo_text_encoder
+
+    from .conftest import ROOT
+
+    tokenizer, text_encoder = write_demo_text_encoder(tmp_path / "encoders")
+    base = [
+        f"encoders.vae={demo_vae_path()}",
+        f"encoders.tokenizer={tokenizer}",
+        f"encoders.text_encoder={text_encoder}",
+        f"run.dir={tmp_path / 'run'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.resolution=64",
+        "model.sample_size=8",
+        "validation.every=3",
+        "validation.steps=2",
+    ]
+    cfg = load_config(
+        ROOT / "configs/demo/stage3.yaml", [*base, "validation.prompts=[a red circle,a blue square]"]
+    )
+    (tmp_path / "cache").mkdir()
+    write_validation_prompts(cfg, Encoders.load(cfg, torch.device("cpu")), tmp_path / "cache")
+    return load_config(ROOT / "configs/demo/stage3.yaml", [*base, *overrides])
+
+
+def test_pixart_validation_grid_from_the_cached_prompt_features(tmp_path, monkeypatch):
+    """Stages 2-3: the grid comes from a PixArtAlphaPipeline built in memory around the live model, with
+    the prompts' T5 features the cache pass wrote: no text encoder is loaded during training."""
     from types import SimpleNamespace
 
-    from tristage.demo.encoders import demo_vae_path, write_demo_text_encoder
+    import transformers
+
     from tristage.train.training.ema import EMA
     from tristage.train.training.validation import Validator
 
-    from .conftest import ROOT
     from .test_pixart_interop import tiny_pixart
 
-    tokenizer, text_encoder = write_demo_text_encoder(tmp_path / "encoders")
-    cfg = load_config(
-        ROOT / "configs/demo/stage3.yaml",
-        [
-            f"encoders.vae={demo_vae_path()}",
-            f"encoders.tokenizer={tokenizer}",
-            f"encoders.text_encoder={text_encoder}",
-            f"run.dir={tmp_path / 'run'}",
-            "model.sample_size=8",
-            "validation.every=3",
-            "validation.steps=2",
-            "validation.prompts=[a red circle,a blue square]",
-        ],
-    )
+    cfg = pixart_validation_config(tmp_path, "validation.prompts=[a red circle,a blue square]")
+    monkeypatch.setattr(transformers.T5EncoderModel, "from_pretrained", None)  # any T5 load would fail
     model = tiny_pixart(caption_channels=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     accelerator = SimpleNamespace(is_main_process=True, trackers=[], wait_for_everyone=lambda: None)
@@ -129,3 +146,17 @@ def test_pixart_validation_grid_from_the_frozen_encoders(tmp_path):
     assert path == tmp_path / "run" / "validation" / "step_0000003.png"
     assert Image.open(path).size == (2 * 64, 64)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # raw weights restored
+
+
+def test_outdated_validation_prompts_fail_at_start(tmp_path):
+    from tristage.data.features import CacheError
+    from tristage.train.training.validation import Validator
+
+    cfg = pixart_validation_config(tmp_path, "validation.prompts=[a red circle]")  # cached: two prompts
+    with pytest.raises(
+        CacheError, match=r"validation_prompts.safetensors: holds other validation.prompts; rerun"
+    ):
+        Validator(cfg)
+    (tmp_path / "cache" / "validation_prompts.safetensors").unlink()
+    with pytest.raises(CacheError, match=r"validation_prompts.safetensors: missing; run `tristage cache`"):
+        Validator(cfg)

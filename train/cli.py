@@ -11,27 +11,31 @@ import logging
 import sys
 from collections.abc import Callable
 
-from tristage.data.caption import CaptionError
-from tristage.data.features import CacheError
-from tristage.data.sources import SourceError
-from tristage.train.config import ConfigError
-from tristage.train.inference.app import AppError
-from tristage.train.inference.evaluate import EvalError
-from tristage.train.inference.sample import SampleError
-from tristage.train.training.checkpoint import CheckpointError
 
-USER_ERRORS = (
-    ConfigError,
-    CaptionError,
-    CacheError,
-    SourceError,
-    CheckpointError,
-    SampleError,
-    EvalError,
-    AppError,
-    FileNotFoundError,
-    KeyError,
-)
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean bad input (one line, exit 2).  Imported only once a command runs, so that
+    ``tristage --help`` never loads torch or diffusers (the modules defining them do)."""
+    from tristage.data.caption import CaptionError
+    from tristage.data.features import CacheError
+    from tristage.data.sources import SourceError
+    from tristage.train.config import ConfigError
+    from tristage.train.inference.app import AppError
+    from tristage.train.inference.evaluate import EvalError
+    from tristage.train.inference.sample import SampleError
+    from tristage.train.training.checkpoint import CheckpointError
+
+    return (
+        ConfigError,
+        CaptionError,
+        CacheError,
+        SourceError,
+        CheckpointError,
+        SampleError,
+        EvalError,
+        AppError,
+        FileNotFoundError,
+        KeyError,
+    )
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
@@ -130,23 +134,31 @@ def _with_config(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tristage", description=__doc__.splitlines()[0])
-    subs = parser.add_subparsers(dest="command", required=True)
-    _with_config(subs.add_parser("caption", help="caption a stage's raw images with a VLM (LLaVA) -> JSONL"))
-    _with_config(subs.add_parser("cache", help="run the frozen-encoder caching pass for a stage"))
-    _with_config(subs.add_parser("train", help="train one stage (resumable; run under accelerate launch)"))
-    exp = subs.add_parser("export", help="write a diffusers pipeline folder from a finished stage")
-    exp.add_argument("run_dir")
-    exp.add_argument("out")
-    conv = subs.add_parser("convert", help="weight conversions")
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """`tristage eval`'s options (here, not in evaluate.py, whose torch imports ``--help`` must not pay)."""
+    parser.add_argument("samples", nargs="?", help="a `tristage sample` output folder")
+    parser.add_argument("--reference", help="reference images (folder) or statistics (.npz)")
+    parser.add_argument("--inception", help="torch-fidelity Inception-v3 weights file (local)")
+    parser.add_argument("--features", help="TorchScript feature extractor instead of Inception")
+    parser.add_argument("--per-class", action="store_true", help="stage 1: FID per class, averaged")
+    parser.add_argument("--clip", help="local CLIP folder for the CLIP score")
+    parser.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE first")
+    parser.add_argument("--save-stats", help="write the reference statistics to this .npz and exit")
+    parser.add_argument("--adherence", metavar="EXPORT_DIR", help="the demo adherence rate of an export")
+    parser.add_argument("--per-prompt", type=int, default=8, help="adherence: samples per prompt")
+    parser.add_argument("--out", help="also write the results here (JSON)")
+
+
+def _convert_arguments(conv: argparse.ArgumentParser) -> None:
     conv_subs = conv.add_subparsers(dest="conversion", required=True)
     d2p = conv_subs.add_parser("dit-to-pixart", help="adaLN-single re-parameterisation of a DiT")
     d2p.add_argument(
         "src", help="stage-1 final/, official DiT .pt, DiT train.py checkpoint, or diffusers DiT folder"
     )
-    d2p.add_argument("out")
-    d2p.add_argument("--caption-channels", type=int, default=4096)
+    d2p.add_argument("out", help="folder for the PixArtTransformer2DModel (save_pretrained layout)")
+    d2p.add_argument(
+        "--caption-channels", type=int, default=4096, help="T5 feature width of the new caption MLP"
+    )
     d2p.add_argument("--interpolation-scale", type=float, default=None, help="default: the DiT's table (1.0)")
     d2p.add_argument(
         "--num-attention-heads", type=int, default=16, help="official .pt only (XL/L 16, B 12, S 6)"
@@ -154,24 +166,37 @@ def build_parser() -> argparse.ArgumentParser:
     d2p.add_argument(
         "--weights", choices=["ema", "model"], default="ema", help="of a DiT train.py checkpoint"
     )
-    from tristage.train.inference.sample import add_sample_arguments
 
-    add_sample_arguments(subs.add_parser("sample", help="generate PNGs from an exported pipeline"))
-    from tristage.train.inference.evaluate import add_eval_arguments
 
-    add_eval_arguments(subs.add_parser("eval", help="FID, CLIP score, demo adherence (offline)"))
-    from tristage.train.inference.app import add_app_arguments
-
-    add_app_arguments(subs.add_parser("app", help="local Gradio app around an exported pipeline"))
-    bench = subs.add_parser("bench", help="benchmarks (JSON last line)")
-    bench.add_argument("which", choices=sorted(BENCHES))
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
-    demo = subs.add_parser("demo", help="the whole offline pipeline on synthetic shapes")
-    demo.add_argument("--out", required=True)
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument("--out", required=True, help="output folder (data, caches, stages, exports, report)")
     demo.add_argument("--fast", action="store_true", help="a shortened run (tests): a few steps per stage")
     demo.add_argument(
         "--vae", default=None, help="another AutoencoderKL folder (default: the committed demo VAE)"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand and option; imports nothing heavy (``tristage --help`` stays fast)."""
+    from tristage.train.inference.app import add_app_arguments
+    from tristage.train.inference.sample import add_sample_arguments
+
+    parser = argparse.ArgumentParser(prog="tristage", description=__doc__.splitlines()[0])
+    subs = parser.add_subparsers(dest="command", required=True)
+    _with_config(subs.add_parser("caption", help="caption a stage's raw images with a VLM (LLaVA) -> JSONL"))
+    _with_config(subs.add_parser("cache", help="run the frozen-encoder caching pass for a stage"))
+    _with_config(subs.add_parser("train", help="train one stage (resumable; run under accelerate launch)"))
+    exp = subs.add_parser("export", help="write a diffusers pipeline folder from a finished stage")
+    exp.add_argument("run_dir", help="a stage's run.dir (its final/ is exported)")
+    exp.add_argument("out", help="the pipeline folder to write")
+    _convert_arguments(subs.add_parser("convert", help="weight conversions"))
+    add_sample_arguments(subs.add_parser("sample", help="generate PNGs from an exported pipeline"))
+    _eval_arguments(subs.add_parser("eval", help="FID, CLIP score, demo adherence (offline)"))
+    add_app_arguments(subs.add_parser("app", help="local Gradio app around an exported pipeline"))
+    bench = subs.add_parser("bench", help="benchmarks (JSON last line)")
+    bench.add_argument("which", choices=sorted(BENCHES), help="which benchmark (bench/NAME.py)")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark")
+    _demo_arguments(subs.add_parser("demo", help="the whole offline pipeline on synthetic shapes"))
     return parser
 
 
@@ -194,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"tristage {args.command}: error: {message}", file=sys.stderr)
         return 2

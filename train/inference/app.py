@@ -216,7 +216,7 @@ def build_ui(gen: Generator):
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("export_dir", help="an exported PixArtAlphaPipeline or DiTPipeline folder")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="port of the local web server")
     parser.add_argument("--out", default="app_outputs", help="per-run image folders go here")
 
 

@@ -217,20 +217,6 @@ def clip_score(clip_dir: str | Path, images: torch.Tensor, prompts: list[str], b
 
 
 # -- the command ----------------------------------------------------------------------------------
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("samples", nargs="?", help="a `tristage sample` output folder")
-    parser.add_argument("--reference", help="reference images (folder) or statistics (.npz)")
-    parser.add_argument("--inception", help="torch-fidelity Inception-v3 weights file (local)")
-    parser.add_argument("--features", help="TorchScript feature extractor instead of Inception")
-    parser.add_argument("--per-class", action="store_true", help="stage 1: FID per class, averaged")
-    parser.add_argument("--clip", help="local CLIP folder for the CLIP score")
-    parser.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE first")
-    parser.add_argument("--save-stats", help="write the reference statistics to this .npz and exit")
-    parser.add_argument("--adherence", metavar="EXPORT_DIR", help="the demo adherence rate of an export")
-    parser.add_argument("--per-prompt", type=int, default=8, help="adherence: samples per prompt")
-    parser.add_argument("--out", help="also write the results here (JSON)")
-
-
 def run_eval(args: argparse.Namespace) -> dict:
     if args.adherence:
         results = {"adherence": adherence(Path(args.adherence), args.per_prompt)}

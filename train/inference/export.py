@@ -30,6 +30,7 @@ from tristage.data.sources import class_names
 from tristage.train.config import Config, load_config
 from tristage.train.conversion.init_from import model_folder, source_class
 from tristage.train.diffusion.objective import Objective
+from tristage.train.inference.sample import TRAINING_SIZE
 from tristage.train.models.dit import ClassConditionalDiT
 from tristage.train.training.null_caption import BUFFER_FILE
 
@@ -101,4 +102,12 @@ def export(run_dir: str | Path, out: str | Path) -> Path:
     cfg = load_config(final / "config.yaml")
     folder = model_folder(final)
     EXPORTERS[source_class(folder)](folder, cfg, Path(out))
+    write_trained_size(cfg, Path(out))
     return Path(out)
+
+
+def write_trained_size(cfg: Config, out: Path) -> None:
+    """What `tristage sample` defaults to: the transformer's ``sample_size`` is not the trained size when
+    the pos-embed base was chosen apart from it (the demo's PixArt: 32 latents, trained at 64 / 128 px)."""
+    record = {"resolution": cfg.data.resolution, "multi_aspect": cfg.data.multi_aspect}
+    (out / TRAINING_SIZE).write_text(json.dumps(record))

@@ -5,25 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    SASolverScheduler,
-)
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
 
-from tristage.train.training.null_caption import load_buffer
-
-# --sampler name -> diffusers scheduler class (built from the exported scheduler's config).
+# --sampler name -> diffusers scheduler class (built from the exported scheduler's config).  Names, not
+# classes: this module is imported to build `tristage --help`, which must not load diffusers.
 SAMPLERS = {
-    "dpm-solver++": DPMSolverMultistepScheduler,
-    "sa-solver": SASolverScheduler,
-    "ddim": DDIMScheduler,
-    "iddpm": DDPMScheduler,
+    "dpm-solver++": "DPMSolverMultistepScheduler",
+    "sa-solver": "SASolverScheduler",
+    "ddim": "DDIMScheduler",
+    "iddpm": "DDPMScheduler",
 }
+TRAINING_SIZE = "training.json"  # written into an export by train/inference/export.py: the trained size
 
 
 class SampleError(ValueError):
@@ -42,20 +37,27 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt-file", help="one prompt per line")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (PixArt)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=4.5)
-    parser.add_argument("--sampler", choices=sorted(SAMPLERS), default="dpm-solver++")
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed, the same images)")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps")
+    parser.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--sampler",
+        choices=sorted(SAMPLERS),
+        default="dpm-solver++",
+        help="diffusers scheduler to sample with",
+    )
+    parser.add_argument("--width", type=int, default=None, help="pixels (default: the trained size)")
+    parser.add_argument("--height", type=int, default=None, help="pixels (default: the trained size)")
     parser.add_argument("--aspect", type=float, default=None, help="height / width; overrides --height")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--out", default="samples")
+    parser.add_argument("--out", default="samples", help="folder for the PNGs and settings.json")
 
 
 def load_pipeline(export_dir: str, sampler: str = "dpm-solver++") -> DiffusionPipeline:
     if not (Path(export_dir) / "model_index.json").is_file():
         raise FileNotFoundError(f"{export_dir}: not a pipeline folder (model_index.json missing)")
+    from diffusers import DiffusionPipeline
+
     quiet_loading()
     pipe = DiffusionPipeline.from_pretrained(export_dir)
     set_sampler(pipe, sampler)
@@ -78,7 +80,10 @@ def set_sampler(pipe: DiffusionPipeline, sampler: str) -> None:
     """Swap the scheduler, keeping the exported noise schedule (betas, prediction type)."""
     if sampler not in SAMPLERS:
         raise SampleError(f"unknown sampler {sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
-    pipe.scheduler = SAMPLERS[sampler].from_config(pipe.scheduler.config, **SAMPLER_OPTIONS.get(sampler, {}))
+    import diffusers
+
+    scheduler = getattr(diffusers, SAMPLERS[sampler])
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config, **SAMPLER_OPTIONS.get(sampler, {}))
 
 
 def is_class_conditional(pipe: DiffusionPipeline) -> bool:
@@ -104,15 +109,27 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 
 def size_of(pipe: DiffusionPipeline, args: argparse.Namespace) -> tuple[int, int]:
-    """(height, width): flags, else the model's native training size."""
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # DiTPipeline has no vae_scale_factor
-    native = pipe.transformer.config.sample_size * scale
+    """(height, width): flags, else the size the model was trained at."""
+    native = trained_size(pipe)
     width = args.width or native
     height = round(width * args.aspect / 16) * 16 if args.aspect else (args.height or native)
     return height, width
 
 
+def trained_size(pipe: DiffusionPipeline) -> int:
+    """The export's record of the training resolution; for a foreign pipeline, the transformer's
+    ``sample_size`` in pixels.  A tristage export needs the record: PixArt's ``sample_size`` also sets the
+    position-embedding base, so it may differ from the trained size (the demo: 32 latents, 128 px)."""
+    record = Path(pipe.name_or_path or "") / TRAINING_SIZE
+    if record.is_file():
+        return int(json.loads(record.read_text())["resolution"])
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # DiTPipeline has no vae_scale_factor
+    return pipe.transformer.config.sample_size * scale
+
+
 def generate(pipe: DiffusionPipeline, prompt: str, args: argparse.Namespace, height: int, width: int):
+    import torch
+
     g = torch.Generator().manual_seed(args.seed)
     if is_class_conditional(pipe):
         try:
@@ -138,6 +155,8 @@ def buffer_null(pipe: DiffusionPipeline, export_dir: Path, prompt: str) -> dict:
     """An export trained with ``data.null_caption: buffer`` keeps its null beside ``model_index.json``:
     the prompt's T5 features, and as the negative the buffer under the prompt's own mask (how the model
     was trained and how PixArt-alpha samples). ``{}`` when there is none (the pipeline's T5("") is right)."""
+    from tristage.train.training.null_caption import load_buffer
+
     buffer = load_buffer(export_dir)
     if buffer is None:
         return {}

@@ -2,8 +2,9 @@
 
 Stage 1 (DiT) goes through the export path (``dit_layouts.dit_to_diffusers`` + ``DiTPipeline``) with
 ``validation.class_labels``; stages 2-3 build a ``PixArtAlphaPipeline`` in memory around the live
-transformer with ``validation.prompts``.  The T5 features of the prompts are computed once and the
-text encoder is released again (T5-XXL would otherwise hold ~9 GB next to training).  Sampling uses a
+transformer with ``validation.prompts``, whose T5 features the cache pass computed on the accelerator
+(``data/cache.py`` write_validation_prompts): no T5 is loaded here, so no rank runs T5-XXL on its CPU
+while the others wait, and none holds its ~9 GB next to training.  Sampling uses a
 fixed seed and a forked RNG, so validation never changes the training run's random stream.  The grid
 goes to ``run.dir/validation/step_NNNNNNN.png`` and to the tracker (W&B image).
 """
@@ -23,13 +24,18 @@ from tristage.train.inference.grid import grid
 
 @dataclass
 class Validator:
-    """Rank 0's validation state: the frozen VAE and the prompts' T5 features, loaded on first use."""
+    """Rank 0's validation state: the frozen VAE (loaded on first use) and the prompts' cached T5 features."""
 
     cfg: Config
     vae: torch.nn.Module | None = None
-    prompt_embeds: tuple[torch.Tensor, ...] | None = None
+    cached: tuple[torch.Tensor, ...] | None = None  # the cache pass's prompt and T5("") features + masks
+    prompt_embeds: tuple[torch.Tensor, ...] | None = None  # what the pipeline gets (the run's null)
     null_buffer: torch.Tensor | None = None  # data.null_caption: buffer -- the null training drops to
     written: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.cfg.validation.every > 0 and self.cfg.model.family != "dit" and self._conditions():
+            self.cached = load_prompt_features(self.cfg)  # at start-up: a missing or stale file fails early
 
     def due(self, step: int) -> bool:
         every = self.cfg.validation.every
@@ -65,7 +71,7 @@ class Validator:
         if self.cfg.model.family == "dit":
             return pipe(list(v.class_labels), **common).images
         embeds, mask, null, null_mask = self._embeddings(model.device)
-        side = self.cfg.model.sample_size * pipe.vae_scale_factor
+        side = self.cfg.data.resolution  # model.sample_size may be a pos-embed base only (the demo's)
         return pipe(
             prompt_embeds=embeds,
             prompt_attention_mask=mask,
@@ -109,25 +115,10 @@ class Validator:
         )
 
     def _embeddings(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """(prompt features, mask, T5("") features, mask), padded to ``encoders.max_tokens``."""
+        """(prompt features, mask, null features, mask): the cache pass's, with the run's null."""
         if self.prompt_embeds is None:
-            from transformers import AutoTokenizer, T5EncoderModel
-
-            tokenizer = AutoTokenizer.from_pretrained(self.cfg.encoders.tokenizer)
-            t5 = T5EncoderModel.from_pretrained(self.cfg.encoders.text_encoder).eval()
-            prompts = list(self.cfg.validation.prompts)
-            tokens = tokenizer(
-                prompts + [""] * len(prompts),
-                max_length=self.cfg.encoders.max_tokens,
-                truncation=True,
-                padding="max_length",
-                return_tensors="pt",
-            )
-            feats = t5(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state  # (2P, L, C)
-            n = len(prompts)
-            mask = tokens.attention_mask
-            self.prompt_embeds = (feats[:n], mask[:n], *self._null(feats[n:], mask[n:], mask[:n]))
-            del t5  # features kept, encoder released
+            embeds, mask, empty, empty_mask = self.cached or load_prompt_features(self.cfg)
+            self.prompt_embeds = (embeds, mask, *self._null(empty, empty_mask, mask))
         return tuple(t.to(device) for t in self.prompt_embeds)
 
     def _null(self, empty: torch.Tensor, empty_mask: torch.Tensor, prompt_mask: torch.Tensor) -> tuple:
@@ -136,6 +127,31 @@ class Validator:
             return empty, empty_mask
         tokens = prompt_mask.shape[1]
         return self.null_buffer[:tokens].to(empty.dtype).expand(len(empty), -1, -1), prompt_mask
+
+
+def load_prompt_features(cfg: Config) -> tuple[torch.Tensor, ...]:
+    """``validation.prompts``' T5 features from the cache folder (data/cache.py write_validation_prompts);
+    a missing or outdated file is one line that says to rerun the cache pass -- never a T5 forward here."""
+    import json
+
+    from safetensors import safe_open
+
+    from tristage.data.cache import VALIDATION_PROMPTS
+    from tristage.data.features import CacheError
+
+    path = Path(cfg.data.cache_dir) / VALIDATION_PROMPTS
+    if not path.is_file():
+        raise CacheError(
+            f"{path}: missing; run `tristage cache` with this config to encode validation.prompts"
+        )
+    with safe_open(str(path), framework="pt") as stored:
+        if json.loads(stored.metadata()["prompts"]) != list(cfg.validation.prompts):
+            raise CacheError(
+                f"{path}: holds other validation.prompts; rerun `tristage cache` with this config"
+            )
+        embeds, mask = stored.get_tensor("embeds"), stored.get_tensor("mask")  # (P + 1, L, C), (P + 1, L)
+    n = len(cfg.validation.prompts)
+    return embeds[:n], mask[:n], embeds[n:].expand_as(embeds[:n]), mask[n:].expand_as(mask[:n])
 
 
 @contextmanager
