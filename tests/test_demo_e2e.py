@@ -28,9 +28,14 @@ def test_demo_writes_everything(demo_dir):
         assert (stage / "final" / "transformer" / "config.json").is_file()
         assert (stage / "loss.png").stat().st_size > 0
         assert list((stage / "wandb").glob("offline-run-*")), "no offline W&B run"
+        assert len(list((stage / "validation").glob("step_*.png"))) == 1  # one grid, at the last step
+        assert list((stage / "wandb").glob("offline-run-*/files/media/images/validation/grid_*.png"))
         assert (demo_dir / "cache" / f"stage{n}" / "manifest.json").is_file()
     report = json.loads((demo_dir / "report.json").read_text())
     assert report["stage1"]["samples"] == 18 * 2 and report["held_out"]["samples"] == 6 * 2
+    exports = {"stage1": str(demo_dir / "stage1" / "export"), "stage3": str(demo_dir / "export")}
+    assert report["exports"] == exports
+    assert [s["export"] for s in report["stages"]][::2] == [exports["stage1"], exports["stage3"]]
     assert (demo_dir / "samples.png").is_file() and (demo_dir / "stage1" / "samples.png").is_file()
 
 
@@ -86,3 +91,13 @@ def test_export_cli(demo_dir, tmp_path):
     assert (
         json.loads((tmp_path / "p" / "model_index.json").read_text())["_class_name"] == "PixArtAlphaPipeline"
     )
+
+
+def test_sample_defaults_to_the_trained_size(demo_dir, tmp_path):
+    from PIL import Image
+
+    from tristage.train.cli import main
+
+    args = ["sample", str(demo_dir / "export"), "--prompt", "a red circle", "--steps", "2"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
+    assert Image.open(tmp_path / "000_00.png").size == (128, 128)  # stage 3 trains at 128 px (not 32 * 8)
