@@ -593,3 +593,25 @@ def test_validation_samples_with_the_training_null(stage2):
     buffer = torch.randn(32, 64)
     null, mask = Validator(stage2[0], null_buffer=buffer)._null(empty, empty_mask, prompt_mask)
     assert torch.equal(null, buffer[:8].expand(2, 8, 64)) and mask is prompt_mask
+
+
+def test_validation_prompts_encoded_in_the_cache_pass(stage2):
+    """validation.prompts and "" (the CFG null), each as T5 encodes it alone, padded with zeros and a mask."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    from tristage.data.cache import VALIDATION_PROMPTS
+
+    cfg, _ = stage2
+    with safe_open(str(Path(cfg.data.cache_dir) / VALIDATION_PROMPTS), framework="pt") as stored:
+        assert json.loads(stored.metadata()["prompts"]) == list(cfg.validation.prompts) != []
+        embeds, mask = stored.get_tensor("embeds"), stored.get_tensor("mask")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.encoders.tokenizer)
+    t5 = T5EncoderModel.from_pretrained(cfg.encoders.text_encoder).eval()
+    for i, text in enumerate([*cfg.validation.prompts, ""]):
+        ids = tokenizer(text).input_ids
+        assert mask[i].tolist() == [1] * len(ids) + [0] * (mask.shape[1] - len(ids))
+        with torch.no_grad():
+            alone = t5(torch.tensor([ids])).last_hidden_state[0]
+        torch.testing.assert_close(embeds[i, : len(ids)], alone, atol=1e-5, rtol=1e-5)
+        assert not embeds[i, len(ids) :].any()
