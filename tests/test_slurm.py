@@ -49,6 +49,31 @@ def wait_for(path: Path, text: str, seconds: float = 60) -> None:
         time.sleep(0.05)
 
 
+def slurm_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """This environment without SLURM's or the GPUs' variables, the stubs first on PATH, one job."""
+    path = f"{stubs(tmp_path / 'bin')}:{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CUDA_VISIBLE", "MASTER_"))}
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]"}
+    calls = str(tmp_path / "calls.txt")
+    return {**env, "PATH": path, "CALLS": calls, "SLURM_SUBMIT_DIR": str(ROOT), **slurm, **extra}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"STAGE": "stage9", "SLURM_GPUS_ON_NODE": "8"}, "STAGE=stage9 is not one of"),
+        ({"STAGE": "stage2"}, "no GPU count (SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE, CUDA_VISIBLE_DEVICES)"),
+    ],
+)
+def test_bad_setup_is_one_line_before_any_step(tmp_path, env, message):
+    job = subprocess.run(
+        ["bash", str(SBATCH)], env=slurm_env(tmp_path, **env), capture_output=True, text=True
+    )
+    assert job.returncode == 2
+    assert len(job.stderr.splitlines()) == 1 and job.stderr.startswith(f"train.sbatch: {message}")
+    assert not (tmp_path / "calls.txt").exists()  # no srun, no scontrol
+
+
 @pytest.mark.parametrize(
     ("sig", "finished", "gpu_env", "processes"),
     [
@@ -62,13 +87,9 @@ def test_a_stop_requeues_unless_final(tmp_path, sig, finished, gpu_env, processe
     if finished:
         (run_dir / "final").mkdir(parents=True)
         (run_dir / "final" / "COMPLETE").write_text("")
-    path = f"{stubs(tmp_path / 'bin')}:{Path(sys.executable).parent}:{os.environ['PATH']}"
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CUDA_VISIBLE", "MASTER_"))}
-    env.update(PATH=path, CALLS=str(calls), STAGE="stage2", SLURM_SUBMIT_DIR=str(ROOT), **slurm, **gpu_env)
     job = subprocess.Popen(
         ["bash", str(SBATCH), f"run.dir={run_dir}", "train.max_steps=5"],
-        env=env,
+        env=slurm_env(tmp_path, STAGE="stage2", **gpu_env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
