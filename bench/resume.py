@@ -128,9 +128,9 @@ def trial(config: Path, root: Path, reference: list[bytes], rng: random.Random, 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="tristage bench resume", description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=20, help="kill-and-resume runs to compare")
     parser.add_argument("--kills", type=int, default=3, help="SIGKILLs per trial (>= 3)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temp dir)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
