@@ -79,6 +79,28 @@ def test_truncated_newest_checkpoint_falls_back(setup, tmp_path, caplog):
     assert trainer.state.step == 6
 
 
+def test_resume_reads_each_checkpoint_file_once(setup, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    Trainer(cfg_for(setup, run_dir, "train.max_steps=2")).train()
+    reads: list[str] = []
+    real_load_file, real_torch_load = ckpt.load_file, torch.load
+
+    def counted_load_file(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return real_load_file(path, *args, **kwargs)
+
+    def counted_torch_load(path, *args, **kwargs):
+        reads.append(Path(path).name)
+        return real_torch_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "load_file", counted_load_file)
+    monkeypatch.setattr(torch, "load", counted_torch_load)
+    trainer = Trainer(cfg_for(setup, run_dir, "train.max_steps=3"))
+    trainer.train()
+    assert trainer.state.step == 3
+    assert sorted(reads) == ["ema.safetensors", "model.safetensors", "optimizer.pt", "rng_rank0.pt"]
+
+
 def test_incomplete_checkpoint_never_chosen(setup, tmp_path):
     run_dir = tmp_path / "run"
     Trainer(cfg_for(setup, run_dir, "train.max_steps=4", "checkpoint.keep_last=3")).train()
@@ -108,7 +130,6 @@ def test_nan_guard_skips_update_then_stops(setup, tmp_path):
         return loss * float("nan"), metrics
 
     trainer.objective.loss = poisoned
-    trainer._restore()
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     with pytest.raises(FloatingPointError, match="consecutive non-finite steps"):
         trainer.train()

@@ -135,21 +135,37 @@ def read_state(path: Path) -> TrainState:
     return TrainState(**payload)
 
 
-def verify(path: Path) -> TrainState:
-    """Check that every file of a checkpoint loads; returns its counters."""
+@dataclass
+class Contents:
+    """Everything rank 0 wrote into a checkpoint, read once."""
+
+    state: TrainState  # trainer.json
+    model: dict[str, torch.Tensor]  # model.safetensors
+    ema: dict[str, torch.Tensor]  # ema.safetensors
+    optimizer: dict  # optimizer.pt
+
+
+def read(path: Path) -> Contents:
+    """Read every file of a checkpoint (each once); a file that does not load raises CheckpointError."""
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
     state = read_state(path)
+    weights = {}
     for name in ("model.safetensors", "ema.safetensors"):
         try:
-            load_file(path / name)
+            weights[name] = load_file(path / name)
         except (OSError, SafetensorError) as err:
             raise CheckpointError(f"{path / name}: unreadable ({err})") from None
     try:
-        torch.load(path / "optimizer.pt", weights_only=True)
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged or foreign file
         raise CheckpointError(f"{path / 'optimizer.pt'}: unreadable ({type(err).__name__})") from None
-    return state
+    return Contents(state, weights["model.safetensors"], weights["ema.safetensors"], optimizer)
+
+
+def verify(path: Path) -> TrainState:
+    """Check that every file of a checkpoint loads; returns its counters."""
+    return read(path).state
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -164,15 +180,20 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def latest(root: Path) -> Path | None:
-    """The newest checkpoint that verifies; falls back (with a warning) past damaged ones."""
+def newest_readable(root: Path) -> tuple[Path, Contents] | None:
+    """The newest checkpoint whose files all load, read once; falls back (warning) past damaged ones."""
     for _, path in complete_checkpoints(root):
         try:
-            verify(path)
-            return path
+            return path, read(path)
         except CheckpointError as err:
             log.warning("falling back past damaged checkpoint: %s", err)
     return None
+
+
+def latest(root: Path) -> Path | None:
+    """The newest checkpoint that verifies (see :func:`newest_readable`)."""
+    found = newest_readable(root)
+    return None if found is None else found[0]
 
 
 def rotate(root: Path, keep_last: int) -> None:

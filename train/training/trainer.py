@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -33,20 +32,20 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from tristage.data.features import FeatureLoader, LoaderSpec, sample_latents
-from tristage.data.fingerprint import fingerprint, tristage_version
-from tristage.train.config import Config, check_train_options, save_config, to_yaml
+from tristage.data.fingerprint import fingerprint
+from tristage.train.config import Config, check_train_options, save_config
 from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.diffusion.objective import Objective
 from tristage.train.models.families import family_of
 from tristage.train.models.speed import build_for_training
-from tristage.train.training import checkpoint as ckpt
 from tristage.train.training import null_caption, tracking, validation
+from tristage.train.training.checkpointer import Checkpointer, Saved
 from tristage.train.training.ema import EMA
 from tristage.train.training.lr_schedules import lr_lambda
+from tristage.train.training.metrics import Window
 from tristage.train.training.nonfinite import GUARDS, Report
 
 log = logging.getLogger(__name__)
-TIMESTEP_BUCKETS = 4  # loss is also logged per quarter of the timestep range
 
 
 class Trainer:
@@ -71,7 +70,7 @@ class Trainer:
         schedule = lr_lambda(cfg.optim.lr_schedule, cfg.optim.warmup_steps, cfg.train.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.loader = self._loader()
-        self.state = ckpt.TrainState(version=tristage_version())
+        self.checkpointer = Checkpointer(cfg, self.accelerator)  # owns everything saved, and the state
         self.ema: EMA | None = None
         self.stop_requested = False
         self._raw: tuple = (None, None)  # (wrapped model, unwrapped model), see _unwrapped
@@ -142,31 +141,32 @@ class Trainer:
             self.validator.maybe_run(self.state.step, self.accelerator, self._unwrapped(), self.ema)
             self._maybe_checkpoint()
         bar.close()
-        self._save_checkpoint()
+        self.checkpointer.save()
         finished = self.state.step >= self.cfg.train.max_steps
         summary = self._summary(started, first_step, window, finished)
         if finished:
-            self._write_final()
+            self.checkpointer.write_final()
         self.accelerator.end_training()
         return summary
 
+    @property
+    def state(self):
+        """Step, samples seen, tracker run id, ... (owned by the Checkpointer, which saves them)."""
+        return self.checkpointer.state
+
     def _restore(self) -> None:
-        """Resume full state if a checkpoint applies, else load init_from weights (handoff)."""
-        path = self._resume_path()
-        if path is None:
-            source_null = None
-            if self.cfg.init_from is not None:
-                source_null = load_initial_weights(self.model, self.cfg)
-            self._set_null_caption(source_null)
-            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-            self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
-            return
-        if self.cfg.init_from is not None:
-            self._info(f"resuming from {path}; init_from={self.cfg.init_from} is ignored")
+        """Resume full state if a checkpoint applies, else load init_from weights (handoff), then prepare."""
+        resume = self.checkpointer.find()
+        source_null = None
+        if resume is None and self.cfg.init_from is not None:
+            source_null = load_initial_weights(self.model, self.cfg)  # weights only, before prepare
+        elif self.cfg.init_from is not None:
+            self._info(f"resuming from {resume}; init_from={self.cfg.init_from} is ignored")
+        self._set_null_caption(source_null)  # a resumed run reads the buffer it keeps in run.dir
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
-        self._load_checkpoint(path)
-        self._set_null_caption(None)  # a resumed run reads the buffer it keeps in run.dir
+        parts = Saved(self.model, self.ema, self.optimizer, self.scheduler, self.loader, self.guard)
+        self.checkpointer.load(parts)
 
     def _set_null_caption(self, source: torch.Tensor | None) -> None:
         """``data.null_caption: buffer``: the run's fixed null caption for the loader and validation."""
@@ -177,32 +177,6 @@ class Trainer:
         self.loader.null_buffer = self.validator.null_buffer = buffer
         if self.accelerator.is_main_process:
             null_caption.save_buffer(buffer, self.run_dir)
-
-    def _resume_path(self) -> Path | None:
-        mode = self.cfg.resume
-        if mode == "none":
-            return None
-        root = self.run_dir / "checkpoints"
-        if mode in ("auto", "latest"):
-            found = ckpt.latest(root)
-            if found is None and mode == "latest":
-                raise ckpt.CheckpointError(f"{root}: resume=latest but no complete checkpoint exists")
-            return found
-        ckpt.verify(Path(mode))
-        return Path(mode)
-
-    def _load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        self.state = ckpt.verify(path)
-        self._unwrapped().load_state_dict(load_file(path / "model.safetensors"))
-        self.ema.load_state_dict(load_file(path / "ema.safetensors"))
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        self.scheduler.load_state_dict(self.state.scheduler)
-        self.loader.load_state_dict(self.state.loader)
-        self.guard.load(self.state.nonfinite_skips)
-        ckpt.load_rank_rng(path, self.accelerator.process_index)
-        self._info(f"resumed from {path} at step {self.state.step}")
 
     # -- one step ------------------------------------------------------------------
     def _next_batch(self, batches, window: Window) -> dict:
@@ -252,10 +226,10 @@ class Trainer:
         self.state.nonfinite_skips = report.consecutive
         self._info(f"step {self.state.step}: {report.skipped} non-finite loss or gradient, update skipped")
         if report.worst >= self.cfg.train.max_nonfinite:
-            self._save_checkpoint()
+            self.checkpointer.save()
             raise FloatingPointError(
                 f"{report.worst} consecutive non-finite steps (train.max_nonfinite); "
-                f"state saved in {self.run_dir / 'checkpoints'}"
+                f"state saved in {self.checkpointer.root}"
             )
 
     # -- side effects ----------------------------------------------------------------
@@ -270,59 +244,7 @@ class Trainer:
 
     def _maybe_checkpoint(self) -> None:
         if self.state.step % self.cfg.checkpoint.every == 0:
-            self._save_checkpoint()
-
-    def _save_checkpoint(self) -> None:
-        """Assemble in a temp dir (every rank writes its RNG), rename, mark complete, rotate.
-
-        A write error leaves every earlier checkpoint untouched; ``checkpoint.on_error`` decides
-        whether training goes on."""
-        root = self.run_dir / "checkpoints"
-        final, tmp = ckpt.step_dir(root, self.state.step), root / f".tmp-step_{self.state.step:07d}"
-        if (final / ckpt.MARKER).exists():
-            return
-        self.state.scheduler = self.scheduler.state_dict()
-        self.state.loader = self.loader.state_dict()
-        self.state.nonfinite_skips = self.guard.count()
-        try:
-            self._write_checkpoint(tmp, final, root)
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            message = f"checkpoint at step {self.state.step} failed ({err}); earlier checkpoints are intact"
-            if self.cfg.checkpoint.on_error != "continue":
-                raise ckpt.CheckpointError(message) from None
-            self._info(message + "; continuing (checkpoint.on_error=continue)")
-
-    def _write_checkpoint(self, tmp: Path, final: Path, root: Path) -> None:
-        if self.accelerator.is_main_process:
-            tmp.mkdir(parents=True, exist_ok=True)
-        self.accelerator.wait_for_everyone()
-        ckpt.write_rank_files(tmp, self.accelerator.process_index)
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            model_sd = self.accelerator.get_state_dict(self.model)
-            optim_sd = self.optimizer.state_dict()
-            ckpt.write_main_files(
-                tmp, model_sd, self.ema.state_dict(), optim_sd, self.state, to_yaml(self.cfg)
-            )
-            ckpt.commit(tmp, final)
-            ckpt.rotate(root, self.cfg.checkpoint.keep_last)
-        self.accelerator.wait_for_everyone()
-
-    def _write_final(self) -> None:
-        """``final/``: EMA weights as a diffusers model folder plus the resolved config."""
-        if not self.accelerator.is_main_process:
-            return
-        final = self.run_dir / "final"
-        model = self._unwrapped()
-        raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.ema.copy_to(model)
-        model.save_pretrained(final / "transformer", safe_serialization=True)
-        if self.loader.null_buffer is not None:
-            null_caption.save_buffer(self.loader.null_buffer, final)
-        model.load_state_dict(raw)
-        save_config(self.cfg, final / "config.yaml")
-        (final / ckpt.MARKER).write_text("ok\n")
+            self.checkpointer.save()
 
     def _start_tracking(self) -> None:
         self.metrics_file = tracking.MetricsFile(self.cfg.run.dir, self.accelerator.is_main_process)
@@ -391,53 +313,6 @@ class Trainer:
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:
             log.warning(message)
-
-
-class Window:
-    """Metric tensors summed on device between log steps (no host sync until flush)."""
-
-    def __init__(self, device: torch.device, num_timesteps: int, processes: int = 1):
-        self.device, self.num_timesteps, self.processes = device, num_timesteps, processes
-        self.last_loss: float | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.bucket_sum = torch.zeros(TIMESTEP_BUCKETS, device=self.device)
-        self.bucket_n = torch.zeros(TIMESTEP_BUCKETS, device=self.device)
-        self.steps, self.images, self.t0 = 0, 0, time.perf_counter()
-        self.cpu0 = time.process_time()  # CPU seconds of all this process's threads
-        self.data_wait = 0.0  # seconds spent waiting on the loader (Trainer._next_batch)
-
-    def add(self, metrics: dict, batch: int) -> None:
-        for key in ("loss", "loss_mse", "loss_vlb", "grad_norm"):
-            value = metrics[key].float()
-            self.sums[key] = self.sums.get(key, torch.zeros((), device=self.device)) + value
-        t = metrics["timesteps"].float()
-        bucket = (t / self.num_timesteps * TIMESTEP_BUCKETS).long().clamp(0, TIMESTEP_BUCKETS - 1)
-        self.bucket_sum.index_add_(0, bucket, metrics["per_sample_loss"].float())
-        self.bucket_n.index_add_(0, bucket, torch.ones_like(t))
-        self.steps += 1
-        self.images += batch
-
-    def flush(self, lr: float, samples: int, sum_over_processes=lambda t: t) -> dict[str, float]:
-        """Window means over steps and over processes (one all-reduce), plus rates; then reset."""
-        keys, buckets = list(self.sums), TIMESTEP_BUCKETS
-        means = torch.stack([self.sums[k] for k in keys]) / max(self.steps, 1) if keys else self.bucket_n[:0]
-        packed = sum_over_processes(torch.cat([means, self.bucket_sum, self.bucket_n]))
-        values = dict(zip(keys, (packed[: len(keys)] / self.processes).tolist()))
-        bucket_sum, bucket_n = packed[len(keys) : len(keys) + buckets], packed[len(keys) + buckets :]
-        per_bucket = (bucket_sum / bucket_n.clamp(min=1)).tolist()
-        values.update({f"loss_t{i}": v for i, v in enumerate(per_bucket)})
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        values.update(lr=lr, samples_seen=samples, img_per_s=self.images / elapsed)
-        values.update(data_wait_share=self.data_wait / elapsed)
-        values.update(cpu_util=(time.process_time() - self.cpu0) / elapsed)  # busy host cores, on average
-        if self.device.type == "cuda":
-            values.update(gpu_mem_gb=torch.cuda.max_memory_allocated(self.device) / 2**30)
-        self.last_loss = values.get("loss")
-        self._reset()
-        return values
 
 
 def set_tf32(allow: bool) -> None:

@@ -1,0 +1,181 @@
+"""The Checkpointer: the one object that owns everything a checkpoint holds.
+
+It captures the model, its EMA, the optimizer, the LR scheduler, the loader's position, the NaN
+guard's count and the train state (step, samples seen, tracker run id).  The Trainer calls
+:meth:`Checkpointer.find` before accelerate's ``prepare`` (a resume makes ``init_from`` moot),
+:meth:`~Checkpointer.load` after it, :meth:`~Checkpointer.save` at step boundaries and
+:meth:`~Checkpointer.write_final` at the end.  The rules for files -- temp dir, fsync, rename,
+``COMPLETE`` written last, rotation, "latest" -- live in ``checkpoint.py``.
+
+A resume reads each file once per rank: :meth:`find` reads (and so verifies) the checkpoint it picks
+and :meth:`load` restores from those same tensors.
+
+``save`` is collective.  Every rank writes its own files, then the ranks agree on whether every write
+worked (one gather of the error messages); only then does rank 0 commit.  A failure on any rank is a
+failure on all of them: they all skip the save (``checkpoint.on_error: continue``) or all raise the
+same one-line :class:`CheckpointError`, and no rank is left waiting alone at a barrier.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from tristage.data.features import FeatureLoader
+from tristage.data.fingerprint import tristage_version
+from tristage.train.config import Config, save_config, to_yaml
+from tristage.train.training import checkpoint as ckpt
+from tristage.train.training import null_caption
+from tristage.train.training.ema import EMA
+from tristage.train.training.nonfinite import DeviceGuard, SyncGuard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Saved:
+    """The live objects a checkpoint captures (model and optimizer as accelerate prepared them)."""
+
+    model: torch.nn.Module  # the wrapped model; its unwrapped module's weights are saved
+    ema: EMA  # shadow weights (exported as final/)
+    optimizer: torch.optim.Optimizer  # AdamW moments and step counts
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # LR schedule position
+    loader: FeatureLoader  # (epoch, next global batch)
+    guard: SyncGuard | DeviceGuard  # consecutive non-finite steps
+
+
+class Checkpointer:
+    """Finds, loads and saves the full state of one stage run; writes its ``final/`` folder."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.root = Path(cfg.run.dir) / "checkpoints"
+        self.state = ckpt.TrainState(version=tristage_version())
+        self.saved: Saved | None = None
+        self._found: tuple[Path, ckpt.Contents] | None = None
+        self._last_saved = -1  # step of the checkpoint this process last committed or resumed from
+
+    # -- resume ----------------------------------------------------------------------------------
+    def find(self) -> Path | None:
+        """The checkpoint to resume from per ``resume`` (read once and kept for :meth:`load`), or None."""
+        mode = self.cfg.resume
+        if mode == "none":
+            return None
+        if mode in ("auto", "latest"):
+            self._found = ckpt.newest_readable(self.root)
+            if self._found is None and mode == "latest":
+                raise ckpt.CheckpointError(f"{self.root}: resume=latest but no complete checkpoint exists")
+        else:
+            self._found = (Path(mode), ckpt.read(Path(mode)))
+        return None if self._found is None else self._found[0]
+
+    def load(self, saved: Saved) -> None:
+        """Attach the live objects and, if :meth:`find` picked a checkpoint, restore all of them from it."""
+        self.saved = saved
+        if self._found is None:
+            return
+        (path, contents), self._found = self._found, None  # the tensors are not kept past the load
+        self.state = contents.state
+        self.accelerator.unwrap_model(saved.model).load_state_dict(contents.model)
+        saved.ema.load_state_dict(contents.ema)
+        saved.optimizer.load_state_dict(contents.optimizer)
+        saved.scheduler.load_state_dict(self.state.scheduler)
+        saved.loader.load_state_dict(self.state.loader)
+        saved.guard.load(self.state.nonfinite_skips)
+        ckpt.load_rank_rng(path, self.accelerator.process_index)
+        self._last_saved = self.state.step
+        self._info(f"resumed from {path} at step {self.state.step}")
+
+    # -- save ------------------------------------------------------------------------------------
+    def save(self) -> bool:
+        """Collective: checkpoint the current step on every rank.  True if it is on disk, complete.
+
+        A write error leaves every earlier checkpoint untouched; ``checkpoint.on_error`` decides
+        whether training goes on (False is returned) or every rank raises."""
+        step = self.state.step
+        if step == self._last_saved:
+            return True
+        final, tmp = ckpt.step_dir(self.root, step), self.root / f".tmp-step_{step:07d}"
+        self._capture()
+        errors = self._agree(self._attempt(self._write_files, tmp))
+        if not errors:
+            commit = self._attempt(self._commit, tmp, final) if self.accelerator.is_main_process else None
+            errors = self._agree(commit)
+        if not errors:
+            self._last_saved = step
+            return True
+        return self._failed(step, tmp, errors)
+
+    def _capture(self) -> None:
+        """Counters of the live objects into the train state (every rank; they agree)."""
+        self.state.scheduler = self.saved.scheduler.state_dict()
+        self.state.loader = self.saved.loader.state_dict()
+        self.state.nonfinite_skips = self.saved.guard.count()
+
+    def _write_files(self, tmp: Path) -> None:
+        """Every rank its RNG state; rank 0 the weights, EMA, optimizer, counters and config."""
+        tmp.mkdir(parents=True, exist_ok=True)
+        ckpt.write_rank_files(tmp, self.accelerator.process_index)
+        if self.accelerator.is_main_process:
+            saved = self.saved
+            model_sd = self.accelerator.get_state_dict(saved.model)
+            optim_sd = saved.optimizer.state_dict()
+            ckpt.write_main_files(
+                tmp, model_sd, saved.ema.state_dict(), optim_sd, self.state, to_yaml(self.cfg)
+            )
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        ckpt.commit(tmp, final)
+        ckpt.rotate(self.root, self.cfg.checkpoint.keep_last)
+
+    def _attempt(self, write, *args) -> tuple[str, bool] | None:
+        """Run one rank's part of a save; an error becomes (message, is an I/O error) for the others."""
+        try:
+            write(*args)
+        except Exception as err:  # every rank must reach the agreement, whatever went wrong
+            return f"rank {self.accelerator.process_index}: {type(err).__name__}: {err}", isinstance(
+                err, OSError
+            )
+        return None
+
+    def _agree(self, error: tuple[str, bool] | None) -> list[tuple[str, bool]]:
+        """Every rank's error (one gather; it is also the barrier between the save's phases)."""
+        return [e for e in gather_object([error]) if e is not None]
+
+    def _failed(self, step: int, tmp: Path, errors: list[tuple[str, bool]]) -> bool:
+        """The same decision on every rank: skip this save, or raise (always, for a non-I/O error)."""
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reasons = "; ".join(message for message, _ in errors)
+        message = f"checkpoint at step {step} failed ({reasons}); earlier checkpoints are intact"
+        io_only = all(is_io for _, is_io in errors)
+        if self.cfg.checkpoint.on_error != "continue" or not io_only:
+            raise ckpt.CheckpointError(message)
+        self._info(message + "; continuing (checkpoint.on_error=continue)")
+        return False
+
+    # -- the stage's output ------------------------------------------------------------------------
+    def write_final(self) -> None:
+        """``final/``: EMA weights as a diffusers model folder plus the resolved config (rank 0)."""
+        if not self.accelerator.is_main_process:
+            return
+        final = Path(self.cfg.run.dir) / "final"
+        model = self.accelerator.unwrap_model(self.saved.model)
+        raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.saved.ema.copy_to(model)
+        model.save_pretrained(final / "transformer", safe_serialization=True)
+        if self.saved.loader.null_buffer is not None:  # data.null_caption: buffer travels with the weights
+            null_caption.save_buffer(self.saved.loader.null_buffer, final)
+        model.load_state_dict(raw)
+        save_config(self.cfg, final / "config.yaml")
+        (final / ckpt.MARKER).write_text("ok\n")
+
+    def _info(self, message: str) -> None:
+        if self.accelerator.is_main_process:
+            log.warning(message)
