@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +54,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (TFLOP/s)")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (compute)")
     parser.add_argument("--workdir", default=None, help="keep the cache and runs here (default: temp)")
+    parser.add_argument(
+        "--parallelism",
+        default=None,
+        help="compare train.parallelism values instead (comma-separated, e.g. ddp,fsdp,fsdp_grad_op): "
+        "each a Trainer run of --processes processes, alternating --repeats times",
+    )
+    parser.add_argument("--processes", type=int, default=2, help="with --parallelism: processes per run")
+    parser.add_argument("--label", default=None, help="a name for this figure, copied into the JSON line")
     return parser.parse_args(argv)
 
 
@@ -141,14 +152,18 @@ def run_trainer(cfg, run_dir: Path) -> list[dict[str, float]]:
 
     cfg.run.dir = str(run_dir)
     Trainer(cfg).train()
+    return metric_windows(run_dir, cfg.train.log_every * cfg.data.batch_size)
+
+
+def metric_windows(run_dir: Path, images: int, processes: int = 1) -> list[dict[str, float]]:
+    """Rank 0's metric windows after the first, as wall, data-wait and CPU seconds; with several
+    processes the CPU seconds are the whole job's (rank 0's share times the processes: ranks are alike)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    images = cfg.train.log_every * cfg.data.batch_size
     windows = []
     for w in [json.loads(line) for line in lines][1:]:
         seconds = images / w["img_per_s"]
-        windows.append(
-            {"s": seconds, "wait_s": w["data_wait_share"] * seconds, "cpu_s": w["cpu_util"] * seconds}
-        )
+        cpu = processes * w["cpu_util"] * seconds
+        windows.append({"s": seconds, "wait_s": w["data_wait_share"] * seconds, "cpu_s": cpu})
     return windows
 
 
@@ -293,13 +308,76 @@ def device_name(device: torch.device, threads: int) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {threads} thread(s)"
 
 
+def launch_worker(cfg, run_dir: Path, processes: int, threads: int) -> list[dict]:
+    """One Trainer run of ``processes`` ranks (torchrun; gloo on CPU, NCCL on CUDA); per-rank reports."""
+    from tristage.train.config import save_config
+
+    cfg.run.dir = str(run_dir)
+    save_config(cfg, run_dir / "stage.yaml")
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    cmd = [*run, "-m", "tristage.bench.train_worker", str(run_dir / "stage.yaml"), str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # accelerate's gloo (MULTI_CPU) path, as in the CPU tests
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{cfg.train.parallelism} run in {run_dir} failed: {result.stderr[-3000:]}")
+    return [json.loads((run_dir / f"rank{r}.json").read_text()) for r in range(processes)]
+
+
+def compare_parallelism(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
+    """Each ``--parallelism`` value as a run of ``--processes`` ranks, alternating, same batches and seed:
+    throughput from the Trainer's own metric windows (after the first), memory from every rank."""
+    cfg = bench_config(root, args, device)
+    write_cache(cfg, samples=4 * args.batch * args.processes)
+    choices, images = args.parallelism.split(","), args.window * args.batch * args.processes
+    windows: dict[str, list] = {p: [] for p in choices}
+    ranks: dict[str, list] = {}
+    for r in range(args.repeats):
+        for parallelism in choices:
+            cfg.train.parallelism = parallelism
+            run_dir = root / f"{parallelism}{r}"
+            reports = launch_worker(cfg, run_dir, args.processes, args.threads)
+            ranks[parallelism] = [max_report(a, b) for a, b in zip(ranks.get(parallelism, reports), reports)]
+            windows[parallelism] += metric_windows(run_dir, images, args.processes)
+    runs = {p: parallel_figures(windows[p], ranks[p], images) for p in choices}
+    base = runs[choices[0]]
+    for figures in runs.values():
+        figures["throughput_vs_first"] = round(figures[CLOCKS[device.type]] / base[CLOCKS[device.type]], 4)
+        figures["state_vs_first"] = round(figures["state_mb_per_rank"] / base["state_mb_per_rank"], 4)
+    head = {"device": device_name(device, args.threads), "processes": args.processes, "size": args.size}
+    head.update(resolution=args.resolution, batch_per_process=args.batch, steps=args.steps * args.repeats)
+    return {**head, "clock": CLOCKS[device.type], "runs": runs}
+
+
+def max_report(a: dict, b: dict) -> dict:
+    """One rank's report over two repeats: the higher peak memory (the state is the same)."""
+    return {**b, "peak_mem_gb": max(a["peak_mem_gb"], b["peak_mem_gb"])}
+
+
+def parallel_figures(windows: list[dict], ranks: list[dict], images: int) -> dict:
+    """img/s and img per CPU-second of one strategy, peak memory of each rank, training state per rank."""
+    state = [sum(r["state_bytes"].values()) / 2**20 for r in ranks]
+    return {
+        **{k: round(v, 3) for k, v in timing(windows, images).items()},
+        "peak_mem_gb_per_rank": [r["peak_mem_gb"] for r in ranks],
+        "state_mb_per_rank": round(max(state), 3),
+        "state_mb_by_part": {k: round(v / 2**20, 3) for k, v in ranks[0]["state_bytes"].items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        result = measure(args, Path(args.workdir or tmp), device)
+        if args.parallelism:
+            result = compare_parallelism(args, Path(args.workdir or tmp), device)
+        else:
+            result = measure(args, Path(args.workdir or tmp), device)
+    if args.label is not None:
+        result = {"figure": args.label, **result}
     print(json.dumps(result), flush=True)
     return result
 

@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tristage.train.diffusion.objective import ObjectiveConfig
 from tristage.train.training.lr_schedules import LR_SCHEDULES
+from tristage.train.training.sharding import PARALLELISMS, is_sharded_setting
 
 
 class ConfigError(ValueError):
@@ -143,6 +144,7 @@ class TrainConfig:
     nonfinite_check: str = "step"  # NaN guard: "step" (host sync per step) or "log" (sync-free; nonfinite.py)
     compile: bool = False  # torch.compile each transformer block (slow first steps, faster after)
     allow_tf32: bool = True  # TF32 matmuls and convolutions on CUDA (Ampere and newer)
+    parallelism: str = "ddp"  # ddp | fsdp (weights, grads, AdamW, EMA sharded) | fsdp_grad_op (sharding.py)
 
 
 @dataclass
@@ -282,6 +284,13 @@ def check_train_options(cfg: Config, path: str) -> None:
             f"{path}: key 'optim.lr_schedule': {cfg.optim.lr_schedule!r} is not one of "
             f"{', '.join(LR_SCHEDULES)}"
         )
+    if cfg.train.parallelism not in PARALLELISMS:
+        raise ConfigError(
+            f"{path}: key 'train.parallelism': {cfg.train.parallelism!r} is not one of "
+            f"{', '.join(PARALLELISMS)}"
+        )
+    if is_sharded_setting(cfg.train.parallelism) and cfg.train.mixed_precision == "fp16":
+        raise ConfigError(f"{path}: key 'train.mixed_precision': fp16 is not supported with FSDP; use bf16")
     if cfg.model.checkpoint_blocks < -1:
         raise ConfigError(f"{path}: key 'model.checkpoint_blocks': must be >= -1 (-1 = all blocks)")
     _check_choice(path, "data.null_caption", cfg.data.null_caption, NULL_CAPTIONS)

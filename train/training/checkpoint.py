@@ -8,6 +8,9 @@ Layout of ``run.dir/checkpoints/step_NNNNNNN/``::
     trainer.json             step, samples, loader position, LR-scheduler state, tracker run id, version
     rng_rank{R}.json / .pt   python + numpy / torch (+ CUDA) RNG states of every rank
     config.yaml              the resolved config
+    sharded/                 instead of the three weight files under train.parallelism fsdp*: one
+                             torch.distributed.checkpoint folder of model, optimizer and EMA shards
+                             (train/training/sharded.py)
     COMPLETE                 written last: a directory without it is never used
 
 A checkpoint is assembled in ``.tmp-step_N``, fsynced, renamed into place, and
@@ -31,6 +34,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from tristage.train.training import sharded
 
 MARKER = "COMPLETE"
 FORMAT = "tristage-checkpoint-v1"
@@ -109,6 +114,11 @@ def write_main_files(
     save_file({k: v.detach().cpu().contiguous() for k, v in model_sd.items()}, tmp / "model.safetensors")
     save_file({k: v.detach().cpu().contiguous() for k, v in ema_sd.items()}, tmp / "ema.safetensors")
     torch.save(optim_sd, tmp / "optimizer.pt")
+    write_state_files(tmp, state, cfg_yaml)
+
+
+def write_state_files(tmp: Path, state: TrainState, cfg_yaml: str) -> None:
+    """Rank 0 writes the counters and the config (a sharded checkpoint's tensors are in ``sharded/``)."""
     payload = {"format": FORMAT, **state.__dict__}
     (tmp / "trainer.json").write_text(json.dumps(payload, indent=1))
     (tmp / "config.yaml").write_text(cfg_yaml)
@@ -140,9 +150,9 @@ class Contents:
     """Everything rank 0 wrote into a checkpoint, read once."""
 
     state: TrainState  # trainer.json
-    model: dict[str, torch.Tensor]  # model.safetensors
-    ema: dict[str, torch.Tensor]  # ema.safetensors
-    optimizer: dict  # optimizer.pt
+    model: dict[str, torch.Tensor] | None  # model.safetensors (None: a sharded checkpoint, sharded.py)
+    ema: dict[str, torch.Tensor] | None  # ema.safetensors (None: sharded)
+    optimizer: dict | None  # optimizer.pt (None: sharded)
 
 
 def read(path: Path) -> Contents:
@@ -150,6 +160,12 @@ def read(path: Path) -> Contents:
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
     state = read_state(path)
+    if sharded.is_sharded_checkpoint(path):
+        try:
+            sharded.verify(path)  # the shards themselves are read by sharded.load, once, into place
+        except sharded.ShardedCheckpointError as err:
+            raise CheckpointError(str(err)) from None
+        return Contents(state, None, None, None)
     weights = {}
     for name in ("model.safetensors", "ema.safetensors"):
         try:

@@ -14,6 +14,10 @@ and :meth:`load` restores from those same tensors.
 worked (one gather of the error messages); only then does rank 0 commit.  A failure on any rank is a
 failure on all of them: they all skip the save (``checkpoint.on_error: continue``) or all raise the
 same one-line :class:`CheckpointError`, and no rank is left waiting alone at a barrier.
+
+Under ``train.parallelism: fsdp | fsdp_grad_op`` the weights, AdamW state and EMA go to a
+torch.distributed.checkpoint folder instead (``sharded.py``): each rank writes its own shards, in a
+second collective phase entered only once every rank's other files are written.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from tristage.data.features import FeatureLoader
 from tristage.data.fingerprint import tristage_version
 from tristage.train.config import Config, save_config, to_yaml
 from tristage.train.training import checkpoint as ckpt
-from tristage.train.training import null_caption
+from tristage.train.training import null_caption, sharded
 from tristage.train.training.ema import EMA
 from tristage.train.training.nonfinite import DeviceGuard, SyncGuard
+from tristage.train.training.sharding import is_sharded_setting
+from tristage.train.training.validation import whole_ema_model
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,7 @@ class Saved:
 
     model: torch.nn.Module  # the wrapped model; its unwrapped module's weights are saved
     ema: EMA  # shadow weights (exported as final/)
-    optimizer: torch.optim.Optimizer  # AdamW moments and step counts
+    optimizer: torch.optim.Optimizer  # the raw AdamW (not accelerate's wrapper): moments and step counts
     scheduler: torch.optim.lr_scheduler.LRScheduler  # LR schedule position
     loader: FeatureLoader  # (epoch, next global batch)
     guard: SyncGuard | DeviceGuard  # consecutive non-finite steps
@@ -60,6 +66,7 @@ class Checkpointer:
         self.saved: Saved | None = None
         self._found: tuple[Path, ckpt.Contents] | None = None
         self._last_saved = -1  # step of the checkpoint this process last committed or resumed from
+        self.sharded = is_sharded_setting(cfg.train.parallelism)  # DCP shards instead of whole files
 
     # -- resume ----------------------------------------------------------------------------------
     def find(self) -> Path | None:
@@ -82,9 +89,13 @@ class Checkpointer:
             return
         (path, contents), self._found = self._found, None  # the tensors are not kept past the load
         self.state = contents.state
-        self.accelerator.unwrap_model(saved.model).load_state_dict(contents.model)
-        saved.ema.load_state_dict(contents.ema)
-        saved.optimizer.load_state_dict(contents.optimizer)
+        model = self.accelerator.unwrap_model(saved.model)
+        if contents.model is None:  # sharded: every rank reads its part, re-sharded to this layout
+            sharded.load(path, model, saved.optimizer, saved.ema.state_dict())
+        else:
+            model.load_state_dict(contents.model)
+            saved.ema.load_state_dict(contents.ema)
+            saved.optimizer.load_state_dict(contents.optimizer)
         saved.scheduler.load_state_dict(self.state.scheduler)
         saved.loader.load_state_dict(self.state.loader)
         saved.guard.load(self.state.nonfinite_skips)
@@ -104,6 +115,8 @@ class Checkpointer:
         final, tmp = ckpt.step_dir(self.root, step), self.root / f".tmp-step_{step:07d}"
         self._capture()
         errors = self._agree(self._attempt(self._write_files, tmp))
+        if not errors and self.sharded:  # collective: only entered when every rank's files are written
+            errors = self._agree(self._attempt(self._write_shards, tmp))
         if not errors:
             commit = self._attempt(self._commit, tmp, final) if self.accelerator.is_main_process else None
             errors = self._agree(commit)
@@ -122,13 +135,20 @@ class Checkpointer:
         """Every rank its RNG state; rank 0 the weights, EMA, optimizer, counters and config."""
         tmp.mkdir(parents=True, exist_ok=True)
         ckpt.write_rank_files(tmp, self.accelerator.process_index)
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process and self.sharded:
+            ckpt.write_state_files(tmp, self.state, to_yaml(self.cfg))
+        elif self.accelerator.is_main_process:
             saved = self.saved
             model_sd = self.accelerator.get_state_dict(saved.model)
             optim_sd = saved.optimizer.state_dict()
             ckpt.write_main_files(
                 tmp, model_sd, saved.ema.state_dict(), optim_sd, self.state, to_yaml(self.cfg)
             )
+
+    def _write_shards(self, tmp: Path) -> None:
+        """Every rank its shards of weights, AdamW state and EMA (``sharded/``; no rank gathers them)."""
+        model = self.accelerator.unwrap_model(self.saved.model)
+        sharded.save(tmp, model, self.saved.optimizer, self.saved.ema.state_dict())
 
     def _commit(self, tmp: Path, final: Path) -> None:
         ckpt.commit(tmp, final)
@@ -162,19 +182,19 @@ class Checkpointer:
 
     # -- the stage's output ------------------------------------------------------------------------
     def write_final(self) -> None:
-        """``final/``: EMA weights as a diffusers model folder plus the resolved config (rank 0)."""
-        if not self.accelerator.is_main_process:
-            return
-        final = Path(self.cfg.run.dir) / "final"
+        """``final/``: EMA weights as a diffusers model folder plus the resolved config (collective).
+
+        Sharded: only the EMA is gathered, tensor by tensor, onto rank 0's CPU (never the optimizer)."""
+        final, main = Path(self.cfg.run.dir) / "final", self.accelerator.is_main_process
         model = self.accelerator.unwrap_model(self.saved.model)
-        raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.saved.ema.copy_to(model)
-        model.save_pretrained(final / "transformer", safe_serialization=True)
-        if self.saved.loader.null_buffer is not None:  # data.null_caption: buffer travels with the weights
-            null_caption.save_buffer(self.saved.loader.null_buffer, final)
-        model.load_state_dict(raw)
-        save_config(self.cfg, final / "config.yaml")
-        (final / ckpt.MARKER).write_text("ok\n")
+        with whole_ema_model(model, self.saved.ema, main, torch.device("cpu")) as whole:
+            if main:
+                whole.save_pretrained(final / "transformer", safe_serialization=True)
+                if self.saved.loader.null_buffer is not None:  # data.null_caption: buffer travels along
+                    null_caption.save_buffer(self.saved.loader.null_buffer, final)
+                save_config(self.cfg, final / "config.yaml")
+                (final / ckpt.MARKER).write_text("ok\n")
+        self.accelerator.wait_for_everyone()
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:

@@ -38,7 +38,7 @@ from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.diffusion.objective import Objective
 from tristage.train.models.families import family_of
 from tristage.train.models.speed import build_for_training
-from tristage.train.training import null_caption, tracking, validation
+from tristage.train.training import null_caption, sharding, tracking, validation
 from tristage.train.training.checkpointer import Checkpointer, Saved
 from tristage.train.training.ema import EMA
 from tristage.train.training.lr_schedules import lr_lambda
@@ -65,10 +65,8 @@ class Trainer:
         self.family = family_of(cfg.model.family)
         self.model = self._build_model()
         self.guard = GUARDS[cfg.train.nonfinite_check](self.accelerator.device)
-        self.adamw = self._adamw()
-        self.optimizer = self.adamw  # accelerate's wrapper after prepare; self.adamw stays the raw AdamW
-        schedule = lr_lambda(cfg.optim.lr_schedule, cfg.optim.warmup_steps, cfg.train.max_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.sharded = False  # train.parallelism fsdp*: the model's parameters are DTensor shards
+        self._optimizer()
         self.loader = self._loader()
         self.checkpointer = Checkpointer(cfg, self.accelerator)  # owns everything saved, and the state
         self.ema: EMA | None = None
@@ -80,6 +78,14 @@ class Trainer:
         """The family's model with the configured attention, checkpointing and compilation."""
         out_channels = self.cfg.model.in_channels * (2 if self.cfg.objective.learn_sigma else 1)
         return build_for_training(self.cfg.model, out_channels, self.cfg.train.compile)
+
+    def _optimizer(self) -> None:
+        """AdamW over the model's (current) parameters and its LR schedule."""
+        self.adamw = self._adamw()
+        self.optimizer = self.adamw  # accelerate's wrapper after prepare; self.adamw stays the raw AdamW
+        optim = self.cfg.optim
+        schedule = lr_lambda(optim.lr_schedule, optim.warmup_steps, self.cfg.train.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     def _adamw(self) -> torch.optim.AdamW:
         """AdamW, fused (one kernel per step) on CUDA and where the NaN guard needs ``found_inf``."""
@@ -159,13 +165,14 @@ class Trainer:
         resume = self.checkpointer.find()
         source_null = None
         if resume is None and self.cfg.init_from is not None:
-            source_null = load_initial_weights(self.model, self.cfg)  # weights only, before prepare
+            source_null = load_initial_weights(self.model, self.cfg)  # before it is wrapped or sharded
         elif self.cfg.init_from is not None:
             self._info(f"resuming from {resume}; init_from={self.cfg.init_from} is ignored")
         self._set_null_caption(source_null)  # a resumed run reads the buffer it keeps in run.dir
-        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self._prepare()
         self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
-        parts = Saved(self.model, self.ema, self.optimizer, self.scheduler, self.loader, self.guard)
+        # The raw AdamW: its state dict is what DCP's get_state_dict maps to parameter names.
+        parts = Saved(self.model, self.ema, self.adamw, self.scheduler, self.loader, self.guard)
         self.checkpointer.load(parts)
 
     def _set_null_caption(self, source: torch.Tensor | None) -> None:
@@ -177,6 +184,18 @@ class Trainer:
         self.loader.null_buffer = self.validator.null_buffer = buffer
         if self.accelerator.is_main_process:
             null_caption.save_buffer(buffer, self.run_dir)
+
+    def _prepare(self) -> None:
+        """DDP through accelerate, or FSDP: ``fully_shard`` the model, rebuild AdamW over the shards
+        and let accelerate wrap only the optimizer (README "Scale and speed")."""
+        device, bf16 = self.accelerator.device, self.cfg.train.mixed_precision == "bf16"
+        self.model.to(device)
+        self.sharded = sharding.shard(self.model, self.cfg.train.parallelism, device, bf16)
+        if not self.sharded:
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+            return
+        self._optimizer()
+        self.optimizer = self.accelerator.prepare(self.adamw)
 
     # -- one step ------------------------------------------------------------------
     def _next_batch(self, batches, window: Window) -> dict:
@@ -201,9 +220,7 @@ class Trainer:
                 timesteps=timesteps,
             )
         self.accelerator.backward(loss)
-        clip = self.cfg.optim.grad_clip
-        clip = math.inf if clip is None else clip  # None: no clipping (DiT); the norm is still logged
-        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = self._clip_grad_norm()
         finite = torch.isfinite(loss) & torch.isfinite(grad_norm)  # on the device
         self.guard.apply(finite, self._update)
         self._check_nonfinite(self.guard.poll(log_step=False))
@@ -211,6 +228,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         metrics.update(loss=loss.detach(), grad_norm=grad_norm.detach())
         return metrics
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        """Clip to ``optim.grad_clip`` (None: no clipping, as DiT) and return the global norm."""
+        params, clip = list(self.model.parameters()), self.cfg.optim.grad_clip
+        clip = math.inf if clip is None else clip
+        if self.sharded:
+            return sharding.clip_grad_norm(params, clip)
+        return self.accelerator.clip_grad_norm_(params, clip)
 
     def _update(self, gate: torch.Tensor | None) -> None:
         """AdamW, then EMA.  A device ``gate`` (1 apply, 0 skip) reaches fused AdamW as ``found_inf``."""

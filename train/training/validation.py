@@ -20,6 +20,7 @@ from PIL import Image
 
 from tristage.train.config import Config
 from tristage.train.inference.grid import grid
+from tristage.train.training import sharding
 
 
 @dataclass
@@ -50,14 +51,16 @@ class Validator:
         if not self.due(step):
             return None
         path = None
-        if accelerator.is_main_process:
-            with ema_weights(model, ema), torch.random.fork_rng(devices=_cuda_devices(model)):
-                images = self.sample(model)
-            path = Path(self.cfg.run.dir) / "validation" / f"step_{step:07d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            grid(images, columns=len(images)).save(path)
-            self.written.append(path)
-            log_image(accelerator, path, step, self._conditions())
+        main = accelerator.is_main_process
+        with whole_ema_model(model, ema, main, accelerator.device) as sampler:
+            if main:
+                with torch.random.fork_rng(devices=_cuda_devices(sampler)):
+                    images = self.sample(sampler)
+                path = Path(self.cfg.run.dir) / "validation" / f"step_{step:07d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                grid(images, columns=len(images)).save(path)
+                self.written.append(path)
+                log_image(accelerator, path, step, self._conditions())
         accelerator.wait_for_everyone()
         return path
 
@@ -166,6 +169,25 @@ def ema_weights(model: torch.nn.Module, ema):
     finally:
         model.load_state_dict(raw)
         model.train(was_training)
+
+
+@contextmanager
+def whole_ema_model(model: torch.nn.Module, ema, is_main: bool, device: torch.device):
+    """The EMA weights in a whole (unsharded) model on the main process (None elsewhere).
+
+    Unsharded: ``model`` itself, EMA swapped in for the duration.  Sharded (FSDP): every rank takes
+    part in gathering the EMA, one tensor at a time, into a plain copy on the main process (built from
+    the model's config), so sampling and ``save_pretrained`` see ordinary tensors and no rank waits on
+    a collective the others never enter."""
+    if not sharding.is_sharded(model):
+        if not is_main:
+            yield None
+            return
+        with ema_weights(model, ema):
+            yield model
+        return
+    weights = sharding.gather_full(ema.state_dict(), is_main)
+    yield sharding.whole_copy(model, weights).to(device).eval() if is_main else None
 
 
 def _cuda_devices(model: torch.nn.Module) -> list[int]:
