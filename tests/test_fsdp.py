@@ -27,6 +27,7 @@ from tristage.train.training import sharded
 from .conftest import ROOT, run_cli, run_cli_2proc
 
 STEPS, EVERY = 6, 2
+CLIP = 0.05  # optim.grad_clip: below most of these steps' gradient norms, so the sharded clip is exercised
 TIMEOUT = 240  # seconds per 2-process run: a hang fails the test instead of blocking the suite
 
 
@@ -41,6 +42,7 @@ def overrides(run_dir: Path, parallelism: str, batch: int = 4) -> list[str]:
         f"train.parallelism={parallelism}",
         f"data.batch_size={batch}",
         f"train.max_steps={STEPS}",
+        f"optim.grad_clip={CLIP}",
         "train.log_every=1",
         f"checkpoint.every={EVERY}",
         f"checkpoint.keep_last={STEPS}",
@@ -79,6 +81,7 @@ def test_fsdp_trains_like_ddp_and_writes_sharded_checkpoints(runs, tmp_path):
         want = torch.tensor([m[key] for m in logs["ddp"]], dtype=torch.float64)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=key)
     assert [m["samples_seen"] for m in logs["fsdp"]] == [8 * s for s in range(1, STEPS + 1)]
+    assert sum(m["grad_norm"] > CLIP for m in logs["ddp"]) >= 2  # clipping did act
     ddp, fsdp = final_weights(runs["ddp"]), final_weights(runs["fsdp"])
     assert ddp.keys() == fsdp.keys()
     for k in ddp:

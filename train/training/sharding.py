@@ -103,6 +103,8 @@ def whole_copy(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torc
 
 
 def _model_class(model: torch.nn.Module) -> type:
-    """The model's own class: ``fully_shard`` swaps in a dynamic subclass named FSDP<class>."""
+    """The model's own class: ``fully_shard`` swaps in a dynamic ``FSDP<class>(FSDPModule, class)``."""
+    from torch.distributed.fsdp import FSDPModule
+
     cls = type(model)
-    return cls.__mro__[1] if cls.__name__ == f"FSDP{cls.__mro__[1].__name__}" else cls
+    return cls.__mro__[2] if isinstance(model, FSDPModule) else cls
