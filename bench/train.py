@@ -110,8 +110,7 @@ def write_cache(cfg, samples: int) -> None:
     import webdataset as wds
     from safetensors.torch import save, save_file
 
-    from tristage.data.cache import NULL_CAPTION
-    from tristage.data.features import MANIFEST
+    from tristage.data.cache_format import MANIFEST, NULL_CAPTION, sample_json
     from tristage.data.fingerprint import fingerprint
 
     cache, res = Path(cfg.data.cache_dir), cfg.data.resolution
@@ -127,7 +126,8 @@ def write_cache(cfg, samples: int) -> None:
             }
             meta = {"key": f"{i:06d}", "caption": "", "label": None, "score": None, "tokens": text[0]}
             meta.update(original_size=[res, res], crop=[0, 0], bucket=[res, res])
-            writer.write({"__key__": meta["key"], "feat.safetensors": save(tensors), "json": meta})
+            feat = save(tensors)
+            writer.write({"__key__": meta["key"], "feat.safetensors": feat, "json": sample_json(meta, feat)})
     save_file({"t5": torch.zeros(*text).bfloat16()}, cache / NULL_CAPTION)
     manifest = {
         "fingerprint": fingerprint(cfg),

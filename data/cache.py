@@ -3,14 +3,17 @@
 Each source unit ``i`` becomes ``features-{i:05d}.tar``.  Units are dealt to
 processes round-robin (``i % world == rank``), so no two processes ever write
 the same file.  A shard is written under a temporary name, fsynced, renamed, and
-only then marked complete by ``features-{i:05d}.done.json`` (counts, skips and
-the writer's rank).  A rerun skips units that carry a done marker and first
-deletes the ``*.tmp-*`` leftovers of its own units, so a killed pass resumes
-with every sample exactly once.  Rank 0 writes ``manifest.json`` last.
+only then marked complete by ``features-{i:05d}.done.json`` (counts, skips, the
+writer's rank, the fingerprint and the raw files' stamps).  A rerun skips units that
+carry a done marker and first deletes the ``*.tmp-*`` leftovers of its own units, so
+a killed pass resumes with every sample exactly once.  A folder built under another
+config, or whose raw files changed, is refused in one line, or with ``--rebuild``
+re-encoded where stale (``data/cache_check.py``).  Rank 0 writes ``manifest.json`` last.
 
 Per sample the shard holds ``KEY.feat.safetensors`` (VAE posterior mean and std,
 and, for text stages, the T5 features trimmed to the caption's real length) and
-``KEY.json`` (caption, label, original size, crop, bucket, score).
+``KEY.json`` (caption, label, original size, crop, bucket, score, and the sample's
+checksum: ``data/cache_format.py``).
 """
 
 from __future__ import annotations
@@ -31,14 +34,22 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file
 
 from tristage.data.buckets import RatioOutOfRange, place
-from tristage.data.fingerprint import fingerprint, first_difference
+from tristage.data.cache_check import complete_manifest, refusal, stale_units, stamp
+from tristage.data.cache_format import (
+    MANIFEST,
+    NULL_CAPTION,
+    SKIPPED,
+    VALIDATION_PROMPTS,
+    CacheError,
+    done_marker,
+    sample_json,
+    shard_name,
+)
+from tristage.data.fingerprint import fingerprint
 from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source
 from tristage.data.text_codec import encode_text_feature
 from tristage.train.config import Config
 
-MANIFEST = "manifest.json"
-NULL_CAPTION = "null_caption.safetensors"
-VALIDATION_PROMPTS = "validation_prompts.safetensors"  # T5 features of validation.prompts and of ""
 MIN_SIDE = 32  # images smaller than this (either side) are skipped as too small
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -156,7 +167,8 @@ class ShardWriter:
             if texts is not None:
                 tensors.update(encode_text_feature(texts[i], self.cfg.encoders.text_feature_dtype))
                 meta["tokens"] = int(texts[i].shape[0])
-            sample = {"__key__": meta["key"], "feat.safetensors": st_save(_cpu(tensors)), "json": meta}
+            feat = st_save(_cpu(tensors))
+            sample = {"__key__": meta["key"], "feat.safetensors": feat, "json": sample_json(meta, feat)}
             self.writer.write(sample)
             self.written += 1
 
@@ -165,15 +177,17 @@ class ShardWriter:
             return None
         return self.encoders.encode_text(captions, self.cfg.encoders.max_tokens)
 
-    def close(self, skips: Skips, images: int, rank: int) -> None:
-        """Flush, fsync, rename into place, then write the completeness marker."""
+    def close(self, skips: Skips, images: int, rank: int, provenance: dict | None = None) -> None:
+        """Flush, fsync, rename into place, then write the completeness marker.
+
+        ``provenance``: the fingerprint and the raw files' stamps (``data.cache_check``)."""
         for bucket in list(self.pending):
             self._flush(bucket)
         self.writer.close()
         _fsync(self.tmp)
         os.replace(self.tmp, self.path)
         done = {"samples": self.written, "images": images, "rank": rank, "skips": skips.to_dict()}
-        _atomic_write(done_marker(self.path), json.dumps(done))
+        _atomic_write(done_marker(self.path), json.dumps({**done, **(provenance or {})}))
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -193,16 +207,22 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def shard_path(cache_dir: Path, unit: Unit) -> Path:
-    return cache_dir / f"features-{unit.index:05d}.tar"
+    return cache_dir / shard_name(unit.index)
 
 
-def done_marker(shard: Path) -> Path:
-    return shard.with_name(shard.name.replace(".tar", ".done.json"))
-
-
-def cache_unit(cfg: Config, encoders: Encoders, source, unit: Unit, cache_dir: Path, rank: int = 0) -> int:
+def cache_unit(
+    cfg: Config,
+    encoders: Encoders,
+    source,
+    unit: Unit,
+    cache_dir: Path,
+    rank: int = 0,
+    fp: dict | None = None,
+) -> int:
     """Encode one unit into its shard; returns the number of images read."""
     skips = Skips()
+    # Stamped before reading: a file that changes during the read shows up as changed next time.
+    provenance = {"fingerprint": fp, "source": stamp(source.unit_files(unit))}
     writer = ShardWriter(cfg, encoders, shard_path(cache_dir, unit))
     seen = 0
     for item in source.read(unit, skips):
@@ -210,7 +230,7 @@ def cache_unit(cfg: Config, encoders: Encoders, source, unit: Unit, cache_dir: P
         decoded = decode(item, cfg, skips)
         if decoded is not None:
             writer.add(*decoded)
-    writer.close(skips, seen, rank)
+    writer.close(skips, seen, rank, provenance)
     return seen
 
 
@@ -257,6 +277,19 @@ def write_validation_prompts(cfg: Config, encoders: Encoders, cache_dir: Path) -
     save_file(_cpu({"embeds": embeds, "mask": mask}), path, metadata={"prompts": json.dumps(prompts)})
 
 
+def validation_prompts_current(cfg: Config, cache_dir: Path, fp: dict) -> bool:
+    """Whether the stored validation features are this config's prompts (nothing to store: True)."""
+    if fp["text_encoder"] == "none" or not cfg.validation.prompts:
+        return True
+    path = cache_dir / VALIDATION_PROMPTS
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as stored:
+        return json.loads(stored.metadata()["prompts"]) == list(cfg.validation.prompts)
+
+
 def write_manifest(cfg: Config, units: list[Unit], cache_dir: Path, fp: dict, scaling_factor: float) -> dict:
     """Collect the done markers into ``manifest.json`` and ``skipped.json`` (rank 0, after all units)."""
     skips, shards = Skips(), []
@@ -274,7 +307,7 @@ def write_manifest(cfg: Config, units: list[Unit], cache_dir: Path, fp: dict, sc
         "null_caption": NULL_CAPTION if (cache_dir / NULL_CAPTION).exists() else None,
         "skipped": dict(skips.counts),
     }
-    _atomic_write(cache_dir / "skipped.json", json.dumps(skips.to_dict(), indent=1))
+    _atomic_write(cache_dir / SKIPPED, json.dumps(skips.to_dict(), indent=1))
     _atomic_write(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
@@ -289,32 +322,60 @@ def pending_units(units: list[Unit], cache_dir: Path, rank: int, world: int) -> 
     return [u for u in own_units(units, rank, world) if not done_marker(shard_path(cache_dir, u)).exists()]
 
 
-def check_existing(cache_dir: Path, fp: dict) -> None:
-    """Refuse to mix features from a different configuration into an existing cache dir."""
-    path = cache_dir / MANIFEST
-    if path.exists():
-        old = json.loads(path.read_text())["fingerprint"]
-        diff = first_difference(fp, old)
-        if diff is not None:
-            raise ValueError(f"{path}: cache was built with a different '{diff}'; use a new data.cache_dir")
+def check_existing(cache_dir: Path, units: list[Unit], source, fp: dict, rebuild: bool) -> list[Unit]:
+    """The done units that must be re-encoded; without ``rebuild`` any is a one-line error.
+
+    Features of another configuration, or of raw files that changed since, are never mixed in."""
+    stale, reasons = stale_units(cache_dir, units, source, fp)
+    if stale and not rebuild:
+        raise CacheError(refusal(reasons))
+    for reason in reasons[:10]:
+        log.warning("cache --rebuild: re-encoding: %s", reason)
+    if len(reasons) > 10:
+        log.warning("cache --rebuild: ... and %d more shards", len(reasons) - 10)
+    return stale
 
 
-def run_cache(cfg: Config, accelerator) -> dict | None:
-    """The whole pass for one stage config, under an ``accelerate`` process group."""
+def forget(units: list[Unit], cache_dir: Path, drop_manifest: bool) -> None:
+    """Delete these units' shards and done markers (their owner calls this), and the manifest."""
+    for unit in units:
+        done_marker(shard_path(cache_dir, unit)).unlink(missing_ok=True)
+        shard_path(cache_dir, unit).unlink(missing_ok=True)
+    if drop_manifest:  # a half-rebuilt folder must not pass for a complete cache
+        (cache_dir / MANIFEST).unlink(missing_ok=True)
+
+
+def run_cache(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
+    """The whole pass for one stage config, under an ``accelerate`` process group.
+
+    A folder that already holds this config's complete cache is recognised from its manifest and
+    done markers before any encoder loads (a requeued job costs a few stats, not a VAE/T5 load)."""
     cache_dir = Path(cfg.data.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     source = open_source(cfg.data.source)
     units = source.units()
     fp = fingerprint(cfg)
-    check_existing(cache_dir, fp)
+    stale = check_existing(cache_dir, units, source, fp, rebuild)  # the same answer on every rank
+    current = not stale and validation_prompts_current(cfg, cache_dir, fp)
+    done = complete_manifest(cache_dir, units) if current else None
+    if done is not None:
+        if accelerator.is_main_process:
+            log.warning("cache: %s is complete (%d samples), nothing to encode", cache_dir, done["samples"])
+        return done if accelerator.is_main_process else None
     rank, world = accelerator.process_index, accelerator.num_processes
+    accelerator.wait_for_everyone()  # every rank has read the folder before any file is removed
+    forget(
+        own_units(stale, rank, world), cache_dir, drop_manifest=bool(stale) and accelerator.is_main_process
+    )
     remove_stale_tmp(own_units(units, rank, world), cache_dir)
+    accelerator.wait_for_everyone()
     fresh = [u for u in units if not done_marker(shard_path(cache_dir, u)).exists()]
     accelerator.wait_for_everyone()  # every rank has listed `fresh` before any unit is written
-    encoders = Encoders.load(cfg, accelerator.device)
-    start = time.perf_counter()
     todo = [u for u in fresh if u.index % world == rank]
-    encode_units(cfg, encoders, source, todo, cache_dir, accelerator)
+    # Only rank 0 needs the encoders without units of its own (null caption, scaling factor).
+    encoders = Encoders.load(cfg, accelerator.device) if todo or accelerator.is_main_process else None
+    start = time.perf_counter()
+    encode_units(cfg, encoders, source, todo, cache_dir, accelerator, fp)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
@@ -326,7 +387,7 @@ def run_cache(cfg: Config, accelerator) -> dict | None:
 
 
 def encode_units(
-    cfg: Config, encoders: Encoders, source, todo: list[Unit], cache_dir: Path, accelerator
+    cfg: Config, encoders: Encoders | None, source, todo: list[Unit], cache_dir: Path, accelerator, fp: dict
 ) -> None:
     """This process's units, with a rank-0 progress bar: shards done, ETA, and images/s."""
     from tqdm.auto import tqdm
@@ -334,7 +395,7 @@ def encode_units(
     bar = tqdm(total=len(todo), unit="shard", disable=not accelerator.is_main_process, desc="cache")
     images, start = 0, time.perf_counter()
     for unit in todo:
-        images += cache_unit(cfg, encoders, source, unit, cache_dir, accelerator.process_index)
+        images += cache_unit(cfg, encoders, source, unit, cache_dir, accelerator.process_index, fp)
         bar.set_postfix_str(f"{images / max(time.perf_counter() - start, 1e-9):.1f} img/s", refresh=False)
         bar.update(1)
     bar.close()

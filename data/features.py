@@ -18,12 +18,10 @@ trainer can checkpoint and resume it exactly.
 from __future__ import annotations
 
 import json
-import math
-import mmap
+import logging
 import queue
 import random
 import threading
-import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,21 +30,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tristage.data.cache_format import (
+    MANIFEST,
+    CacheError,
+    check_sample,
+    sample_tensors,
+    shard_samples,
+    spend_readonly_buffer_warning,
+)
 from tristage.data.fingerprint import first_difference
 from tristage.data.text_codec import decode_into, decoded_dtype
 
-MANIFEST = "manifest.json"
-_ST_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "I64": torch.int64,
-    "F8_E4M3": torch.float8_e4m3fn,
-}
-
-
-class CacheError(ValueError):
-    """A feature cache that cannot be used; the message names the file or shard."""
+log = logging.getLogger(__name__)
+__all__ = ["MANIFEST", "CacheError", "FeatureLoader", "LoaderSpec", "sample_latents", "open_manifest"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +57,7 @@ class LoaderSpec:
     cond_dropout: float  # probability of replacing the condition with the null one
     null_label: int  # class id used as the null class (stage 1)
     pin_memory: bool = False  # page-lock batches in the prefetch thread (CUDA: copies overlap compute)
+    on_damaged: str = "stop"  # a sample failing its checksum: "stop" (raise) or "skip" it and count it
 
 
 @dataclass(frozen=True)
@@ -72,6 +69,7 @@ class NoiseDraw:
     hi: int
     global_batch: int
     scaling_factor: float  # the VAE's latent scale
+    skipped: tuple[int, ...] = ()  # rows of lo:hi dropped as damaged (data.on_damaged=skip)
 
 
 def sample_latents(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +85,9 @@ def sample_latents(batch: dict, device: torch.device) -> tuple[torch.Tensor, tor
     shape = (draw.global_batch, *batch["mean"].shape[1:])
     eps = torch.randn(shape, generator=g, device=device)[draw.lo : draw.hi]
     noise = torch.randn(shape, generator=g, device=device)[draw.lo : draw.hi]
+    if draw.skipped:  # the same draws as without the damage, less the dropped rows
+        keep = [i for i in range(draw.hi - draw.lo) if i not in draw.skipped]
+        eps, noise = eps[keep], noise[keep]
     mean, std = batch["mean"].to(device).float(), batch["std"].to(device).float()
     return (mean + std * eps) * draw.scaling_factor, noise
 
@@ -137,7 +138,8 @@ class FeatureLoader:
         self.null_buffer = null_buffer
         self.epoch, self.next_index = 0, 0
         self.dropped: dict[int, int] = {}  # epoch -> samples left in under-full buckets
-        _spend_readonly_buffer_warning()
+        self.damaged_skipped = 0  # samples this process left out for a failed checksum (on_damaged=skip)
+        spend_readonly_buffer_warning()
 
     # -- position -----------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -157,7 +159,7 @@ class FeatureLoader:
     def _read_shard(self, shard: str) -> Iterator[dict]:
         read = 0
         # Every rank reads the whole global stream by design (see the module docstring).
-        for sample in _shard_samples(shard):
+        for sample in shard_samples(shard):
             if "json" not in sample or "feat.safetensors" not in sample:
                 raise CacheError(f"{shard}: sample {sample.get('__key__')!r} lacks json or features")
             try:
@@ -201,20 +203,39 @@ class FeatureLoader:
         g = torch.Generator().manual_seed(seed)
         n = self.spec.global_batch
         lo, hi = self.spec.rank * n // self.spec.world, (self.spec.rank + 1) * n // self.spec.world
-        feats = [_features(s) for s in samples[lo:hi]]
-        u = torch.rand(n, generator=g)[lo:hi]  # timestep draw in [0, 1)
-        drop = (torch.rand(n, generator=g) < self.spec.cond_dropout)[lo:hi]
-        metas = [s["meta"] for s in samples[lo:hi]]
+        rows = self._intact_rows(samples, lo, hi)  # checksums verified before any update sees them
+        feats = [sample_tensors(samples[r]) for r in rows]
+        u = torch.rand(n, generator=g)[rows]  # timestep draw in [0, 1)
+        drop = (torch.rand(n, generator=g) < self.spec.cond_dropout)[rows]
+        metas = [samples[r]["meta"] for r in rows]
+        skipped = tuple(r - lo for r in range(lo, hi) if r not in rows)
         batch = {
             "mean": torch.stack([f["mean"] for f in feats]),  # (b, C, h, w), cached dtype
             "std": torch.stack([f["std"] for f in feats]),
-            "noise_draw": NoiseDraw(seed, lo, hi, n, self.scaling_factor),
+            "noise_draw": NoiseDraw(seed, lo, hi, n, self.scaling_factor, skipped),
             "u": u,
             "keys": [m["key"] for m in metas],
             "position": (epoch, index),
         }
         batch.update(self._conditions(feats, metas, drop))
         return batch
+
+    def _intact_rows(self, samples: list[dict], lo: int, hi: int) -> list[int]:
+        """Rows ``lo:hi`` of a global batch whose checksums hold; a damaged one raises, or with
+        ``on_damaged="skip"`` is left out and counted (one line each, naming shard and key)."""
+        rows = []
+        for row in range(lo, hi):
+            try:
+                check_sample(samples[row])
+                rows.append(row)
+            except CacheError as err:
+                if self.spec.on_damaged != "skip":
+                    raise
+                self.damaged_skipped += 1
+                log.warning("%s; skipped (data.on_damaged=skip)", err)
+        if not rows:
+            raise CacheError(f"{self.dir}: every sample of this process's slice of a batch is damaged")
+        return rows
 
     def _conditions(self, feats: list[dict], metas: list[dict], drop: torch.Tensor) -> dict:
         if "t5" not in feats[0]:
@@ -277,104 +298,6 @@ class FeatureLoader:
                     thread.join(timeout=0.05)
 
 
-def _shard_samples(shard: str) -> Iterator[dict]:
-    """The webdataset samples of one local shard, payloads as zero-copy views of the mapped file.
-
-    Same grouping as webdataset (key = member path up to the first dot of its file name), but
-    webdataset's streaming tar reader copies every payload three times in 10 KiB pieces, and
-    ``tarfile`` spends ~60 us of Python per member on headers -- at T5-XXL width those were
-    most of the loader's time.  Here :func:`_tar_members` reads only the 512-byte headers; a
-    payload's pages are touched once, when its batch is built.
-    """
-    try:
-        with open(shard, "rb") as fh:
-            data = memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
-    except (OSError, ValueError) as exn:  # ValueError: mmap of an empty file
-        raise CacheError(f"{shard}: corrupt feature shard ({type(exn).__name__}: {exn})") from None
-    try:
-        members = list(_tar_members(data, shard))
-    except CacheError:
-        raise
-    except ValueError as exn:  # a pax record or a name that does not parse
-        raise CacheError(f"{shard}: corrupt feature shard (bad tar header: {exn})") from None
-    sample: dict = {}
-    for name, offset, size in members:
-        folder, _, base = name.rpartition("/")
-        stem, _, ext = base.partition(".")
-        key = f"{folder}/{stem}" if folder else stem
-        if sample and sample["__key__"] != key:
-            yield sample
-            sample = {}
-        sample = sample or {"__key__": key, "__url__": shard}
-        sample[ext.lower()] = data[offset : offset + size]
-    if sample:
-        yield sample
-
-
-_BLOCK = 512
-_REGULAR = (b"0", b"\0")  # tar type flags of a regular file
-
-
-def _tar_members(data: memoryview, shard: str) -> Iterator[tuple[str, int, int]]:
-    """(name, payload offset, size) of each regular file of an in-memory tar (POSIX ustar, with pax
-    ``path``/``size`` records and GNU long names).  Every header's checksum is verified; a
-    damaged header or a member cut short raises :class:`CacheError` naming the shard.
-    """
-    pos, override = 0, {}
-    while pos + _BLOCK <= len(data):
-        header = bytes(data[pos : pos + _BLOCK])
-        if not any(header):  # end-of-archive marker
-            return
-        size = int(override.get("size", _tar_number(header[124:136], shard, pos)))
-        start, kind = pos + _BLOCK, header[156:157]
-        if _tar_checksum(header) != _tar_number(header[148:156], shard, pos):
-            raise CacheError(f"{shard}: corrupt feature shard (bad tar header checksum at byte {pos})")
-        if start + size > len(data):
-            raise CacheError(f"{shard}: corrupt feature shard (member at byte {pos} is cut short)")
-        if kind == b"x":  # pax extended header: applies to the next member
-            override = _pax_records(bytes(data[start : start + size]))
-        elif kind == b"L":  # GNU long name: applies to the next member
-            override = {"path": bytes(data[start : start + size]).rstrip(b"\0").decode("utf-8")}
-        else:
-            if kind in _REGULAR:
-                yield override.get("path") or _tar_name(header), start, size
-            override = {}
-        pos = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
-
-
-def _tar_number(field: bytes, shard: str, pos: int) -> int:
-    """A numeric header field: octal ASCII, or GNU base-256 when the top bit is set."""
-    if field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    try:
-        return int(field.strip(b" \0") or b"0", 8)
-    except ValueError:
-        raise CacheError(f"{shard}: corrupt feature shard (bad tar header at byte {pos})") from None
-
-
-def _tar_checksum(header: bytes) -> int:
-    """The ustar checksum: the header's byte sum with the checksum field read as spaces."""
-    return sum(header) - sum(header[148:156]) + 8 * ord(" ")
-
-
-def _tar_name(header: bytes) -> str:
-    name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
-    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
-    return f"{prefix}/{name}" if prefix else name
-
-
-def _pax_records(payload: bytes) -> dict[str, str]:
-    """``"%d key=value\\n"`` records of a pax extended header."""
-    records, pos = {}, 0
-    while pos < len(payload):
-        space = payload.index(b" ", pos)
-        length = int(payload[pos:space])
-        key, _, value = payload[space + 1 : pos + length - 1].partition(b"=")
-        records[key.decode("utf-8")] = value.decode("utf-8")
-        pos += length
-    return records
-
-
 def _pad_text(stored: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored (L_i, C) features -> (b, L, C) zero-padded to the longest, and the float (b, L) mask.
 
@@ -396,51 +319,3 @@ def _pad_text(stored: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torc
 def pinned(batch: dict) -> dict:
     """The batch with its tensors in page-locked memory, so ``.to(cuda, non_blocking=True)`` is async."""
     return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _features(sample: dict) -> dict[str, torch.Tensor]:
-    """The tensors of one cached sample; a damaged payload names its shard."""
-    try:
-        return _safetensors_views(sample["feat.safetensors"])
-    except Exception as exn:  # any inconsistency in the bytes means a damaged payload
-        raise CacheError(
-            f"{sample.get('__url__')}: corrupt feature shard (sample {sample.get('__key__')!r}: {exn})"
-        ) from None
-
-
-def _spend_readonly_buffer_warning() -> None:
-    """Cached features are read through zero-copy views of the read-only tar member bytes, which
-    the loader never writes.  torch warns about such views once per process; spend that warning
-    here, quietly and in the constructing thread, so it neither shows up as noise nor -- under
-    ``-W error`` -- turns into a failure inside the prefetch thread."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.frombuffer(b"\0", dtype=torch.uint8)
-
-
-def _safetensors_views(data: bytes) -> dict[str, torch.Tensor]:
-    """safetensors bytes -> tensors that *view* them (``safetensors.torch.load`` copies every byte).
-
-    Format (https://github.com/huggingface/safetensors#format): u64 little-endian header size, a
-    JSON header ``{name: {dtype, shape, data_offsets}}``, then the data.  Every offset and size is
-    checked, so a damaged payload raises instead of yielding wrong numbers.
-    """
-    size = int.from_bytes(data[:8], "little")
-    if len(data) < 8 or size > len(data) - 8:
-        raise ValueError("header size runs past the payload")
-    header, body = json.loads(bytes(data[8 : 8 + size])), memoryview(data)[8 + size :]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, shape, (start, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        if not 0 <= start <= end <= len(body) or end - start != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"tensor {name!r}: offsets {start}:{end} do not fit {shape} {info['dtype']}")
-        count = (end - start) // dtype.itemsize
-        view = (
-            torch.frombuffer(body, dtype=dtype, count=count, offset=start)
-            if count
-            else torch.empty(0, dtype=dtype)
-        )
-        out[name] = view.view(shape)
-    return out

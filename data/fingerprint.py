@@ -2,23 +2,34 @@
 
 The cache pass stores it in ``manifest.json``; the trainer recomputes it from
 its own config and refuses a cache that disagrees, naming the first differing
-field.  Weight digests read only file sizes and the first and last MiB of each
-weight file, so checking a T5-XXL cache at start-up costs milliseconds, yet any
-re-download, fine-tune or swap of the encoder changes them.
+field.  Weight digests hash every byte of each weight file (xxh3-128, ~20 GB/s, so
+the disk is the limit), and are kept in a small per-machine file keyed by (path,
+size, mtime): a T5-XXL costs one full read per machine, and every later check a
+stat.  Any re-download, fine-tune, swap or in-place edit of the encoder changes
+the mtime, so it is hashed again.  (An edit that restores the old mtime is not
+seen: delete the digest file, ``$XDG_CACHE_HOME/tristage/weight_digests.json``.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import xxhash
+
 from tristage.data.buckets import bucket_table
+from tristage.data.cache_format import FORMAT
 from tristage.train.config import Config
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")
-_MIB = 1 << 20
+_CHUNK = 8 << 20
 
 
 def tristage_version() -> str:
@@ -42,22 +53,64 @@ def local_dir(name_or_path: str | None) -> Path | None:
         return None
 
 
+def digest_store() -> Path:
+    """The per-machine file of known weight-file digests."""
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tristage" / "weight_digests.json"
+    )
+
+
+@contextmanager
+def _known_digests() -> Iterator[dict]:
+    """The stored digests, under an exclusive lock: the processes of one machine hash a file
+    once between them (the others wait, then find it).  Unwritable home: no store, no sharing."""
+    store = digest_store()
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(store.with_suffix(".lock"), "a")
+    except OSError:
+        yield {}
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            known = json.loads(store.read_text())
+        except (OSError, ValueError):
+            known = {}
+        before = dict(known)
+        yield known
+        if known != before:
+            tmp = store.with_name(f"{store.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, store)
+
+
+def file_digest(path: Path, known: dict) -> str:
+    """xxh3-128 of every byte of ``path``, reused from ``known`` while its size and mtime hold."""
+    st = path.stat()
+    key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns]
+    if key in known and known[key][:2] == stamp:
+        return known[key][2]
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    known[key] = [*stamp, h.hexdigest()]
+    return known[key][2]
+
+
 def weights_digest(name_or_path: str | None) -> str:
-    """sha256 over (file name, size, first MiB, last MiB) of the model's files."""
+    """sha256 over (file name, size, whole-file digest) of the model's files."""
     folder = local_dir(name_or_path)
     if folder is None:
         return "unresolved"
     h = hashlib.sha256()
     files = [folder] if folder.is_file() else sorted(p for p in folder.rglob("*") if p.is_file())
-    for path in files:
-        if path.suffix not in _WEIGHT_SUFFIXES:
-            continue
-        size = path.stat().st_size
-        h.update(f"{path.relative_to(folder) if folder.is_dir() else path.name}:{size}".encode())
-        with open(path, "rb") as fh:
-            h.update(fh.read(_MIB))
-            fh.seek(max(0, size - _MIB))
-            h.update(fh.read(_MIB))
+    with _known_digests() as known:
+        for path in files:
+            if path.suffix in _WEIGHT_SUFFIXES:
+                name = path.relative_to(folder) if folder.is_dir() else path.name
+                h.update(f"{name}:{path.stat().st_size}:{file_digest(path, known)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -79,6 +132,7 @@ def fingerprint(cfg: Config) -> dict[str, str]:
         "text_feature_dtype": enc.text_feature_dtype if text else "none",
         "source": repr(sorted(asdict(data.source).items())),
         "tristage_version": tristage_version(),
+        "cache_format": FORMAT,
     }
 
 

@@ -2,10 +2,13 @@
 
 A source is split into *units* (one input tar, or a fixed-size chunk of files).
 The cache pass turns unit ``i`` into feature shard ``i``, so units are the grain
-of multi-process splitting and of resume.  Readers yield encoded image bytes plus
-labels/captions/scores and never decode images themselves: decoding (and its
-failures) belongs to the cache pass.  Every item a reader cannot use is counted
-in :class:`Skips` under a reason, never silently dropped.
+of multi-process splitting and of resume.  ``unit_files(unit)`` lists the files a
+unit's features depend on (its tar, or its images, plus a shared caption, metadata
+or synsets file); the cache records their size and mtime to notice a changed source.
+Readers yield encoded image bytes plus labels/captions/scores and never decode
+images themselves: decoding (and its failures) belongs to the cache pass.  Every
+item a reader cannot use is counted in :class:`Skips` under a reason, never
+silently dropped.
 """
 
 from __future__ import annotations
@@ -178,6 +181,9 @@ class ImageNetWds:
     def units(self) -> list[Unit]:
         return [Unit(i, t) for i, t in enumerate(self.tars)]
 
+    def unit_files(self, unit: Unit) -> list[str]:
+        return [unit.name]
+
     def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
         for sample in _tar_samples(unit.name, skips):
             key = sample["__key__"].replace(".", "_")
@@ -258,10 +264,14 @@ class SamLlava:
         self.need_captions = need_captions
         if cfg.captions is None and need_captions:
             raise SourceError("data.source.captions: sam_llava needs a caption file")
-        self.captions = {} if cfg.captions is None else load_captions(expand([cfg.captions])[0])
+        self.captions_path = expand([cfg.captions])[0] if cfg.captions is not None else None
+        self.captions = {} if self.captions_path is None else load_captions(self.captions_path)
 
     def units(self) -> list[Unit]:
         return [Unit(i, t) for i, t in enumerate(self.tars)]
+
+    def unit_files(self, unit: Unit) -> list[str]:
+        return [unit.name, *([self.captions_path] if self.captions_path else [])]
 
     def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
         for sample in _tar_samples(unit.name, skips):
@@ -333,6 +343,11 @@ class AestheticFolder:
             for i, (s, e) in enumerate(_chunks(len(self.records), self.CHUNK))
         ]
 
+    def unit_files(self, unit: Unit) -> list[str]:
+        chunk = self.records[unit.index * self.CHUNK : (unit.index + 1) * self.CHUNK]
+        found = (self._find(r.get("file") or "") for r in chunk)
+        return [self.meta_path, *(str(f) for f in found if f is not None)]
+
     def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
         start = unit.index * self.CHUNK
         for record in self.records[start : start + self.CHUNK]:
@@ -370,11 +385,16 @@ class ImageNetFolders:
         self.roots = [Path(r) for r in expand(cfg.paths)]
         folders = [d for root in self.roots for d in sorted(root.iterdir()) if d.is_dir()]
         self.index = _synset_index(cfg.synsets, folders)
+        self.synsets = [cfg.synsets] if cfg.synsets else []
         self.files = [(f, d.name) for d in folders for f in sorted(d.iterdir()) if f.is_file()]
 
     def units(self) -> list[Unit]:
         root = self.roots[0]
         return [Unit(i, f"{root}[{s}:{e}]") for i, (s, e) in enumerate(_chunks(len(self.files), self.CHUNK))]
+
+    def unit_files(self, unit: Unit) -> list[str]:
+        chunk = self.files[unit.index * self.CHUNK : (unit.index + 1) * self.CHUNK]
+        return [*self.synsets, *(str(f) for f, _ in chunk)]
 
     def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
         start = unit.index * self.CHUNK
@@ -405,10 +425,14 @@ class Wds:
     def __init__(self, cfg: SourceConfig, need_captions: bool = True):
         self.tars = expand(cfg.paths)
         self.need_captions = need_captions
-        self.captions = None if cfg.captions is None else load_captions(expand([cfg.captions])[0])
+        self.captions_path = expand([cfg.captions])[0] if cfg.captions is not None else None
+        self.captions = None if self.captions_path is None else load_captions(self.captions_path)
 
     def units(self) -> list[Unit]:
         return [Unit(i, t) for i, t in enumerate(self.tars)]
+
+    def unit_files(self, unit: Unit) -> list[str]:
+        return [unit.name, *([self.captions_path] if self.captions_path else [])]
 
     def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
         for sample in _tar_samples(unit.name, skips):

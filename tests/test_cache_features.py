@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import shutil
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -23,17 +24,18 @@ from safetensors.torch import load as st_load
 from safetensors.torch import load_file
 
 from tristage.data.cache import run_cache
+from tristage.data.cache_format import tar_members
 from tristage.data.features import (
     CacheError,
     FeatureLoader,
     LoaderSpec,
-    _tar_members,
     open_manifest,
     sample_latents,
 )
 from tristage.data.fingerprint import fingerprint
 from tristage.demo import synthetic
 from tristage.demo.encoders import write_demo_text_encoder
+from tristage.train.cli import main as cli_main
 from tristage.train.config import Config, load_config
 
 from .conftest import ROOT
@@ -76,6 +78,16 @@ def stage_config(
     n: int, raw: Path, cache_dir: Path, enc: dict[str, Path], extra: Sequence[str] = ()
 ) -> Config:
     """configs/demo/stageN.yaml pointed at tmp paths (the override pattern of train.demo)."""
+    return load_config(stage_yaml(n), stage_overrides(n, raw, cache_dir, enc, extra))
+
+
+def stage_yaml(n: int) -> Path:
+    return ROOT / "configs" / "demo" / f"stage{n}.yaml"
+
+
+def stage_overrides(
+    n: int, raw: Path, cache_dir: Path, enc: dict[str, Path], extra: Sequence[str] = ()
+) -> list[str]:
     overrides = [
         f"run.dir={cache_dir.parent / 'run'}",
         f"data.cache_dir={cache_dir}",
@@ -92,7 +104,7 @@ def stage_config(
         2: [f"data.source.paths=[{raw}/sa_*.tar]", f"data.source.captions={raw / 'llava_captions.jsonl'}"],
         3: [f"data.source.paths=[{raw / 'images'}]", f"data.source.metadata={raw / 'metadata.jsonl'}"],
     }
-    return load_config(ROOT / "configs" / "demo" / f"stage{n}.yaml", overrides + sources[n] + list(extra))
+    return overrides + sources[n] + list(extra)
 
 
 def cache(cfg: Config) -> dict:
@@ -241,16 +253,24 @@ def test_resume_remakes_exactly_the_missing_shard(tmp_path, encoders):
     assert sorted(again) == sorted(keys) and len(again) == len(set(again)) == 9
 
 
-def test_rerun_with_other_resolution_is_refused(stage1, encoders):
+def test_rerun_with_other_resolution_is_one_line_then_rebuild(stage1, encoders, cache_copy, caplog, capsys):
+    """Issue 17: `tristage cache` with a changed resolution into an existing folder."""
     cfg, manifest = stage1
-    cache_dir = Path(cfg.data.cache_dir)
-    before = {p.name: p.read_bytes() for p in cache_dir.iterdir()}
+    before = {p.name: p.read_bytes() for p in cache_copy.iterdir()}
     raw = Path(cfg.data.source.synsets).parent
-    changed = stage_config(1, raw, cache_dir, encoders, ["data.resolution=32"])
-    with pytest.raises(ValueError, match=r"different 'resolution'; use a new data.cache_dir") as err:
-        cache(changed)
-    assert "manifest.json" in str(err.value) and "\n" not in str(err.value)
-    assert {p.name: p.read_bytes() for p in cache_dir.iterdir()} == before  # nothing touched
+    overrides = stage_overrides(1, raw, cache_copy, encoders, ["data.resolution=32"])
+    assert cli_main(["cache", str(stage_yaml(1)), *overrides]) == 2  # `tristage cache`, in this process
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tristage cache: error: {cache_copy / 'manifest.json'}: cache was built with a different "
+        "'resolution' (cache: '64', config: '32'); use a new data.cache_dir, or rerun "
+        "`tristage cache CONFIG --rebuild` to re-encode it"
+    ]
+    assert {p.name: p.read_bytes() for p in cache_copy.iterdir()} == before  # nothing touched
+    rebuilt = run_cache(load_config(stage_yaml(1), overrides), Accelerator(), rebuild=True)
+    assert "re-encoding" in caplog.text and "different 'resolution'" in caplog.text
+    assert rebuilt["fingerprint"]["resolution"] == "32" and rebuilt["samples"] == manifest["samples"]
+    assert sorted(keys_of(cache_copy)) == sorted(keys_of(Path(cfg.data.cache_dir)))  # nothing lost
+    assert {tuple(m["bucket"]) for m, _ in shard_samples(cache_copy)} == {(32, 32)}
 
 
 def test_rerun_with_other_max_tokens_is_refused(stage2, encoders):
@@ -259,7 +279,7 @@ def test_rerun_with_other_max_tokens_is_refused(stage2, encoders):
     before = {p.name: p.read_bytes() for p in cache_dir.iterdir()}
     raw = Path(cfg.data.source.captions).parent
     changed = stage_config(2, raw, cache_dir, encoders, ["encoders.max_tokens=16"])
-    with pytest.raises(ValueError, match=r"different 'max_tokens'"):
+    with pytest.raises(CacheError, match=r"different 'max_tokens'"):
         cache(changed)
     assert {p.name: p.read_bytes() for p in cache_dir.iterdir()} == before
 
@@ -422,7 +442,10 @@ def test_corrupt_shard_is_named_when_read(cache_copy, where):
     data[start : start + 16] = b"\xff" * 16
     shard.write_bytes(bytes(data))
     loader = FeatureLoader(cache_copy, spec())  # opening checks presence, not content
-    named = r"features-00001\.tar: (corrupt feature shard|sample '\d+' lacks json or features)"
+    named = (
+        r"features-00001\.tar: (corrupt feature shard|sample '\d+' lacks json or features"
+        r"|damaged cached sample '\d+' \(fails its checksum)"
+    )
     with pytest.raises(CacheError, match=named) as err:
         take(loader, 20)  # more than three epochs
     assert "\n" not in str(err.value)
@@ -454,7 +477,7 @@ def test_no_dropout_keeps_labels(stage1):
 def test_safetensors_views_equal_safetensors_load():
     from safetensors.torch import save as st_save
 
-    from tristage.data.features import _safetensors_views
+    from tristage.data.cache_format import safetensors_views
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -465,7 +488,7 @@ def test_safetensors_views_equal_safetensors_load():
         "scalar": torch.tensor(3.5),
     }
     data = st_save(tensors)
-    views, reference = _safetensors_views(data), st_load(data)
+    views, reference = safetensors_views(data), st_load(data)
     assert views.keys() == reference.keys() == tensors.keys()
     for name, t in reference.items():
         assert views[name].dtype == t.dtype and views[name].shape == t.shape and torch.equal(views[name], t)
@@ -476,18 +499,18 @@ def test_safetensors_views_equal_safetensors_load():
         (data[:8] + b"x" + data[9:], "Expecting value"),
     ]:
         with pytest.raises(Exception, match=message):
-            _safetensors_views(damaged)
+            safetensors_views(damaged)
 
 
 def test_shard_reader_groups_like_webdataset(stage3):
     import webdataset as wds
 
-    from tristage.data.features import _shard_samples
+    from tristage.data.cache_format import shard_samples
 
     for shard in sorted(Path(stage3[0].data.cache_dir).glob("features-*.tar")):
         ours = [
             {k: v if isinstance(v, str) else bytes(v) for k, v in s.items()}
-            for s in _shard_samples(str(shard))
+            for s in shard_samples(str(shard))
         ]
         theirs = wds.WebDataset([str(shard)], shardshuffle=False, empty_check=False, nodesplitter=lambda u: u)
         expected = [{k: v for k, v in s.items() if k not in ("__url__", "__local_path__")} for s in theirs]
@@ -515,7 +538,7 @@ def test_tar_header_reader_agrees_with_tarfile(tmp_path, fmt, mtime):
             tar.addfile(info, io.BytesIO(payload))
     with tarfile.open(path) as tar:
         expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
-    assert list(_tar_members(memoryview(path.read_bytes()), str(path))) == expected
+    assert list(tar_members(memoryview(path.read_bytes()), str(path))) == expected
 
 
 def test_tar_header_with_bad_checksum_names_shard(tmp_path):
@@ -529,7 +552,7 @@ def test_tar_header_with_bad_checksum_names_shard(tmp_path):
     with pytest.raises(
         CacheError, match=r"t\.tar: corrupt feature shard \(bad tar header checksum at byte 0\)"
     ):
-        list(_tar_members(memoryview(bytes(data)), str(path)))
+        list(tar_members(memoryview(bytes(data)), str(path)))
 
 
 # -- data.null_caption: buffer -------------------------------------------------------------------
@@ -615,3 +638,111 @@ def test_validation_prompts_encoded_in_the_cache_pass(stage2):
             alone = t5(torch.tensor([ids])).last_hidden_state[0]
         torch.testing.assert_close(embeds[i, : len(ids)], alone, atol=1e-5, rtol=1e-5)
         assert not embeds[i, len(ids) :].any()
+
+
+# -- issue 17: bad inputs against the cache ------------------------------------------------------
+def flip_tensor_bytes(shard: Path, every: int = 1) -> list[str]:
+    """Flip 4 bytes inside the tensor data (past the safetensors header) of every ``every``-th
+    sample of a shard -- damage no header check can see.  Returns the damaged keys."""
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        feats = [m for m in tar.getmembers() if m.name.endswith(".feat.safetensors")]
+    for m in feats[::every]:
+        at = m.offset_data + m.size - m.size // 4  # well inside the last tensor's bytes
+        data[at : at + 4] = bytes(b ^ 0xFF for b in data[at : at + 4])
+    shard.write_bytes(bytes(data))
+    return [m.name.split(".")[0] for m in feats[::every]]
+
+
+def test_flipped_tensor_bytes_stop_before_use_or_skip(cache_copy, caplog):
+    """Issue 17: flipped bytes inside cached tensors -- one line naming shard and key."""
+    shard = cache_copy / "features-00001.tar"
+    damaged = flip_tensor_bytes(shard, every=4)
+    with pytest.raises(CacheError) as err:
+        take(FeatureLoader(cache_copy, spec()), 20)
+    message = str(err.value)
+    assert re.fullmatch(
+        rf"{re.escape(str(shard))}: damaged cached sample '(\d+)' \(fails its checksum; the shard's "
+        r"bytes changed after the cache pass wrote them\)",
+        message,
+    )
+    assert re.search(r"'(\d+)'", message).group(1) in damaged
+    loader = FeatureLoader(cache_copy, spec(on_damaged="skip", cond_dropout=0.0))
+    batches = take(loader, 3 * STAGE1_IMAGES // 4)  # three epochs
+    seen = {k for b in batches for k in b["keys"]}
+    assert seen == set(keys_of(cache_copy)) - set(damaged)  # every intact sample still used
+    assert loader.damaged_skipped == 3 * len(damaged)
+    skipped = [r.getMessage() for r in caplog.records if "skipped (data.on_damaged=skip)" in r.getMessage()]
+    assert len(skipped) == 3 * len(damaged) and all(str(shard) in line for line in skipped)
+    latents, noise = sample_latents(batches[0], torch.device("cpu"))
+    assert latents.shape[0] == noise.shape[0] == len(batches[0]["keys"])
+
+
+def test_truncated_raw_tar_then_intact_one_needs_rebuild(tmp_path, encoders, caplog, capsys):
+    """Issue 17: a truncated raw tar cached, the intact tar put back -- one line, then re-read."""
+    raw = synthetic.write_stage1(tmp_path / "raw", 9, size=64, per_shard=3)
+    tar = sorted(raw.glob("imagenet-*.tar"))[1]
+    intact = tar.read_bytes()
+    tar.write_bytes(intact[: len(intact) // 2])
+    overrides = stage_overrides(1, raw, tmp_path / "cache", encoders)
+    short = cache(load_config(stage_yaml(1), overrides))
+    tar.write_bytes(intact)
+    capsys.readouterr()  # the first pass's progress bar
+    assert cli_main(["cache", str(stage_yaml(1)), *overrides]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"tristage cache: error: features-00001.tar: its raw source changed since it was cached ({tar}: "
+        f"{len(intact) // 2} -> {len(intact)} bytes); rerun `tristage cache CONFIG --rebuild` to re-read "
+        "the changed units"
+    ]
+    full = run_cache(load_config(stage_yaml(1), overrides), Accelerator(), rebuild=True)
+    assert (
+        f"re-encoding: features-00001.tar: its raw source changed since it was cached ({tar}" in caplog.text
+    )
+    assert short["samples"] < 9 and full["samples"] == 9 and len(set(keys_of(tmp_path / "cache"))) == 9
+
+
+def test_complete_cache_is_recognised_before_any_encoder_loads(
+    stage1, cache_copy, encoders, monkeypatch, caplog
+):
+    """Issue 12 item 5a: a requeued cache job with nothing left to encode loads no VAE or T5."""
+    from tristage.data import cache as cache_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("encoders loaded for a complete cache")
+
+    monkeypatch.setattr(cache_module.Encoders, "load", no_load)
+    cfg, manifest = stage1
+    raw = Path(cfg.data.source.synsets).parent
+    again = cache(stage_config(1, raw, cache_copy, encoders))
+    assert again == manifest and f"{cache_copy} is complete ({manifest['samples']} samples)" in caplog.text
+
+
+def test_vae_weights_edited_mid_file_are_detected(stage1, tmp_path, encoders, monkeypatch):
+    """Issue 17: VAE weights edited in place mid-file -- the fingerprint (whole-file digest) changes."""
+    from tristage.data.fingerprint import digest_store, weights_digest
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    folder = tmp_path / "big"
+    folder.mkdir()
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(bytes(range(256)) * (3 << 12))  # 3 MiB: more than the first and last MiB
+    before = weights_digest(str(folder))
+    assert str(weights.resolve()) in json.loads(digest_store().read_text())  # one read per machine
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert weights_digest(str(folder)) != before
+    # End to end: a cache made with a VAE copy, whose weights are then edited in place.
+    vae = Path(shutil.copytree(encoders["vae"], tmp_path / "vae"))
+    cfg, _ = stage1
+    raw = Path(cfg.data.source.synsets).parent
+    mine = stage_config(1, raw, tmp_path / "cache", {**encoders, "vae": vae})
+    cache(mine)
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(
+        CacheError, match=r"manifest\.json: cache fingerprint disagrees with the config on 'vae'"
+    ):
+        FeatureLoader(mine.data.cache_dir, spec(), expected=fingerprint(mine))

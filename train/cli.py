@@ -57,7 +57,8 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     check_cache_paths(cfg, args.config)
-    run_cache(cfg, Accelerator())  # rank 0 logs the summary (samples, skips by reason, images/s)
+    # rank 0 logs the summary (samples, skips by reason, images/s)
+    run_cache(cfg, Accelerator(), rebuild=args.rebuild)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -185,7 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tristage", description=__doc__.splitlines()[0])
     subs = parser.add_subparsers(dest="command", required=True)
     _with_config(subs.add_parser("caption", help="caption a stage's raw images with a VLM (LLaVA) -> JSONL"))
-    _with_config(subs.add_parser("cache", help="run the frozen-encoder caching pass for a stage"))
+    cache = subs.add_parser("cache", help="run the frozen-encoder caching pass for a stage")
+    _with_config(cache)
+    cache.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="re-encode what is stale: every shard if the folder was built with another config, "
+        "else the shards whose raw source files changed",
+    )
     _with_config(subs.add_parser("train", help="train one stage (resumable; run under accelerate launch)"))
     exp = subs.add_parser("export", help="write a diffusers pipeline folder from a finished stage")
     exp.add_argument("run_dir", help="a stage's run.dir (its final/ is exported)")

@@ -68,6 +68,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # samples held for shuffling
     cond_dropout: float = 0.1  # caption/class dropout for classifier-free guidance
     null_caption: str = "t5_empty"  # dropped captions become t5_empty (T5("")) | buffer (the official null)
+    on_damaged: str = "stop"  # a cached sample failing its checksum: "stop" the run, or "skip" and count it
 
 
 @dataclass
@@ -295,9 +296,13 @@ def check_train_options(cfg: Config, path: str) -> None:
         raise ConfigError(f"{path}: key 'model.checkpoint_blocks': must be >= -1 (-1 = all blocks)")
     _check_choice(path, "data.null_caption", cfg.data.null_caption, NULL_CAPTIONS)
     _check_choice(path, "init_from_weights", cfg.init_from_weights, INIT_FROM_WEIGHTS)
+    _check_choice(path, "data.on_damaged", cfg.data.on_damaged, ON_DAMAGED)
+    _check_choice(path, "checkpoint.on_error", cfg.checkpoint.on_error, ON_ERROR)
 
 
 NULL_CAPTIONS = ("t5_empty", "buffer")  # data.null_caption (train/training/null_caption.py)
+ON_DAMAGED = ("stop", "skip")  # data.on_damaged (data/features.py FeatureLoader._intact_rows)
+ON_ERROR = ("raise", "continue")  # checkpoint.on_error (train/training/checkpoint.py on_write_failure)
 INIT_FROM_WEIGHTS = ("ema", "model")  # init_from_weights (train/conversion/keymap.py WEIGHTS_CHOICES)
 
 

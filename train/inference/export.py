@@ -26,6 +26,7 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL, DiTPipeline, DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
+from tristage.data.cache_format import MANIFEST
 from tristage.data.sources import class_names
 from tristage.train.config import Config, load_config
 from tristage.train.conversion.init_from import model_folder, source_class
@@ -43,7 +44,7 @@ def scheduler_for(cfg: Config) -> DPMSolverMultistepScheduler:
 
 def id2label(cfg: Config) -> dict[str, str]:
     """Class names from the cache manifest, else from the synsets file."""
-    manifest = Path(cfg.data.cache_dir) / "manifest.json"
+    manifest = Path(cfg.data.cache_dir) / MANIFEST
     if manifest.is_file():
         names = json.loads(manifest.read_text()).get("class_names") or {}
         if names:

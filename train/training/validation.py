@@ -139,7 +139,7 @@ def load_prompt_features(cfg: Config) -> tuple[torch.Tensor, ...]:
 
     from safetensors import safe_open
 
-    from tristage.data.cache import VALIDATION_PROMPTS
+    from tristage.data.cache_format import VALIDATION_PROMPTS
     from tristage.data.features import CacheError
 
     path = Path(cfg.data.cache_dir) / VALIDATION_PROMPTS
