@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import datetime
-import errno
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from tristage.bench import resume as bench_resume
+from tristage.data.features import CacheError
+from tristage.train.cli import main as cli_main
 from tristage.train.config import load_config
 from tristage.train.training import checkpoint as ckpt
 from tristage.train.training.trainer import Trainer
@@ -66,17 +68,68 @@ def test_sigterm_saves_and_exits_0_then_resume_continues(setup, tmp_path):
     assert bench_resume.newest_step(run_dir) == saved + 2
 
 
-def test_truncated_newest_checkpoint_falls_back(setup, tmp_path, caplog):
-    run_dir = tmp_path / "run"
-    Trainer(cfg_for(setup, run_dir, "train.max_steps=6", "checkpoint.keep_last=3")).train()
-    newest = ckpt.step_dir(run_dir / "checkpoints", 6)
-    weights = newest / "model.safetensors"
+def tracker_steps(run_dir: Path) -> list[int]:
+    """The steps of every ``loss`` row the TensorBoard tracker holds, over all its event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        steps += [e.step for e in acc.Scalars("loss")] if "loss" in acc.Tags()["scalars"] else []
+    return sorted(steps)
+
+
+def test_truncated_newest_checkpoint_demoted_once(setup, tmp_path, caplog):
+    """Issue 17: truncated newest model.safetensors, then resume -- demoted, one line, no duplicates."""
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    log = ["train.log_every=1", "tracking.mode=tensorboard"]
+    Trainer(cfg_for(setup, run_dir, "train.max_steps=6", "checkpoint.keep_last=2", *log)).train()
+    shutil.rmtree(run_dir / "final")
+    weights = ckpt.step_dir(root, 6) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    assert ckpt.latest(run_dir / "checkpoints") == ckpt.step_dir(run_dir / "checkpoints", 4)
-    assert "falling back past damaged checkpoint" in caplog.text
-    trainer = Trainer(cfg_for(setup, run_dir, "train.max_steps=6"))
-    trainer.train()
-    assert trainer.state.step == 6
+    # `tristage train` in this process: the CLI's own checkpoint look-up, then the Trainer's
+    assert cli_main(["train", str(setup), f"run.dir={run_dir}", "train.max_steps=8", *log]) == 0
+    lines = [r.getMessage() for r in caplog.records if "demoted damaged" in r.getMessage()]
+    assert lines == [
+        f"demoted damaged checkpoint step_0000006 to step_0000006.damaged: {weights}: unreadable "
+        "(Error while deserializing header: incomplete metadata, file not fully covered)"
+    ]
+    assert f"resumed from {ckpt.step_dir(root, 4)} at step 4" in caplog.text
+    assert not (root / "step_0000006.damaged" / ckpt.MARKER).exists()
+    assert [s for s, _ in ckpt.complete_checkpoints(root)] == [8, 6]  # keep_last counts good ones
+    assert (run_dir / "final" / ckpt.MARKER).exists()
+    rows = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, 9)) and tracker_steps(run_dir) == list(range(1, 9))
+
+
+class Evil:
+    """A pickle that runs a shell command when loaded without ``weights_only``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_rng_pickle_falls_back(setup, tmp_path, caplog):
+    """Issue 17: a malicious pickle in rng_rank0.pt -- refused, demoted, the previous one resumed."""
+    run_dir, root, ran = tmp_path / "run", tmp_path / "run" / "checkpoints", tmp_path / "it_ran"
+    Trainer(cfg_for(setup, run_dir, "train.max_steps=4")).train()
+    shutil.rmtree(run_dir / "final")
+    torch.save({"torch": torch.get_rng_state(), "x": Evil(ran)}, ckpt.step_dir(root, 4) / "rng_rank0.pt")
+    assert cli_main(["train", str(setup), f"run.dir={run_dir}", "train.max_steps=6"]) == 0
+    assert not ran.exists()
+    lines = [r.getMessage() for r in caplog.records if "demoted damaged" in r.getMessage()]
+    assert lines == [
+        f"demoted damaged checkpoint step_0000004 to step_0000004.damaged: "
+        f"{ckpt.step_dir(root, 4) / 'rng_rank0.pt'}: unreadable (UnpicklingError)"
+    ]
+    assert f"resumed from {ckpt.step_dir(root, 2)} at step 2" in caplog.text
+    assert ckpt.read_state(ckpt.step_dir(root, 6)).step == 6 and (run_dir / "final" / ckpt.MARKER).exists()
 
 
 def test_resume_reads_each_checkpoint_file_once(setup, tmp_path, monkeypatch):
@@ -162,29 +215,77 @@ def test_pickled_optimizer_state_is_refused(setup, tmp_path):
         ckpt.verify(step)
 
 
-@pytest.mark.parametrize("policy", ["raise", "continue"])
-def test_write_failure_keeps_previous_checkpoint(setup, tmp_path, monkeypatch, policy):
-    run_dir = tmp_path / "run"
-    real = ckpt.write_main_files
-    calls = {"n": 0}
+def full_disk_at(monkeypatch, step: int, name: str) -> None:
+    """From the save at ``step``, ``name`` in the checkpoint being assembled is /dev/full: the real
+    writer (torch.save, json) gets ENOSPC from the kernel."""
+    real = ckpt.tmp_dir
 
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(*args, **kwargs)
+    def tmp_with_full_file(root: Path, at: int) -> Path:
+        tmp = real(root, at)
+        if at >= step:
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / name).unlink(missing_ok=True)
+            (tmp / name).symlink_to("/dev/full")
+        return tmp
 
-    monkeypatch.setattr(ckpt, "write_main_files", failing)
+    monkeypatch.setattr(ckpt, "tmp_dir", tmp_with_full_file)
+
+
+@pytest.mark.parametrize(("policy", "name"), [("raise", "rng_rank0.pt"), ("continue", "trainer.json")])
+def test_checkpoint_on_full_disk(setup, tmp_path, monkeypatch, caplog, policy, name):
+    """Issue 17: a checkpoint on a full disk -- checkpoint.on_error applies, one line, no temp left."""
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    (root / ".tmp-step_0000099").mkdir()  # a save a crash cut short: removed at the next start
+    full_disk_at(monkeypatch, 4, name)
     trainer = Trainer(cfg_for(setup, run_dir, "train.max_steps=6", f"checkpoint.on_error={policy}"))
+    line = (
+        rf"checkpoint at step 4 failed on rank 0 \(here: CheckpointWriteError: "
+        rf"{root / '.tmp-step_0000004' / name}: write failed \(.+\); [\d.]+ MiB free there\); "
+        r"earlier checkpoints are intact"
+    )
     if policy == "raise":
-        with pytest.raises(ckpt.CheckpointError, match="No space left"):
+        with pytest.raises(ckpt.CheckpointError, match=line) as err:
             trainer.train()
-        assert ckpt.latest(run_dir / "checkpoints") == ckpt.step_dir(run_dir / "checkpoints", 2)
+        assert "\n" not in str(err.value)
+        assert ckpt.latest(root) == ckpt.step_dir(root, 2)
     else:
         trainer.train()
+        assert re.search(line + r"; continuing \(checkpoint.on_error=continue\)", caplog.text)
+        assert (run_dir / "final" / "COMPLETE").exists() and ckpt.latest(root) == ckpt.step_dir(root, 2)
+    ckpt.verify(ckpt.step_dir(root, 2))
+    assert not list(root.glob(".tmp-*"))
+
+
+def tmpfs(path: Path, size: int) -> None:
+    path.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()[:80]!r})")
+
+
+def test_checkpoint_on_a_real_full_tmpfs(setup, tmp_path, caplog):
+    """Issue 17: the checkpoint folder on a tmpfs that fills up -- safetensors' own writer fails."""
+    probe = tmp_path / "probe"
+    Trainer(cfg_for(setup, probe, "train.max_steps=2", "checkpoint.every=2")).train()
+    size = sum(f.stat().st_size for f in ckpt.step_dir(probe / "checkpoints", 2).iterdir())
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    tmpfs(root, size + size // 8)  # room for one checkpoint and the next one's RNG files
+    try:
+        cfg = cfg_for(
+            setup, run_dir, "train.max_steps=4", "checkpoint.on_error=continue", "checkpoint.keep_last=2"
+        )
+        Trainer(cfg).train()
+        assert re.search(
+            r"checkpoint at step 4 failed on rank 0 .*model\.safetensors: write failed .*MiB free",
+            caplog.text,
+        )
+        assert ckpt.latest(root) == ckpt.step_dir(root, 2) and not list(root.glob(".tmp-*"))
         assert (run_dir / "final" / "COMPLETE").exists()
-    ckpt.verify(ckpt.step_dir(run_dir / "checkpoints", 2))
-    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    finally:
+        subprocess.run(["umount", str(root)], check=False)
 
 
 def test_two_process_run_resumes_on_one(setup, tmp_path):
@@ -200,3 +301,54 @@ def test_two_process_run_resumes_on_one(setup, tmp_path):
     assert "resumed from" in one.stderr and "step 4" in one.stderr
     state = ckpt.read_state(ckpt.step_dir(run_dir / "checkpoints", 6))
     assert state.samples == 6 * 8
+
+
+def test_damaged_cache_stops_before_any_update(setup, tmp_path):
+    """Issue 17: flipped bytes in cached tensors -- the run stops at the batch, before the update."""
+    from .test_cache_features import flip_tensor_bytes
+
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    Trainer(cfg_for(setup, run_dir, "train.max_steps=2")).train()
+    shutil.rmtree(run_dir / "final")
+    cache = Path(shutil.copytree(load_config(setup).data.cache_dir, tmp_path / "cache"))
+    for shard in cache.glob("features-*.tar"):
+        flip_tensor_bytes(shard)
+    trainer = Trainer(cfg_for(setup, run_dir, "train.max_steps=4", f"data.cache_dir={cache}"))
+    with pytest.raises(
+        CacheError, match=r"features-0000\d\.tar: damaged cached sample '\w+' \(fails its checksum"
+    ):
+        trainer.train()
+    assert trainer.state.step == 2  # resumed, and no update made from the damaged batch
+    assert ckpt.latest(root) == ckpt.step_dir(root, 2) and not (run_dir / "final").exists()
+    skip = Path(shutil.copytree(load_config(setup).data.cache_dir, tmp_path / "skip"))
+    for shard in skip.glob("features-*.tar"):
+        flip_tensor_bytes(shard, every=3)
+    overrides = ("train.max_steps=4", f"data.cache_dir={skip}", "data.on_damaged=skip")
+    summary = Trainer(cfg_for(setup, run_dir, *overrides)).train()
+    assert summary["finished"] and summary["damaged_skipped"] > 0
+
+
+def test_damaged_rank1_rng_file_two_processes_agree(setup, tmp_path):
+    """Issue 17 on 2 processes: the fault is in rank 1's RNG file; both ranks verify every rank's
+    files, so both fall back to the same checkpoint, one line says so, and the run finishes."""
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    Trainer(cfg_for(setup, run_dir, "train.max_steps=4", "data.batch_size=8")).train()
+    shutil.rmtree(run_dir / "final")
+    for step in (2, 4):  # as a 2-process run would have left them: one RNG pair per rank
+        for ext in ("json", "pt"):
+            shutil.copy(
+                ckpt.step_dir(root, step) / f"rng_rank0.{ext}", ckpt.step_dir(root, step) / f"rng_rank1.{ext}"
+            )
+    torch.save(
+        {"torch": torch.get_rng_state(), "x": Evil(tmp_path / "ran")}, ckpt.step_dir(root, 4) / "rng_rank1.pt"
+    )
+    two = run_cli_2proc(
+        "train", str(setup), f"run.dir={run_dir}", "data.batch_size=4", "train.max_steps=6", timeout=300
+    )
+    assert two.returncode == 0 and "Traceback" not in two.stderr, two.stderr[-3000:]
+    assert len([line for line in two.stderr.splitlines() if "demoted damaged checkpoint" in line]) == 1
+    assert "rng_rank1.pt: unreadable (UnpicklingError)" in two.stderr
+    assert (
+        f"resumed from {ckpt.step_dir(root, 2)} at step 2" in two.stderr and not (tmp_path / "ran").exists()
+    )
+    assert ckpt.latest(root) == ckpt.step_dir(root, 6) and (root / "step_0000004.damaged").is_dir()

@@ -302,7 +302,7 @@ def check_train_options(cfg: Config, path: str) -> None:
 
 NULL_CAPTIONS = ("t5_empty", "buffer")  # data.null_caption (train/training/null_caption.py)
 ON_DAMAGED = ("stop", "skip")  # data.on_damaged (data/features.py FeatureLoader._intact_rows)
-ON_ERROR = ("raise", "continue")  # checkpoint.on_error (train/training/checkpoint.py on_write_failure)
+ON_ERROR = ("raise", "continue")  # checkpoint.on_error (train/training/checkpointer.py Checkpointer._failed)
 INIT_FROM_WEIGHTS = ("ema", "model")  # init_from_weights (train/conversion/keymap.py WEIGHTS_CHOICES)
 
 

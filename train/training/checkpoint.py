@@ -15,9 +15,19 @@ Layout of ``run.dir/checkpoints/step_NNNNNNN/``::
 
 A checkpoint is assembled in ``.tmp-step_N``, fsynced, renamed into place, and
 only then marked complete.  "Latest" means the highest step among directories
-that carry the marker *and* whose files load; a truncated newest checkpoint is
-passed over with a warning.  Nothing is unpickled: weights are safetensors,
-everything else JSON or ``torch.load(weights_only=True)``.
+that carry the marker *and* whose files all load (RNG files of every rank included).
+A marked checkpoint that fails this is *demoted*: renamed to ``step_N.damaged``
+without its marker, with one line, so it is never resumed, never rewritten over
+and never counted by ``keep_last``.  Nothing is unpickled: weights are
+safetensors, everything else JSON or ``torch.load(weights_only=True)``.
+
+Writes: every writer (safetensors, torch.save, json/text, fsync, rename) runs under
+:func:`guarded`, which turns whatever it raises for a failed write (``OSError``,
+``SafetensorError``, torch's ``RuntimeError``) into one :class:`CheckpointWriteError`
+naming the file and the free space left.  It is raised on the rank that failed, so a
+caller can agree across ranks before it applies ``checkpoint.on_error``
+(``train/training/checkpointer.py``), removing the temp folder; :func:`cleanup` removes
+any a crash left, at the next start, so none survives.
 """
 
 from __future__ import annotations
@@ -26,7 +36,10 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,11 +52,50 @@ from tristage.train.training import sharded
 
 MARKER = "COMPLETE"
 FORMAT = "tristage-checkpoint-v1"
+TMP_PREFIX = ".tmp-step_"  # a checkpoint being assembled
+DAMAGED = ".damaged"  # suffix of a demoted checkpoint
+STEP_NAME = re.compile(r"step_\d+")
+# What the writers raise for a failed write: OSError (json/text, fsync, rename), SafetensorError
+# (safetensors' Rust writer), RuntimeError (torch.save's "PytorchStreamWriter failed writing file").
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the path."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """One checkpoint file could not be written on this rank (disk full, I/O error)."""
+
+    def __init__(self, path: Path, err: BaseException):
+        self.path, self.free_bytes = path, free_bytes(path)
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        super().__init__(f"{path}: write failed ({reason}); {self.free_bytes / 2**20:.1f} MiB free there")
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem holding ``path`` (its nearest existing parent)."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            return shutil.disk_usage(parent).free
+    return 0
+
+
+@contextmanager
+def guarded(path: Path) -> Iterator[None]:
+    """Run one write of ``path``; any write error becomes a :class:`CheckpointWriteError`."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except WRITE_ERRORS as err:
+        raise CheckpointWriteError(path, err) from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    with guarded(path):
+        path.write_text(text)
 
 
 @dataclass
@@ -62,13 +114,14 @@ class TrainState:
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
-            with open(path, "rb") as fh:
+            with guarded(path), open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with guarded(root):
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
@@ -100,38 +153,53 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:07d}"
 
 
+def tmp_dir(root: Path, step: int) -> Path:
+    return root / f"{TMP_PREFIX}{step:07d}"
+
+
 def write_rank_files(tmp: Path, rank: int) -> None:
     """Every rank writes its own RNG state into the checkpoint being assembled."""
     json_part, tensors = rng_state()
-    (tmp / f"rng_rank{rank}.json").write_text(json.dumps(json_part))
-    torch.save(tensors, tmp / f"rng_rank{rank}.pt")
+    _write_text(tmp / f"rng_rank{rank}.json", json.dumps(json_part))
+    with guarded(tmp / f"rng_rank{rank}.pt"):
+        torch.save(tensors, tmp / f"rng_rank{rank}.pt")
 
 
 def write_main_files(
     tmp: Path, model_sd: dict, ema_sd: dict, optim_sd: dict, state: TrainState, cfg_yaml: str
 ) -> None:
     """Rank 0 writes weights, optimizer, counters and config."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_sd.items()}, tmp / "model.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema_sd.items()}, tmp / "ema.safetensors")
-    torch.save(optim_sd, tmp / "optimizer.pt")
+    for name, sd in (("model.safetensors", model_sd), ("ema.safetensors", ema_sd)):
+        with guarded(tmp / name):
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, tmp / name)
+    with guarded(tmp / "optimizer.pt"):
+        torch.save(optim_sd, tmp / "optimizer.pt")
     write_state_files(tmp, state, cfg_yaml)
 
 
 def write_state_files(tmp: Path, state: TrainState, cfg_yaml: str) -> None:
     """Rank 0 writes the counters and the config (a sharded checkpoint's tensors are in ``sharded/``)."""
-    payload = {"format": FORMAT, **state.__dict__}
-    (tmp / "trainer.json").write_text(json.dumps(payload, indent=1))
-    (tmp / "config.yaml").write_text(cfg_yaml)
+    _write_text(tmp / "trainer.json", json.dumps({"format": FORMAT, **state.__dict__}, indent=1))
+    _write_text(tmp / "config.yaml", cfg_yaml)
 
 
 def commit(tmp: Path, final: Path) -> None:
     """fsync, rename into place, then write the completeness marker."""
     _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    (final / MARKER).write_text("ok\n")
+    with guarded(final):
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    _write_text(final / MARKER, "ok\n")
     _fsync_tree(final)
+
+
+def cleanup(root: Path) -> int:
+    """Remove the temp folders of saves that never finished (call where no save is in flight)."""
+    stale = list(root.glob(f"{TMP_PREFIX}*")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
 
 
 def read_state(path: Path) -> TrainState:
@@ -156,10 +224,12 @@ class Contents:
 
 
 def read(path: Path) -> Contents:
-    """Read every file of a checkpoint (each once); a file that does not load raises CheckpointError."""
+    """Read every file of a checkpoint (each once; every rank's RNG files are loaded too, so a damaged
+    or pickled one is found before the resume); a file that does not load raises CheckpointError."""
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
     state = read_state(path)
+    _verify_rng(path)
     if sharded.is_sharded_checkpoint(path):
         try:
             sharded.verify(path)  # the shards themselves are read by sharded.load, once, into place
@@ -172,10 +242,7 @@ def read(path: Path) -> Contents:
             weights[name] = load_file(path / name)
         except (OSError, SafetensorError) as err:
             raise CheckpointError(f"{path / name}: unreadable ({err})") from None
-    try:
-        optimizer = torch.load(path / "optimizer.pt", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged or foreign file
-        raise CheckpointError(f"{path / 'optimizer.pt'}: unreadable ({type(err).__name__})") from None
+    optimizer = _load_pt(path / "optimizer.pt")
     return Contents(state, weights["model.safetensors"], weights["ema.safetensors"], optimizer)
 
 
@@ -184,25 +251,47 @@ def verify(path: Path) -> TrainState:
     return read(path).state
 
 
+def _load_pt(path: Path) -> object:
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged, foreign or pickled-code file
+        raise CheckpointError(f"{path}: unreadable ({type(err).__name__})") from None
+
+
+def _verify_rng(path: Path) -> None:
+    """Every ``rng_rank{R}`` pair loads: JSON, and tensors only (``weights_only``)."""
+    tensors = sorted(path.glob("rng_rank*.pt"))
+    if not tensors:
+        raise CheckpointError(f"{path}: no rng_rank*.pt files")
+    for pt in tensors:
+        if not isinstance(_load_pt(pt), dict):
+            raise CheckpointError(f"{pt}: unreadable (not a dict of RNG states)")
+        try:
+            json.loads(pt.with_suffix(".json").read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{pt.with_suffix('.json')}: unreadable ({type(err).__name__})") from None
+
+
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, path) of directories that carry the marker, newest first (step from trainer.json)."""
+    """(step, path) of directories that carry the marker, newest first (step from trainer.json);
+    one whose trainer.json does not read is demoted."""
     found = []
     for path in root.glob("step_*") if root.is_dir() else []:
-        if (path / MARKER).is_file():
+        if STEP_NAME.fullmatch(path.name) and (path / MARKER).is_file():
             try:
                 found.append((read_state(path).step, path))
-            except CheckpointError:
-                log.warning("skipping %s: unreadable trainer.json", path)
+            except CheckpointError as err:
+                demote(path, err)
     return sorted(found, reverse=True)
 
 
 def newest_readable(root: Path) -> tuple[Path, Contents] | None:
-    """The newest checkpoint whose files all load, read once; falls back (warning) past damaged ones."""
+    """The newest checkpoint whose files all load, read once; damaged newer ones are demoted."""
     for _, path in complete_checkpoints(root):
         try:
             return path, read(path)
         except CheckpointError as err:
-            log.warning("falling back past damaged checkpoint: %s", err)
+            demote(path, err)
     return None
 
 
@@ -212,16 +301,37 @@ def latest(root: Path) -> Path | None:
     return None if found is None else found[0]
 
 
+def demote(path: Path, err: CheckpointError) -> None:
+    """Rename a damaged checkpoint aside and drop its marker; one line, by the process that renamed
+    it (every rank verifies the same files, so the others find it gone and stay quiet)."""
+    aside = path.with_name(path.name + DAMAGED)
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}{DAMAGED}-{n}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    except OSError as rename_err:  # a read-only run dir: still never resumed from, just not renamed
+        log.warning(
+            "falling back past damaged checkpoint %s (%s; cannot rename it: %s)", path, err, rename_err
+        )
+        return
+    (aside / MARKER).unlink(missing_ok=True)
+    log.warning("demoted damaged checkpoint %s to %s: %s", path.name, aside.name, err)
+
+
 def rotate(root: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` complete checkpoints, and stale temp dirs."""
+    """Delete all but the newest ``keep_last`` complete checkpoints (demoted ones do not count),
+    and stale temp dirs (called right after a commit, when no save is in flight)."""
     for _, path in complete_checkpoints(root)[keep_last:]:
         shutil.rmtree(path, ignore_errors=True)
+    cleanup(root)
 
 
 def load_rank_rng(path: Path, rank: int) -> None:
     """Restore this rank's RNG; a rank the checkpoint did not have (world grew) keeps its seed."""
     json_path = path / f"rng_rank{rank}.json"
     if json_path.is_file():
-        set_rng_state(
-            json.loads(json_path.read_text()), torch.load(path / f"rng_rank{rank}.pt", weights_only=True)
-        )
+        set_rng_state(json.loads(json_path.read_text()), _load_pt(path / f"rng_rank{rank}.pt"))

@@ -71,6 +71,8 @@ class Checkpointer:
     # -- resume ----------------------------------------------------------------------------------
     def find(self) -> Path | None:
         """The checkpoint to resume from per ``resume`` (read once and kept for :meth:`load`), or None."""
+        if self.accelerator.is_main_process:
+            ckpt.cleanup(self.root)  # temp folders of saves a crash cut short (no save is in flight yet)
         mode = self.cfg.resume
         if mode == "none":
             return None
@@ -112,7 +114,7 @@ class Checkpointer:
         step = self.state.step
         if step == self._last_saved:
             return True
-        final, tmp = ckpt.step_dir(self.root, step), self.root / f".tmp-step_{step:07d}"
+        final, tmp = ckpt.step_dir(self.root, step), ckpt.tmp_dir(self.root, step)
         self._capture()
         errors = self._agree(self._attempt(self._write_files, tmp))
         if not errors and self.sharded:  # collective: only entered when every rank's files are written

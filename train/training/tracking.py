@@ -98,13 +98,42 @@ def run_dir_of(cfg: Config) -> Path | None:
 
 
 class MetricsFile:
-    """``metrics.jsonl`` in the run directory (rank 0): the source of the loss-curve plots."""
+    """``metrics.jsonl`` in the run directory (rank 0): the source of the loss-curve plots.
+
+    A resumed run replays the steps between its checkpoint and the stop.  :meth:`resume` drops the
+    file's rows past the checkpoint (they are written again) and remembers the last step logged
+    before, so the tracker -- whose rows cannot be taken back -- skips the replayed steps
+    (:meth:`is_new`); resume is exact, so it already holds their values."""
 
     def __init__(self, run_dir: str, enabled: bool):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
+        self.logged_up_to = -1  # the last step the tracker got before this start
+
+    def resume(self, step: int) -> None:
+        """Keep the rows up to ``step`` (the checkpoint resumed from; 0 for a fresh start)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        rows = [(line, _step_of(line)) for line in self.path.read_text().splitlines()]
+        if step > 0:  # the same tracker run continues (its id is in the checkpoint)
+            self.logged_up_to = max((s for _, s in rows if s is not None), default=-1)
+        kept = [line + "\n" for line, s in rows if s is not None and s <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
+    def is_new(self, step: int) -> bool:
+        return step > self.logged_up_to
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a ``metrics.jsonl`` row; None for a row a kill cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -122,6 +122,7 @@ class Trainer:
             cond_dropout=self.cfg.data.cond_dropout,
             null_label=self.cfg.model.num_classes,
             pin_memory=self.accelerator.device.type == "cuda",
+            on_damaged=self.cfg.data.on_damaged,
         )
         return FeatureLoader(self.cfg.data.cache_dir, spec, expected=fingerprint(self.cfg))
 
@@ -263,7 +264,8 @@ class Trainer:
             return
         sum_over_processes = partial(self.accelerator.reduce, reduction="sum")
         values = window.flush(self.scheduler.get_last_lr()[0], self.state.samples, sum_over_processes)
-        tracking.log(self.accelerator, values, self.state.step)
+        if self.metrics_file.is_new(self.state.step):  # a replayed step is already in the tracker
+            tracking.log(self.accelerator, values, self.state.step)
         self.metrics_file.write(self.state.step, values)
         self._check_nonfinite(self.guard.poll(log_step=True))
 
@@ -273,6 +275,7 @@ class Trainer:
 
     def _start_tracking(self) -> None:
         self.metrics_file = tracking.MetricsFile(self.cfg.run.dir, self.accelerator.is_main_process)
+        self.metrics_file.resume(self.state.step)
         if self.state.tracker_run_id is None:
             self.state.tracker_run_id = tracking.new_run_id()
         if self.accelerator.is_main_process:
@@ -306,6 +309,7 @@ class Trainer:
             "final_loss": window.last_loss,
             "final": str(self.run_dir / "final") if finished else None,
             "dropped_in_buckets": dict(self.loader.dropped),
+            "damaged_skipped": self.loader.damaged_skipped,  # this rank's, with data.on_damaged=skip
             "export": self._export_path(),
         }
         self._info("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
