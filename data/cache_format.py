@@ -17,8 +17,9 @@ json's last field, ``checksum``, is xxh3-64 over the safetensors payload followe
 text *without* that field (``json.dumps`` of the rest, which reproduces the written bytes).  The
 loader checks it for every sample it decodes, before the batch reaches the trainer, so a flipped
 bit in the tensors or the metadata is caught where it would be used.  xxh3 is not a cryptographic
-hash: it detects storage and transfer damage, not deliberate forgery.  It runs at ~24 GB/s on one
-core, a few percent of reading the bytes (``tristage bench cache``, README "Scale and speed").
+hash: it detects storage and transfer damage, not deliberate forgery.  The loader hashes a payload
+right after copying it into the batch, while it is in the CPU cache: ~18 us for a 256 px sample with
+bf16 T5-XXL features (674 KB) against ~60 us cold (``tristage bench cache``).
 """
 
 from __future__ import annotations
