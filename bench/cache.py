@@ -5,7 +5,10 @@
   ``open().read()`` of the same shard files in the same order.  The loader's batches hold
   the cached bytes (bf16 moments and T5 rows, padded); the posterior sample and the
   diffusion noise are drawn on the training device (``data.features.sample_latents``),
-  so they are not loader work.
+  so they are not loader work.  The loader verifies every sample's checksum
+  (``data/cache_format.py``).  ``checksum_samples_per_s`` is that check alone over the
+  same samples, read cold (the first touch of the mapped pages): an upper bound, since
+  the loader hashes each payload just after copying it, while it is in the CPU cache.
 * ``extract_vs_bare``: the cache pass (read, decode, bucket, VAE + T5, write shards)
   images/s, divided by a bare ``vae.encode`` + T5 forward over the same
   preprocessed batches, on a small random VAE and the demo T5.
