@@ -248,7 +248,6 @@ class FeatureLoader:
             except CacheError as err:
                 if self.spec.on_damaged != "skip":
                     raise
-                self.damaged_skipped += 1
                 log.warning("%s; skipped (data.on_damaged=skip)", err)
         if not intact:
             raise CacheError(f"{self.dir}: every sample of this process's slice of a batch is damaged")
@@ -305,6 +304,7 @@ class FeatureLoader:
                 if isinstance(item, BaseException):
                     raise item
                 self.epoch, self.next_index = item["position"][0], item["position"][1] + 1
+                self.damaged_skipped += len(item["noise_draw"].skipped)  # counted as used, not as prefetched
                 yield item
         finally:
             stop.set()
