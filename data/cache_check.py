@@ -1,7 +1,7 @@
 """What an existing cache folder holds against what this config would write.
 
-Every shard's done marker records the fingerprint it was encoded under and the (size, mtime)
-of each raw file its features came from (``source.unit_files``).  Before a cache pass touches
+Every shard's done marker records the fingerprint it was encoded under and the (size, mtime,
+content hash) of each raw file its features came from (``source.unit_files``).  Before a cache pass touches
 anything, :func:`stale_units` compares them with the config and the raw files as they are now:
 
 * a different fingerprint (in the manifest or any marker) means the folder holds features of
@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+import xxhash
+
 from tristage.data.cache_format import FORMAT, MANIFEST, done_marker, shard_name
 from tristage.data.fingerprint import first_difference
 from tristage.data.sources import Unit
@@ -27,31 +29,42 @@ from tristage.data.sources import Unit
 REBUILD_HINT = "rerun `tristage cache CONFIG --rebuild`"
 
 
-def stamp(files: list[str]) -> dict[str, list[int]]:
-    """path -> [size, mtime_ns] ([-1, -1] for a missing file)."""
+def stamp(files: list[str]) -> dict[str, list]:
+    """path -> [size, mtime_ns, xxh3-64 of the content].  Taken just before the unit is read, so the
+    hash's read leaves the file in the page cache for the reader."""
     out = {}
     for name in files:
-        try:
-            st = os.stat(name)
-            out[name] = [st.st_size, st.st_mtime_ns]
-        except FileNotFoundError:
-            out[name] = [-1, -1]
+        st = os.stat(name)
+        out[name] = [st.st_size, st.st_mtime_ns, content_digest(name)]
     return out
 
 
-def stamp_change(old: dict[str, list[int]], new: dict[str, list[int]]) -> str | None:
-    """How the first differing file changed, or None."""
-    for path in [*new, *(p for p in old if p not in new)]:
-        before, after = old.get(path), new.get(path)
-        if before == after:
-            continue
+def content_digest(path: str) -> str:
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def source_change(old: dict[str, list], files: list[str]) -> str | None:
+    """How the first of a unit's raw files changed since its stamp, or None.  Size and mtime decide;
+    a new mtime at the same size is hashed, so a file rewritten with the same bytes (a regenerated
+    demo world, a copy) is not a change."""
+    for path in [*files, *(p for p in old if p not in files)]:
+        before = old.get(path)
         if before is None:
             return f"{path} was not read before"
-        if after is None or after[0] < 0:
+        if path not in files:
+            return f"{path} is no longer read"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
             return f"{path} is gone"
-        if before[0] != after[0]:
-            return f"{path}: {before[0]} -> {after[0]} bytes"
-        return f"{path}: modified since"
+        if st.st_size != before[0]:
+            return f"{path}: {before[0]} -> {st.st_size} bytes"
+        if st.st_mtime_ns != before[1] and content_digest(path) != before[2]:
+            return f"{path}: modified since (same size, other bytes)"
     return None
 
 
@@ -101,7 +114,7 @@ def _unit_reason(marker: Path, unit: Unit, source, fp: dict) -> str | None:
     key = differing_key(fp, done.get("fingerprint"))
     if key is not None:
         return fingerprint_reason(marker, key, fp, done.get("fingerprint"))
-    change = stamp_change(done.get("source", {}), stamp(source.unit_files(unit)))
+    change = source_change(done.get("source", {}), source.unit_files(unit))
     if change is not None:
         return f"{shard_name(unit.index)}: its raw source changed since it was cached ({change})"
     return None

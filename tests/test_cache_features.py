@@ -700,6 +700,11 @@ def test_truncated_raw_tar_then_intact_one_needs_rebuild(tmp_path, encoders, cap
         f"re-encoding: features-00001.tar: its raw source changed since it was cached ({tar}" in caplog.text
     )
     assert short["samples"] < 9 and full["samples"] == 9 and len(set(keys_of(tmp_path / "cache"))) == 9
+    tar.write_bytes(intact)  # the same bytes again (a regenerated world): a new mtime is no change
+    assert cache(load_config(stage_yaml(1), overrides)) == full
+    tar.write_bytes(intact[:-1] + b"x")  # the same size, other bytes
+    with pytest.raises(CacheError, match=r"features-00001\.tar: .*modified since \(same size, other bytes\)"):
+        cache(load_config(stage_yaml(1), overrides))
 
 
 def test_complete_cache_is_recognised_before_any_encoder_loads(
