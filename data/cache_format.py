@@ -7,7 +7,7 @@ A cache folder holds::
     manifest.json                  fingerprint, shard list and counts, scaling factor (written last)
     features-NNNNN.tar             one webdataset shard per raw source unit
     features-NNNNN.done.json       a shard's completeness marker: counts, skips, the fingerprint
-                                   and the raw source's (size, mtime) it was read from
+                                   and the raw files' (size, mtime, hash) it was read from
     null_caption.safetensors       T5("") for caption dropout (text stages)
     validation_prompts.safetensors T5 features of validation.prompts and "" (text stages)
     skipped.json                   every skipped raw item, by reason

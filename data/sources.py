@@ -4,7 +4,7 @@ A source is split into *units* (one input tar, or a fixed-size chunk of files).
 The cache pass turns unit ``i`` into feature shard ``i``, so units are the grain
 of multi-process splitting and of resume.  ``unit_files(unit)`` lists the files a
 unit's features depend on (its tar, or its images, plus a shared caption, metadata
-or synsets file); the cache records their size and mtime to notice a changed source.
+or synsets file); the cache records their size, mtime and hash to notice a changed source.
 Readers yield encoded image bytes plus labels/captions/scores and never decode
 images themselves: decoding (and its failures) belongs to the cache pass.  Every
 item a reader cannot use is counted in :class:`Skips` under a reason, never
