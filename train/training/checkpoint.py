@@ -65,8 +65,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the path."""
 
 
-class CheckpointWriteError(CheckpointError):
-    """One checkpoint file could not be written on this rank (disk full, I/O error)."""
+class CheckpointWriteError(CheckpointError, OSError):
+    """One checkpoint file could not be written on this rank (disk full, I/O error).  Also an
+    ``OSError``, so code that tells I/O failures from other ones keeps doing so."""
 
     def __init__(self, path: Path, err: BaseException):
         self.path, self.free_bytes = path, free_bytes(path)
