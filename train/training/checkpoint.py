@@ -222,6 +222,7 @@ class Contents:
     model: dict[str, torch.Tensor] | None  # model.safetensors (None: a sharded checkpoint, sharded.py)
     ema: dict[str, torch.Tensor] | None  # ema.safetensors (None: sharded)
     optimizer: dict | None  # optimizer.pt (None: sharded)
+    rng: dict[int, tuple[dict, dict]] = field(default_factory=dict)  # rank -> rng_rank{R}.json / .pt
 
 
 def read(path: Path) -> Contents:
@@ -230,13 +231,13 @@ def read(path: Path) -> Contents:
     if not (path / MARKER).is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
     state = read_state(path)
-    _verify_rng(path)
+    rng = _read_rng(path)
     if sharded.is_sharded_checkpoint(path):
         try:
             sharded.verify(path)  # the shards themselves are read by sharded.load, once, into place
         except sharded.ShardedCheckpointError as err:
             raise CheckpointError(str(err)) from None
-        return Contents(state, None, None, None)
+        return Contents(state, None, None, None, rng)
     weights = {}
     for name in ("model.safetensors", "ema.safetensors"):
         try:
@@ -244,7 +245,7 @@ def read(path: Path) -> Contents:
         except (OSError, SafetensorError) as err:
             raise CheckpointError(f"{path / name}: unreadable ({err})") from None
     optimizer = _load_pt(path / "optimizer.pt")
-    return Contents(state, weights["model.safetensors"], weights["ema.safetensors"], optimizer)
+    return Contents(state, weights["model.safetensors"], weights["ema.safetensors"], optimizer, rng)
 
 
 def verify(path: Path) -> TrainState:
@@ -259,18 +260,26 @@ def _load_pt(path: Path) -> object:
         raise CheckpointError(f"{path}: unreadable ({type(err).__name__})") from None
 
 
-def _verify_rng(path: Path) -> None:
-    """Every ``rng_rank{R}`` pair loads: JSON, and tensors only (``weights_only``)."""
+def _read_rng(path: Path) -> dict[int, tuple[dict, dict]]:
+    """rank -> (JSON part, tensors) of every ``rng_rank{R}`` pair, tensors loaded ``weights_only``.
+
+    Every rank reads them all (a few KB each), so every rank makes the same choice of checkpoint."""
     tensors = sorted(path.glob("rng_rank*.pt"))
     if not tensors:
         raise CheckpointError(f"{path}: no rng_rank*.pt files")
+    states = {}
     for pt in tensors:
-        if not isinstance(_load_pt(pt), dict):
+        loaded = _load_pt(pt)
+        if not isinstance(loaded, dict):
             raise CheckpointError(f"{pt}: unreadable (not a dict of RNG states)")
         try:
-            json.loads(pt.with_suffix(".json").read_text())
+            states[int(pt.stem.removeprefix("rng_rank"))] = (
+                json.loads(pt.with_suffix(".json").read_text()),
+                loaded,
+            )
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{pt.with_suffix('.json')}: unreadable ({type(err).__name__})") from None
+    return states
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -331,8 +340,8 @@ def rotate(root: Path, keep_last: int) -> None:
     cleanup(root)
 
 
-def load_rank_rng(path: Path, rank: int) -> None:
-    """Restore this rank's RNG; a rank the checkpoint did not have (world grew) keeps its seed."""
-    json_path = path / f"rng_rank{rank}.json"
-    if json_path.is_file():
-        set_rng_state(json.loads(json_path.read_text()), _load_pt(path / f"rng_rank{rank}.pt"))
+def load_rank_rng(contents: Contents, rank: int) -> None:
+    """Restore this rank's RNG (read by :func:`read`); a rank the checkpoint did not have (world
+    grew) keeps its seed."""
+    if rank in contents.rng:
+        set_rng_state(*contents.rng[rank])

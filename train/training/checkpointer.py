@@ -101,7 +101,7 @@ class Checkpointer:
         saved.scheduler.load_state_dict(self.state.scheduler)
         saved.loader.load_state_dict(self.state.loader)
         saved.guard.load(self.state.nonfinite_skips)
-        ckpt.load_rank_rng(path, self.accelerator.process_index)
+        ckpt.load_rank_rng(contents, self.accelerator.process_index)
         self._last_saved = self.state.step
         self._info(f"resumed from {path} at step {self.state.step}")
 
