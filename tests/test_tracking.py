@@ -126,9 +126,8 @@ def pixart_validation_config(tmp_path: Path, *overrides: str):
 def test_pixart_validation_grid_from_the_cached_prompt_features(tmp_path, monkeypatch):
     """Stages 2-3: the grid comes from a PixArtAlphaPipeline built in memory around the live model, with
     the prompts' T5 features the cache pass wrote: no text encoder is loaded during training."""
-    from types import SimpleNamespace
-
     import transformers
+    from accelerate import Accelerator
 
     from tristage.train.training.ema import EMA
     from tristage.train.training.validation import Validator
@@ -139,7 +138,7 @@ def test_pixart_validation_grid_from_the_cached_prompt_features(tmp_path, monkey
     monkeypatch.setattr(transformers.T5EncoderModel, "from_pretrained", None)  # any T5 load would fail
     model = tiny_pixart(caption_channels=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    accelerator = SimpleNamespace(is_main_process=True, trackers=[], wait_for_everyone=lambda: None)
+    accelerator = Accelerator(cpu=True)  # no trackers: the grid is only written
     validator = Validator(cfg)
     assert validator.maybe_run(2, accelerator, model, EMA(model, 0.9)) is None
     path = validator.maybe_run(3, accelerator, model, EMA(model, 0.9))
