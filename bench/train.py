@@ -42,7 +42,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tristage bench train", description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="demo", help="model size, a key of train/models/sizes.py SIZES")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels (latent = /8)")
-    parser.add_argument("--batch", type=int, default=8, help="images per step")
+    parser.add_argument("--batch", type=int, default=8, help="images per micro-batch (data.batch_size)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="train.grad_accum: micro-batches per step")
     parser.add_argument("--steps", type=int, default=24, help="timed steps per run (a multiple of --window)")
     parser.add_argument("--window", type=int, default=4, help="steps per timing window; one untimed first")
     parser.add_argument("--repeats", type=int, default=3, help="alternating bare / trainer runs")
@@ -94,6 +95,7 @@ def bench_config(root: Path, args: argparse.Namespace, device: torch.device):
         "optim.warmup_steps=1",
         "optim.grad_clip=1.0",
         f"train.max_steps={args.window + args.steps}",
+        f"train.grad_accum={args.grad_accum}",
         f"train.mixed_precision={'bf16' if device.type == 'cuda' else repr('no')}",  # YAML reads no as false
         f"train.log_every={args.window}",
         f"train.compile={args.compile}",
@@ -152,7 +154,7 @@ def run_trainer(cfg, run_dir: Path) -> list[dict[str, float]]:
 
     cfg.run.dir = str(run_dir)
     Trainer(cfg).train()
-    return metric_windows(run_dir, cfg.train.log_every * cfg.data.batch_size)
+    return metric_windows(run_dir, cfg.train.log_every * cfg.data.batch_size * cfg.train.grad_accum)
 
 
 def metric_windows(run_dir: Path, images: int, processes: int = 1) -> list[dict[str, float]]:
@@ -168,13 +170,14 @@ def metric_windows(run_dir: Path, images: int, processes: int = 1) -> list[dict[
 
 
 def loader_batches(cfg, count: int, device: torch.device) -> list[dict]:
-    """The first ``count`` batches of the loader the Trainer builds (same spec, same stream)."""
+    """The first ``count`` micro-batches of the loader the Trainer builds (same spec, same stream)."""
     from tristage.data.features import FeatureLoader, LoaderSpec, sample_latents
     from tristage.train.diffusion.objective import Objective
     from tristage.train.models.families import family_of
 
     data = cfg.data
-    spec = LoaderSpec(data.batch_size, 0, 1, cfg.train.seed, data.shuffle_buffer, data.cond_dropout, 0)
+    k, seed, buffer, dropout = cfg.train.grad_accum, cfg.train.seed, data.shuffle_buffer, data.cond_dropout
+    spec = LoaderSpec(data.batch_size * k, 0, 1, seed, buffer, dropout, 0, micro_batches=k)
     objective, family = Objective(cfg.objective), family_of(cfg.model.family)
     out, batches = [], iter(FeatureLoader(cfg.data.cache_dir, spec))
     for _ in range(count):
@@ -187,8 +190,8 @@ def loader_batches(cfg, count: int, device: torch.device) -> list[dict]:
 
 
 def run_bare(cfg, batches: list[dict], window: int, device: torch.device) -> list[dict[str, float]]:
-    """Wall and process-CPU seconds per window of ``window`` steps of forward + backward + AdamW, after
-    the first window."""
+    """Wall and process-CPU seconds per window of ``window`` steps of forward + backward (of each of the
+    ``train.grad_accum`` micro-batches) + AdamW, after the first window."""
     from accelerate.utils import set_seed
 
     from tristage.train.diffusion.objective import Objective
@@ -200,17 +203,18 @@ def run_bare(cfg, batches: list[dict], window: int, device: torch.device) -> lis
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=fused, foreach=not fused)
     objective = Objective(cfg.objective)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    marks = []
+    marks, k = [], cfg.train.grad_accum
     for i, b in enumerate(batches):
-        if i % window == 0:
+        if i % (window * k) == 0:
             sync(device)
             marks.append((time.perf_counter(), time.process_time()))
         inputs = {"latents": b["latents"], "cond": b["cond"]}
         with autocast:
             loss, _ = objective.loss(model, inputs, noise=b["noise"], timesteps=b["timesteps"])
-        loss.backward()
-        optim.step()
-        optim.zero_grad(set_to_none=True)
+        (loss / k).backward()
+        if i % k == k - 1:
+            optim.step()
+            optim.zero_grad(set_to_none=True)
     sync(device)
     marks.append((time.perf_counter(), time.process_time()))
     return [{"s": b[0] - a[0], "cpu_s": b[1] - a[1]} for a, b in zip(marks[1:], marks[2:])]
@@ -238,10 +242,10 @@ def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
     from tristage.train.models.sizes import size_of
 
     cfg = bench_config(root, args, device)
-    write_cache(cfg, samples=4 * args.batch)
-    batches = loader_batches(cfg, args.window + args.steps, device)
+    write_cache(cfg, samples=4 * args.batch * args.grad_accum)
+    batches = loader_batches(cfg, (args.window + args.steps) * args.grad_accum, device)
     trainer, bare, by_repeat = [], [], []
-    images = args.window * args.batch
+    images = args.window * args.batch * args.grad_accum
     for r in range(args.repeats):
         bare_r, trainer_r = run_bare(cfg, batches, args.window, device), run_trainer(cfg, root / f"run{r}")
         bare, trainer = bare + bare_r, trainer + trainer_r
@@ -259,6 +263,7 @@ def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
         "size": args.size,
         "resolution": args.resolution,
         "batch": args.batch,
+        "grad_accum": args.grad_accum,
         "steps": args.steps * args.repeats,
         "img_per_s": round(ours["img_per_s"], 3),
         "bare_img_per_s": round(theirs["img_per_s"], 3),
@@ -329,8 +334,8 @@ def compare_parallelism(args: argparse.Namespace, root: Path, device: torch.devi
     """Each ``--parallelism`` value as a run of ``--processes`` ranks, alternating, same batches and seed:
     throughput from the Trainer's own metric windows (after the first), memory from every rank."""
     cfg = bench_config(root, args, device)
-    write_cache(cfg, samples=4 * args.batch * args.processes)
-    choices, images = args.parallelism.split(","), args.window * args.batch * args.processes
+    write_cache(cfg, samples=4 * args.batch * args.processes * args.grad_accum)
+    choices, images = args.parallelism.split(","), args.window * args.batch * args.processes * args.grad_accum
     windows: dict[str, list] = {p: [] for p in choices}
     ranks: dict[str, list] = {}
     for r in range(args.repeats):

@@ -11,8 +11,12 @@ dropout and the timestep draw here; the latent sample from the cached posterior 
 diffusion noise in :func:`sample_latents`, on the training device) comes from generators
 seeded by (seed, epoch, batch index) and is drawn for the whole global batch, then sliced.
 
-The position (epoch, batches consumed) is exposed through ``state_dict`` so the
-trainer can checkpoint and resume it exactly.
+With gradient accumulation (``micro_batches`` K > 1) each global batch is yielded as K micro-batches
+per process: the process's slice cut into K consecutive pieces, so one process with K micro-batches
+of B sees exactly the rows, draws and noise of one process with one batch of K x B.
+
+The position (epoch, global batches consumed) is exposed through ``state_dict`` so the trainer can
+checkpoint and resume it exactly; it moves by whole global batches.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ __all__ = ["MANIFEST", "CacheError", "FeatureLoader", "LoaderSpec", "sample_late
 class LoaderSpec:
     """What the loader needs besides the cache folder."""
 
-    global_batch: int  # samples per optimizer micro-step across all processes
+    global_batch: int  # samples per optimizer step across all processes and micro-batches
     rank: int  # this process
     world: int  # number of processes
     seed: int  # data order and per-batch randomness
@@ -58,6 +62,7 @@ class LoaderSpec:
     null_label: int  # class id used as the null class (stage 1)
     pin_memory: bool = False  # page-lock batches in the prefetch thread (CUDA: copies overlap compute)
     on_damaged: str = "stop"  # a sample failing its checksum: "stop" (raise) or "skip" it and count it
+    micro_batches: int = 1  # batches yielded per global batch on each process (train.grad_accum)
 
 
 @dataclass(frozen=True)
@@ -126,8 +131,11 @@ class FeatureLoader:
     ):
         """``null_buffer`` (tokens, C): caption dropout uses its first L rows for a caption of L tokens,
         under that caption's mask (PixArt-alpha's ``token_drop``), instead of the cached T5("")."""
-        if spec.global_batch % spec.world:
-            raise ValueError(f"global batch {spec.global_batch} is not divisible by {spec.world} processes")
+        if spec.global_batch % (spec.world * spec.micro_batches):
+            raise ValueError(
+                f"global batch {spec.global_batch} is not divisible by {spec.world} processes "
+                f"x {spec.micro_batches} micro-batches"
+            )
         self.dir, self.spec = Path(cache_dir), spec
         self.manifest = open_manifest(cache_dir, expected)
         self.shards = [str(self.dir / s["file"]) for s in self.manifest["shards"]]
@@ -198,29 +206,35 @@ class FeatureLoader:
         self.dropped[epoch] = sum(len(v) for v in pending.values())
 
     # -- one batch -----------------------------------------------------------------
-    def _collate(self, samples: list[dict], epoch: int, index: int) -> dict:
+    def _rows(self, micro: int) -> tuple[int, int]:
+        """This process's rows of a global batch in micro-batch ``micro``: its slice, cut in order."""
+        per_rank = self.spec.global_batch // self.spec.world
+        size = per_rank // self.spec.micro_batches
+        lo = self.spec.rank * per_rank + micro * size
+        return lo, lo + size
+
+    def _collate(self, samples: list[dict], epoch: int, index: int, micro: int = 0) -> dict:
         """This process's slice of a global batch, every row's checksum verified before it is handed on.
 
         The check runs after the batch is built: the copies leave each payload in the CPU cache, where
         hashing it costs a third of a cold read (bench/cache.py).  A damaged row raises, or is left out
         and the slice rebuilt (``on_damaged="skip"``)."""
-        n = self.spec.global_batch
-        lo, hi = self.spec.rank * n // self.spec.world, (self.spec.rank + 1) * n // self.spec.world
+        lo, hi = self._rows(micro)
         rows = list(range(lo, hi))
         try:
-            batch = self._build(samples, rows, epoch, index)
+            batch = self._build(samples, rows, (epoch, index, micro))
         except CacheError:  # a payload too damaged to decode: let the checksums name it
             batch = None
         intact = self._intact_rows(samples, rows)
         if batch is None or intact != rows:
-            batch = self._build(samples, intact, epoch, index)
+            batch = self._build(samples, intact, (epoch, index, micro))
         return batch
 
-    def _build(self, samples: list[dict], rows: list[int], epoch: int, index: int) -> dict:
+    def _build(self, samples: list[dict], rows: list[int], position: tuple[int, int, int]) -> dict:
+        epoch, index, micro = position
         seed = (self.spec.seed * 1_000_003 + epoch) * 1_000_033 + index
         g = torch.Generator().manual_seed(seed)
-        n = self.spec.global_batch
-        lo, hi = self.spec.rank * n // self.spec.world, (self.spec.rank + 1) * n // self.spec.world
+        n, (lo, hi) = self.spec.global_batch, self._rows(micro)
         feats = [sample_tensors(samples[r]) for r in rows]
         u = torch.rand(n, generator=g)[rows]  # timestep draw in [0, 1)
         drop = (torch.rand(n, generator=g) < self.spec.cond_dropout)[rows]
@@ -232,7 +246,7 @@ class FeatureLoader:
             "noise_draw": NoiseDraw(seed, lo, hi, n, self.scaling_factor, skipped),
             "u": u,
             "keys": [m["key"] for m in metas],
-            "position": (epoch, index),
+            "position": position,
         }
         batch.update(self._conditions(feats, metas, drop))
         return batch
@@ -280,8 +294,8 @@ class FeatureLoader:
                 produced = 0
                 for index, samples in enumerate(self._global_batches(epoch)):
                     produced += 1
-                    if index >= start:
-                        batch = self._collate(samples, epoch, index)
+                    for micro in range(self.spec.micro_batches if index >= start else 0):
+                        batch = self._collate(samples, epoch, index, micro)
                         out.put(pinned(batch) if self.spec.pin_memory else batch)
                     if stop.is_set():
                         return
@@ -303,7 +317,9 @@ class FeatureLoader:
                 item = out.get()
                 if isinstance(item, BaseException):
                     raise item
-                self.epoch, self.next_index = item["position"][0], item["position"][1] + 1
+                epoch, index, micro = item["position"]
+                if micro == self.spec.micro_batches - 1:  # the position moves by whole global batches
+                    self.epoch, self.next_index = epoch, index + 1
                 self.damaged_skipped += len(item["noise_draw"].skipped)  # counted as used, not as prefetched
                 yield item
         finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,18 +33,67 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     )
 
 
-def run_cli_2proc(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``tristage ARGS`` under ``accelerate launch`` with 2 CPU processes (gloo), one thread each."""
+def launch_2proc(*args: str) -> list[str]:
+    """``accelerate launch`` of ``tristage ARGS`` with 2 CPU processes (gloo)."""
     config = ROOT / "configs/accelerate/cpu_2proc.yaml"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    return subprocess.run(
-        [*launch, "-m", "tristage.train.cli", *args],
+    return [*launch, "-m", "tristage.train.cli", *args]
+
+
+def env_2proc(**extra: str) -> dict[str, str]:
+    """The launched processes' environment: one thread each, offline, CPU."""
+    return {**bench_resume.env(), "ACCELERATE_USE_CPU": "true", **extra}
+
+
+def start_2proc(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``tristage ARGS`` on 2 processes (see :func:`finish`)."""
+    return subprocess.Popen(
+        launch_2proc(*args),
         cwd=ROOT,
-        env={**bench_resume.env(), "ACCELERATE_USE_CPU": "true"},
-        capture_output=True,
+        env=env or env_2proc(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
     )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts each rank in a session of its own)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # not a process, or gone
+            continue
+        children.setdefault(ppid, []).append(int(proc.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def finish(proc: subprocess.Popen, timeout: int) -> subprocess.CompletedProcess:
+    """Wait for a launch; past ``timeout`` (a hang) kill the launcher and every rank, and fail."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"no exit within {timeout} s (a hang?): {err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_cli_2proc(
+    *args: str, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``tristage ARGS`` under ``accelerate launch`` with 2 CPU processes (gloo), one thread each."""
+    return finish(start_2proc(*args, env=env), timeout)
 
 
 @pytest.fixture(scope="module")

@@ -23,11 +23,12 @@ def test_bench_cache_prints_the_three_figures():
 
 
 def test_bench_train_prints_overhead_and_throughput():
-    result = run_cli("bench", "train", *"--steps 4 --repeats 1 --resolution 64 --window 2".split())
+    args = "--steps 4 --repeats 1 --resolution 64 --window 2 --batch 2 --grad-accum 2".split()
+    result = run_cli("bench", "train", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = last_json(result.stdout)
     assert figures["img_per_s"] > 0 and figures["bare_img_per_s"] > 0
-    assert "overhead_vs_bare" in figures and figures["steps"] == 4
+    assert "overhead_vs_bare" in figures and figures["steps"] == 4 and figures["grad_accum"] == 2
 
 
 def test_bench_caption_prints_the_ratio(capsys):

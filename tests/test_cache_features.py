@@ -377,6 +377,25 @@ def test_two_process_slices_equal_one_process_batch(stage, request):
         assert 0 < int(torch.cat(dropped).sum()) < 4 * len(full)
 
 
+def test_micro_batches_cut_each_process_slice_in_order(stage1):
+    """2 processes x 2 micro-batches of 1 see the rows, draws and noise of 1 process x 1 batch of 4,
+    and the position moves only after a global batch's last micro-batch."""
+    cache_dir = Path(stage1[0].data.cache_dir)
+    full = take(FeatureLoader(cache_dir, spec()), 3)
+    for rank in (0, 1):
+        loader = FeatureLoader(cache_dir, spec(rank=rank, world=2, micro_batches=2))
+        it = iter(loader)
+        for f in full:
+            for micro in range(2):
+                batch = next(it)
+                assert batch["position"] == (*f["position"][:2], micro) and len(batch["keys"]) == 1
+                _assert_same_sample(f, 2 * rank + micro, batch, 0)
+                assert loader.state_dict()["next_index"] == f["position"][1] + micro
+        it.close()
+    with pytest.raises(ValueError, match="not divisible by 2 processes x 3 micro-batches"):
+        FeatureLoader(cache_dir, spec(world=2, micro_batches=3))
+
+
 @pytest.mark.parametrize("k", [3, 7])
 def test_resume_continues_with_the_next_batch(stage1, k):
     cache_dir = Path(stage1[0].data.cache_dir)

@@ -74,6 +74,7 @@ def test_xformers_missing_is_a_one_line_error_naming_the_key(setup, tmp_path, ca
         ("model.attention_backend=flash9", "key 'model.attention_backend': unknown backend 'flash9'"),
         ("train.nonfinite_check=sometimes", "key 'train.nonfinite_check': 'sometimes' is not one of"),
         ("model.checkpoint_blocks=-2", "key 'model.checkpoint_blocks': must be >= -1"),
+        ("train.grad_accum=0", "key 'train.grad_accum': must be >= 1"),
         ("optim.lr_schedule=linear", "key 'optim.lr_schedule': 'linear' is not one of constant, cosine"),
     ],
 )

@@ -64,7 +64,7 @@ class DataConfig:
     cache_dir: str = MISSING  # feature shards + manifest written by `tristage cache`
     resolution: int = 256  # base pixel resolution of the bucket table
     multi_aspect: bool = False  # bucket by aspect ratio (PixArt tables) instead of a square crop
-    batch_size: int = 32  # per-process batch (global = batch_size * processes * grad_accum)
+    batch_size: int = 32  # per-process micro-batch (global batch = batch_size * processes * train.grad_accum)
     shuffle_buffer: int = 1000  # samples held for shuffling
     cond_dropout: float = 0.1  # caption/class dropout for classifier-free guidance
     null_caption: str = "t5_empty"  # dropped captions become t5_empty (T5("")) | buffer (the official null)
@@ -136,11 +136,11 @@ class TrainConfig:
     max_steps: int = 300_000  # optimizer steps for the stage
     seed: int = 0  # seeds model init, data order and noise
     mixed_precision: str = "bf16"  # "no" | "fp16" | "bf16"
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 1  # micro-batches of data.batch_size per optimizer step (all-reduce on the last)
     ema_decay: float = 0.9999  # EMA of the weights (exported as final/), constant from an initial copy
     ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)): for short runs (not official)
     log_every: int = 50  # steps between metric logs (host syncs only happen here)
-    max_time: float | None = None  # wall-clock budget in seconds; save and exit cleanly before it
+    max_time: float | None = None  # seconds from the agreed start (all ranks started); past it: save, exit 0
     max_nonfinite: int = 10  # consecutive non-finite steps before saving and stopping
     nonfinite_check: str = "step"  # NaN guard: "step" (host sync per step) or "log" (sync-free; nonfinite.py)
     compile: bool = False  # torch.compile each transformer block (slow first steps, faster after)
@@ -292,6 +292,8 @@ def check_train_options(cfg: Config, path: str) -> None:
         )
     if is_sharded_setting(cfg.train.parallelism) and cfg.train.mixed_precision == "fp16":
         raise ConfigError(f"{path}: key 'train.mixed_precision': fp16 is not supported with FSDP; use bf16")
+    if cfg.train.grad_accum < 1:
+        raise ConfigError(f"{path}: key 'train.grad_accum': must be >= 1 (micro-batches per optimizer step)")
     if cfg.model.checkpoint_blocks < -1:
         raise ConfigError(f"{path}: key 'model.checkpoint_blocks': must be >= -1 (-1 = all blocks)")
     _check_choice(path, "data.null_caption", cfg.data.null_caption, NULL_CAPTIONS)

@@ -11,9 +11,10 @@ A resume reads each file once per rank: :meth:`find` reads (and so verifies) the
 and :meth:`load` restores from those same tensors.
 
 ``save`` is collective.  Every rank writes its own files, then the ranks agree on whether every write
-worked (one gather of the error messages); only then does rank 0 commit.  A failure on any rank is a
-failure on all of them: they all skip the save (``checkpoint.on_error: continue``) or all raise the
-same one-line :class:`CheckpointError`, and no rank is left waiting alone at a barrier.
+worked (one all-reduce of a per-rank error code); only then does rank 0 commit, and a second one
+tells every rank whether the commit worked.  A failure on any rank is a failure on all of them: they
+all skip the save (``checkpoint.on_error: continue``) or all raise a one-line :class:`CheckpointError`
+naming the failing ranks, and no rank is left waiting alone at a barrier.
 
 Under ``train.parallelism: fsdp | fsdp_grad_op`` the weights, AdamW state and EMA go to a
 torch.distributed.checkpoint folder instead (``sharded.py``): each rank writes its own shards, in a
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 
 from tristage.data.features import FeatureLoader
 from tristage.data.fingerprint import tristage_version
@@ -116,16 +116,22 @@ class Checkpointer:
             return True
         final, tmp = ckpt.step_dir(self.root, step), ckpt.tmp_dir(self.root, step)
         self._capture()
-        errors = self._agree(self._attempt(self._write_files, tmp))
-        if not errors and self.sharded:  # collective: only entered when every rank's files are written
-            errors = self._agree(self._attempt(self._write_shards, tmp))
-        if not errors:
-            commit = self._attempt(self._commit, tmp, final) if self.accelerator.is_main_process else None
-            errors = self._agree(commit)
-        if not errors:
+        error = self._attempt(self._write_files, tmp)
+        codes = self._agree(error)
+        if not codes.any() and self.sharded:  # collective: only entered when every rank's files are written
+            error = self._attempt(self._write_shards, tmp)
+            codes = self._agree(error)
+        if not codes.any():
+            error = self._attempt(self._commit, tmp, final) if self.accelerator.is_main_process else None
+            codes = self._agree(error)
+        # End on a barrier (its work holds no Python tensor): a gloo worker thread still freeing the
+        # tensor of the last all-reduce needs the GIL, and a rank that tears its process group down
+        # then (holding the GIL, joining that thread) would hang forever at exit.
+        self.accelerator.wait_for_everyone()
+        if not codes.any():
             self._last_saved = step
             return True
-        return self._failed(step, tmp, errors)
+        return self._failed(step, tmp, codes, error)
 
     def _capture(self) -> None:
         """Counters of the live objects into the train state (every rank; they agree)."""
@@ -156,30 +162,31 @@ class Checkpointer:
         ckpt.commit(tmp, final)
         ckpt.rotate(self.root, self.cfg.checkpoint.keep_last)
 
-    def _attempt(self, write, *args) -> tuple[str, bool] | None:
-        """Run one rank's part of a save; an error becomes (message, is an I/O error) for the others."""
+    def _attempt(self, write, *args) -> Exception | None:
+        """Run this rank's part of a save; whatever goes wrong, every rank must reach the agreement."""
         try:
             write(*args)
-        except Exception as err:  # every rank must reach the agreement, whatever went wrong
-            return f"rank {self.accelerator.process_index}: {type(err).__name__}: {err}", isinstance(
-                err, OSError
-            )
+        except Exception as err:
+            return err
         return None
 
-    def _agree(self, error: tuple[str, bool] | None) -> list[tuple[str, bool]]:
-        """Every rank's error (one gather; it is also the barrier between the save's phases)."""
-        return [e for e in gather_object([error]) if e is not None]
+    def _agree(self, error: Exception | None) -> torch.Tensor:
+        """Every rank's error code, 0 none, 1 I/O, 2 other (one all-reduce, also the phases' barrier)."""
+        codes = torch.zeros(self.accelerator.num_processes, dtype=torch.int32, device=self.accelerator.device)
+        codes[self.accelerator.process_index] = 0 if error is None else 1 if isinstance(error, OSError) else 2
+        return self.accelerator.reduce(codes, reduction="sum").cpu()
 
-    def _failed(self, step: int, tmp: Path, errors: list[tuple[str, bool]]) -> bool:
+    def _failed(self, step: int, tmp: Path, codes: torch.Tensor, error: Exception | None) -> bool:
         """The same decision on every rank: skip this save, or raise (always, for a non-I/O error)."""
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        reasons = "; ".join(message for message, _ in errors)
-        message = f"checkpoint at step {step} failed ({reasons}); earlier checkpoints are intact"
-        io_only = all(is_io for _, is_io in errors)
-        if self.cfg.checkpoint.on_error != "continue" or not io_only:
+        ranks = ", ".join(str(r) for r in codes.nonzero().flatten().tolist())
+        own = f" (here: {type(error).__name__}: {error})" if error is not None else ""
+        message = f"checkpoint at step {step} failed on rank {ranks}{own}; earlier checkpoints are intact"
+        if self.cfg.checkpoint.on_error != "continue" or bool((codes > 1).any()):
             raise ckpt.CheckpointError(message)
-        self._info(message + "; continuing (checkpoint.on_error=continue)")
+        if error is not None or self.accelerator.is_main_process:
+            log.warning(message + "; continuing (checkpoint.on_error=continue)")
         return False
 
     # -- the stage's output ------------------------------------------------------------------------

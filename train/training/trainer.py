@@ -2,7 +2,13 @@
 
 ``Trainer.train()`` reads as the outline of a run: restore (resume or the
 weights-only ``init_from``), loop over steps, save, finish.  The loss is never
-computed here -- the trainer calls ``Objective.loss``.
+computed here -- the trainer calls ``Objective.loss``.  What is saved, and how, is the
+``Checkpointer``'s (``checkpointer.py``); why and when a run stops early, ``Stops``' (``stops.py``):
+every stop is agreed by all ranks at a step boundary.
+
+One optimizer step is ``train.grad_accum`` micro-batches of ``data.batch_size`` on every process;
+the global batch ``batch_size x processes x grad_accum`` is what the lr scaling, the loader's
+stream and position, ``samples_seen``, img/s and the checkpoints count in.
 
 Speed (see README "Scale and speed"): the model is built with the configured attention backend,
 activation checkpointing of the first ``model.checkpoint_blocks`` blocks and, with ``train.compile``,
@@ -18,9 +24,9 @@ queue bubble per step, while ``log`` removes it for small, fast steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import signal
 import time
 from dataclasses import asdict
 from functools import partial
@@ -44,6 +50,7 @@ from tristage.train.training.ema import EMA
 from tristage.train.training.lr_schedules import lr_lambda
 from tristage.train.training.metrics import Window
 from tristage.train.training.nonfinite import GUARDS, Report
+from tristage.train.training.stops import NONFINITE, Stops
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +77,7 @@ class Trainer:
         self.loader = self._loader()
         self.checkpointer = Checkpointer(cfg, self.accelerator)  # owns everything saved, and the state
         self.ema: EMA | None = None
-        self.stop_requested = False
+        self.stops = Stops(self.accelerator, cfg.train.max_time)  # stop reasons every rank agrees on
         self._raw: tuple = (None, None)  # (wrapped model, unwrapped model), see _unwrapped
         self.validator = validation.Validator(cfg)  # rank 0 sample grids (train/validation.py)
 
@@ -110,7 +117,8 @@ class Trainer:
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.data.batch_size * self.accelerator.num_processes
+        """Samples per optimizer step: batch_size x processes x grad_accum micro-batches."""
+        return self.cfg.data.batch_size * self.accelerator.num_processes * self.cfg.train.grad_accum
 
     def _loader(self) -> FeatureLoader:
         spec = LoaderSpec(
@@ -123,34 +131,35 @@ class Trainer:
             null_label=self.cfg.model.num_classes,
             pin_memory=self.accelerator.device.type == "cuda",
             on_damaged=self.cfg.data.on_damaged,
+            micro_batches=self.cfg.train.grad_accum,
         )
         return FeatureLoader(self.cfg.data.cache_dir, spec, expected=fingerprint(self.cfg))
 
     # -- the run -------------------------------------------------------------------
     def train(self) -> dict:
-        """Restore, loop until max_steps (or a stop request / time budget), save, finish."""
+        """Restore, loop until max_steps or a stop every rank agrees on, save, finish."""
+        self.stops.install_handlers()
         self._restore()
-        self._install_signal_handlers()
         self._start_tracking()
-        started, first_step = time.time(), self.state.step
-        batches = iter(self.loader)
-        window = Window(
-            self.accelerator.device, self.cfg.objective.num_timesteps, self.accelerator.num_processes
-        )
-        bar = self._progress()
-        while self.state.step < self.cfg.train.max_steps and not self._should_stop(started):
-            metrics = self._step(self._next_batch(batches, window))
-            window.add(metrics, self.global_batch)
-            self.state.step += 1
-            self.state.samples += self.global_batch
-            bar.update(1)
-            self._maybe_log(window)
-            self.validator.maybe_run(self.state.step, self.accelerator, self._unwrapped(), self.ema)
-            self._maybe_checkpoint()
-        bar.close()
+        self.stops.start_clock()  # after every rank's start-up: train.max_time counts from here
+        first_step, batches, window = self.state.step, iter(self.loader), self._window()
+        stop = None
+        with self._progress() as bar:  # closed (its line ended) however the loop ends
+            while self.state.step < self.cfg.train.max_steps and stop is None:
+                window.add(self._step(batches, window), self.global_batch)
+                self.state.step += 1
+                self.state.samples += self.global_batch
+                bar.update(1)
+                self._maybe_log(window)
+                self.validator.maybe_run(self.state.step, self.accelerator, self._unwrapped(), self.ema)
+                stop = self.stops.agreed()
+                self._maybe_checkpoint(stop is not None)
         self.checkpointer.save()
+        if stop == NONFINITE:
+            reason = self.stops.nonfinite or "train.max_nonfinite reached on another rank"
+            raise FloatingPointError(f"{reason}; state saved in {self.checkpointer.root}")
         finished = self.state.step >= self.cfg.train.max_steps
-        summary = self._summary(started, first_step, window, finished)
+        summary = self._summary(first_step, window, finished, stop)
         if finished:
             self.checkpointer.write_final()
         self.accelerator.end_training()
@@ -206,8 +215,36 @@ class Trainer:
         window.data_wait += time.perf_counter() - t0
         return batch
 
-    def _step(self, batch: dict) -> dict:
-        """Forward + backward through the objective, NaN guard, clip, AdamW, EMA."""
+    def _step(self, batches, window: Window) -> dict:
+        """grad_accum micro-batches, NaN guard, clip, AdamW, EMA.
+
+        The gradient all-reduce (DDP) or reduce-scatter (FSDP) runs on the last micro-batch only; each
+        micro-batch's loss is scaled by 1 / grad_accum, so the gradient is the global batch's mean."""
+        micro = self.cfg.train.grad_accum
+        parts = []
+        for i in range(micro):
+            batch = self._next_batch(batches, window)
+            with self._gradient_sync(i == micro - 1):
+                parts.append(self._forward_backward(batch, 1.0 / micro))
+        metrics = merge_micro_metrics(parts)
+        grad_norm = self._clip_grad_norm()
+        finite = torch.isfinite(metrics["loss"]) & torch.isfinite(grad_norm)  # on the device
+        self.guard.apply(finite, self._update)
+        self._check_nonfinite(self.guard.poll(log_step=False))
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics.update(grad_norm=grad_norm.detach())
+        return metrics
+
+    def _gradient_sync(self, sync: bool):
+        """The context of one micro-batch's backward: with or without the gradient collective."""
+        if self.sharded:  # FSDP2: a flag on the root module, not a context
+            self.model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+
+    def _forward_backward(self, batch: dict, scale: float) -> dict:
+        """One micro-batch through the objective; backward of ``scale`` x its mean loss."""
         device = self.accelerator.device
         batch = {k: to_device(v, device) for k, v in batch.items()}
         latents, noise = sample_latents(batch, device)
@@ -220,14 +257,8 @@ class Trainer:
                 noise=noise,
                 timesteps=timesteps,
             )
-        self.accelerator.backward(loss)
-        grad_norm = self._clip_grad_norm()
-        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)  # on the device
-        self.guard.apply(finite, self._update)
-        self._check_nonfinite(self.guard.poll(log_step=False))
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        metrics.update(loss=loss.detach(), grad_norm=grad_norm.detach())
+        self.accelerator.backward(loss * scale if scale != 1.0 else loss)
+        metrics.update(loss=loss.detach())
         return metrics
 
     def _clip_grad_norm(self) -> torch.Tensor:
@@ -246,17 +277,13 @@ class Trainer:
         self.ema.update(self._unwrapped(), self.state.step, gate)
 
     def _check_nonfinite(self, report: Report | None) -> None:
-        """Log skipped updates; after ``train.max_nonfinite`` consecutive ones, save and stop."""
+        """Log skipped updates; after ``train.max_nonfinite`` consecutive ones, ask every rank to stop."""
         if report is None or report.skipped == 0:
             return
         self.state.nonfinite_skips = report.consecutive
         self._info(f"step {self.state.step}: {report.skipped} non-finite loss or gradient, update skipped")
         if report.worst >= self.cfg.train.max_nonfinite:
-            self.checkpointer.save()
-            raise FloatingPointError(
-                f"{report.worst} consecutive non-finite steps (train.max_nonfinite); "
-                f"state saved in {self.checkpointer.root}"
-            )
+            self.stops.nonfinite = f"{report.worst} consecutive non-finite steps (train.max_nonfinite)"
 
     # -- side effects ----------------------------------------------------------------
     def _maybe_log(self, window: Window) -> None:
@@ -269,8 +296,8 @@ class Trainer:
         self.metrics_file.write(self.state.step, values)
         self._check_nonfinite(self.guard.poll(log_step=True))
 
-    def _maybe_checkpoint(self) -> None:
-        if self.state.step % self.cfg.checkpoint.every == 0:
+    def _maybe_checkpoint(self, stopping: bool) -> None:
+        if stopping or self.state.step % self.cfg.checkpoint.every == 0:
             self.checkpointer.save()
 
     def _start_tracking(self) -> None:
@@ -283,27 +310,14 @@ class Trainer:
         config = OmegaConf.to_container(OmegaConf.structured(self.cfg))
         tracking.start(self.accelerator, self.cfg, self.state.tracker_run_id, config)
 
-    def _install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 (SLURM pre-emption): finish the step, save, exit 0."""
-
-        def request_stop(signum, _frame):
-            self.stop_requested = True
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
-
-    def _should_stop(self, started: float) -> bool:
-        budget = self.cfg.train.max_time
-        out_of_time = budget is not None and time.time() - started > budget
-        return self.stop_requested or out_of_time
-
-    def _summary(self, started: float, first_step: int, window: Window, finished: bool) -> dict:
-        elapsed = time.time() - started
+    def _summary(self, first_step: int, window: Window, finished: bool, stop: str | None) -> dict:
+        elapsed = self.stops.elapsed()
         steps = self.state.step - first_step
         summary = {
             "stage": self.cfg.run.name,
             "steps": self.state.step,
             "finished": finished,
+            "stopped_by": stop,
             "wall_s": round(elapsed, 1),
             "img_per_s": round(steps * self.global_batch / max(elapsed, 1e-9), 2),
             "final_loss": window.last_loss,
@@ -321,6 +335,10 @@ class Trainer:
         if (export / "model_index.json").is_file():
             return str(export)
         return "none (tristage export RUN_DIR OUT)"
+
+    def _window(self) -> Window:
+        processes = self.accelerator.num_processes
+        return Window(self.accelerator.device, self.cfg.objective.num_timesteps, processes)
 
     def _progress(self):
         from tqdm.auto import tqdm
@@ -349,6 +367,14 @@ def set_tf32(allow: bool) -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = allow
         torch.backends.cudnn.allow_tf32 = allow
+
+
+def merge_micro_metrics(parts: list[dict]) -> dict:
+    """One step's metrics from its micro-batches': means of the scalars, per-sample values joined."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = {k: [p[k] for p in parts] for k in parts[0]}
+    return {k: torch.stack(v).mean() if v[0].dim() == 0 else torch.cat(v) for k, v in joined.items()}
 
 
 def to_device(value, device: torch.device):

@@ -1,0 +1,52 @@
+"""Fault injection for the multi-process tests (tests/test_cluster.py), on one rank only.
+
+Python's ``site`` module imports ``sitecustomize`` at interpreter start-up from the first folder on
+``sys.path`` that has one; the tests put this folder on ``PYTHONPATH`` of the processes they launch
+and say what to inject in ``TRISTAGE_TEST_FAULT``, e.g. ``rank=1,delay_start=3`` (that rank's
+tracker start-up takes 3 s longer) or ``rank=1,fail_save_step=4`` (that rank's checkpoint files
+cannot be written at step 4: ENOSPC).  The real functions run otherwise; the launcher process (no
+``RANK``) and the other ranks are untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+
+def _parse(spec: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in spec.split(",") if item)
+
+
+def _delay_start(seconds: float) -> None:
+    from tristage.train.training import tracking
+
+    real = tracking.start
+
+    def slow_start(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    tracking.start = slow_start
+
+
+def _fail_save(step: int) -> None:
+    from tristage.train.training import checkpoint
+
+    real = checkpoint.write_rank_files
+
+    def failing(tmp, rank):
+        if tmp.name.endswith(f"step_{step:07d}"):
+            raise OSError(errno.ENOSPC, "No space left on device (injected)", str(tmp))
+        return real(tmp, rank)
+
+    checkpoint.write_rank_files = failing
+
+
+_fault = _parse(os.environ.get("TRISTAGE_TEST_FAULT", ""))
+if _fault and os.environ.get("RANK") == _fault["rank"]:
+    if "delay_start" in _fault:
+        _delay_start(float(_fault["delay_start"]))
+    if "fail_save_step" in _fault:
+        _fail_save(int(_fault["fail_save_step"]))
