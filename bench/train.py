@@ -237,13 +237,9 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
-    from tristage.train.models.flops import image_tokens, train_flops_per_image
-    from tristage.train.models.sizes import size_of
-
-    cfg = bench_config(root, args, device)
-    write_cache(cfg, samples=4 * args.batch * args.grad_accum)
-    batches = loader_batches(cfg, (args.window + args.steps) * args.grad_accum, device)
+def timed_repeats(cfg, args: argparse.Namespace, root: Path, batches, device: torch.device):
+    """The bare loop and the Trainer, alternately, ``args.repeats`` times: (trainer windows, bare windows,
+    the per-repeat CPU overhead), so a slow moment on a shared machine hits both."""
     trainer, bare, by_repeat = [], [], []
     images = args.window * args.batch * args.grad_accum
     for r in range(args.repeats):
@@ -252,6 +248,18 @@ def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
         by_repeat.append(
             timing(bare_r, images)["img_per_cpu_s"] / timing(trainer_r, images)["img_per_cpu_s"] - 1
         )
+    return trainer, bare, by_repeat
+
+
+def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
+    from tristage.train.models.flops import image_tokens, train_flops_per_image
+    from tristage.train.models.sizes import size_of
+
+    cfg = bench_config(root, args, device)
+    write_cache(cfg, samples=4 * args.batch * args.grad_accum)
+    batches = loader_batches(cfg, (args.window + args.steps) * args.grad_accum, device)
+    images = args.window * args.batch * args.grad_accum
+    trainer, bare, by_repeat = timed_repeats(cfg, args, root, batches, device)
     ours, theirs = timing(trainer, images), timing(bare, images)
     tokens = image_tokens(args.resolution, size_of(args.size).patch_size)
     flops = train_flops_per_image(cfg.model, tokens, args.text_tokens)

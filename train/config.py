@@ -260,10 +260,27 @@ NONFINITE_CHECKS = ("step", "log")  # train.nonfinite_check choices (train/nonfi
 
 
 def check_train_options(cfg: Config, path: str) -> None:
-    """Choices a training run makes at start-up: the attention backend must be known and installed."""
+    """Choices a training run makes at start-up: each must be known (and the attention backend installed)."""
+    _check_attention_backend(cfg.model.attention_backend, path)
+    _check_choice(path, "train.nonfinite_check", cfg.train.nonfinite_check, NONFINITE_CHECKS)
+    _check_choice(path, "optim.lr_schedule", cfg.optim.lr_schedule, tuple(LR_SCHEDULES))
+    _check_choice(path, "train.parallelism", cfg.train.parallelism, tuple(PARALLELISMS))
+    if is_sharded_setting(cfg.train.parallelism) and cfg.train.mixed_precision == "fp16":
+        raise ConfigError(f"{path}: key 'train.mixed_precision': fp16 is not supported with FSDP; use bf16")
+    if cfg.train.grad_accum < 1:
+        raise ConfigError(f"{path}: key 'train.grad_accum': must be >= 1 (micro-batches per optimizer step)")
+    if cfg.model.checkpoint_blocks < -1:
+        raise ConfigError(f"{path}: key 'model.checkpoint_blocks': must be >= -1 (-1 = all blocks)")
+    _check_choice(path, "data.null_caption", cfg.data.null_caption, NULL_CAPTIONS)
+    _check_choice(path, "init_from_weights", cfg.init_from_weights, INIT_FROM_WEIGHTS)
+    _check_choice(path, "data.on_damaged", cfg.data.on_damaged, ON_DAMAGED)
+    _check_choice(path, "checkpoint.on_error", cfg.checkpoint.on_error, ON_ERROR)
+
+
+def _check_attention_backend(backend: str, path: str) -> None:
+    """model.attention_backend must be known, and its package installed (found, not imported)."""
     import importlib.util
 
-    backend = cfg.model.attention_backend
     if backend not in ATTENTION_BACKENDS:
         raise ConfigError(
             f"{path}: key 'model.attention_backend': unknown backend {backend!r}; "
@@ -275,31 +292,6 @@ def check_train_options(cfg: Config, path: str) -> None:
             f"{path}: key 'model.attention_backend': {backend} is not installed "
             f"(pip install 'tristage[{package}]'), or use sdpa"
         )
-    if cfg.train.nonfinite_check not in NONFINITE_CHECKS:
-        raise ConfigError(
-            f"{path}: key 'train.nonfinite_check': {cfg.train.nonfinite_check!r} is not one of "
-            f"{', '.join(NONFINITE_CHECKS)}"
-        )
-    if cfg.optim.lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(
-            f"{path}: key 'optim.lr_schedule': {cfg.optim.lr_schedule!r} is not one of "
-            f"{', '.join(LR_SCHEDULES)}"
-        )
-    if cfg.train.parallelism not in PARALLELISMS:
-        raise ConfigError(
-            f"{path}: key 'train.parallelism': {cfg.train.parallelism!r} is not one of "
-            f"{', '.join(PARALLELISMS)}"
-        )
-    if is_sharded_setting(cfg.train.parallelism) and cfg.train.mixed_precision == "fp16":
-        raise ConfigError(f"{path}: key 'train.mixed_precision': fp16 is not supported with FSDP; use bf16")
-    if cfg.train.grad_accum < 1:
-        raise ConfigError(f"{path}: key 'train.grad_accum': must be >= 1 (micro-batches per optimizer step)")
-    if cfg.model.checkpoint_blocks < -1:
-        raise ConfigError(f"{path}: key 'model.checkpoint_blocks': must be >= -1 (-1 = all blocks)")
-    _check_choice(path, "data.null_caption", cfg.data.null_caption, NULL_CAPTIONS)
-    _check_choice(path, "init_from_weights", cfg.init_from_weights, INIT_FROM_WEIGHTS)
-    _check_choice(path, "data.on_damaged", cfg.data.on_damaged, ON_DAMAGED)
-    _check_choice(path, "checkpoint.on_error", cfg.checkpoint.on_error, ON_ERROR)
 
 
 NULL_CAPTIONS = ("t5_empty", "buffer")  # data.null_caption (train/training/null_caption.py)
