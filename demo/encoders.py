@@ -30,7 +30,7 @@ def demo_vocabulary() -> list[str]:
     """Special tokens (T5's ids: pad 0, eos 1, unk 2), then every word the demo captions use."""
     words: set[str] = set(_EXTRA_WORDS.split())
     words.update(synthetic.COLOURS, synthetic.SHAPES, synthetic.BACKGROUNDS)
-    for text in (*synthetic._TEMPLATES, *synthetic._POSITIONS.values()):
+    for text in (*synthetic._TEMPLATES, *synthetic.POSITIONS.values()):
         words.update(w.lower() for w in re.findall(r"\w+|[^\w\s]", text) if "{" not in w and "}" not in w)
     return ["<pad>", "</s>", "<unk>", *sorted(words - {"{", "}"})]
 

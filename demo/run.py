@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,8 @@ def run_demo(out: str | Path, fast: bool = False, vae: str | Path | None = None)
     report["loss_fell"] = {f"stage{n}": loss_fell(out / f"stage{n}") for n in (1, 2, 3)}
     report["stages"] = summaries
     report["wall_s"] = round(time.time() - started, 1)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # the budget is CPU: wall time hides a loaded machine
+    report["cpu_s"] = round(usage.ru_utime + usage.ru_stime, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print_report(report)
     return report
@@ -195,16 +198,22 @@ def stopped(during: str) -> dict:
     return {"stopped": during}
 
 
+def rates_line(rates: dict) -> str:
+    """``single 97.2%  shape 95.8% ...`` for the properties a report measured."""
+    from tristage.demo.adherence import PROPERTIES
+
+    return "  ".join(f"{p} {rates[p]:.1%}" for p in PROPERTIES if p in rates)
+
+
 def print_report(report: dict) -> None:
     lines = [
-        "adherence report",
-        f"  stage 1 (DiTPipeline, {report['stage1']['samples']} samples): "
-        f"colour correct {report['stage1']['rate']:.1%}",
+        "adherence report (demo/adherence.py: one connected shape of the asked kind, colour, ...)",
+        f"  stage 1 (DiTPipeline, {report['stage1']['samples']} samples): {rates_line(report['stage1'])}",
         f"  stage 3 held-out prompts (PixArtAlphaPipeline, {report['held_out']['samples']} samples): "
-        f"colour correct {report['held_out']['rate']:.1%}",
+        f"{rates_line(report['held_out'])}",
     ]
     for prompt, rate in report["held_out"]["per_prompt"].items():
         lines.append(f"    {rate:6.1%}  {prompt}")
     lines.append(f"  loss fell: {report['loss_fell']}")
-    lines.append(f"  wall time: {report['wall_s']} s")
+    lines.append(f"  wall time: {report['wall_s']} s, CPU time {report['cpu_s']} s")
     print("\n".join(lines), flush=True)

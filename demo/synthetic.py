@@ -54,7 +54,7 @@ HELD_OUT: frozenset[tuple[str, str, str]] = frozenset(
 # Stage 1 classes: colour x shape, in a fixed order (class id = index).
 CLASSES: tuple[tuple[str, str], ...] = tuple((c, s) for c in COLOURS for s in SHAPES)
 
-_POSITIONS = {
+POSITIONS = {
     (0, 0): "in the top left",
     (0, 1): "near the top",
     (0, 2): "in the top right",
@@ -132,7 +132,7 @@ def caption(scene: Scene, rng: random.Random) -> str:
     size = "large" if scene.side > 0.45 * min(scene.height, scene.width) else "small"
     template = rng.choice(_TEMPLATES)
     core = core_phrase(scene.colour, scene.shape, scene.background)
-    return template.format(core=core, where=_POSITIONS[(row, col)], size=size, shape=scene.shape)
+    return template.format(core=core, where=POSITIONS[(row, col)], size=size, shape=scene.shape)
 
 
 def text_combinations() -> list[tuple[str, str, str]]:

@@ -148,6 +148,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-stats", help="write the reference statistics to this .npz and exit")
     parser.add_argument("--adherence", metavar="EXPORT_DIR", help="the demo adherence rate of an export")
     parser.add_argument("--per-prompt", type=int, default=8, help="adherence: samples per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="adherence: sampling seed")
     parser.add_argument("--out", help="also write the results here (JSON)")
 
 

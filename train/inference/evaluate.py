@@ -10,7 +10,8 @@
   class label), each group is compared with ``REFERENCE/<label>/``, and the per-class FIDs are averaged.
 * CLIP score (torchmetrics ``CLIPScore``) of each image against its prompt, from a local CLIP folder
   ``--clip PATH`` (``CLIPModel`` + ``CLIPProcessor`` saved with ``save_pretrained``).
-* ``--adherence EXPORT_DIR``: the demo's colour-adherence rate (``train/adherence.py``).
+* ``--adherence EXPORT_DIR``: the demo's adherence rates (``demo/adherence.py``): single shape, kind,
+  colour, background, size and position, by an independent shape classifier.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def clip_score(clip_dir: str | Path, images: torch.Tensor, prompts: list[str], b
 # -- the command ----------------------------------------------------------------------------------
 def run_eval(args: argparse.Namespace) -> dict:
     if args.adherence:
-        results = {"adherence": adherence(Path(args.adherence), args.per_prompt)}
+        results = {"adherence": adherence(Path(args.adherence), args.per_prompt, args.seed)}
     elif args.save_stats:
         results = save_reference_stats(args)
     else:
@@ -267,7 +268,7 @@ def reference_of(path: Path, size: int) -> torch.Tensor | dict:
     return load_folder(path, size)
 
 
-def adherence(export_dir: Path, per_prompt: int) -> dict:
+def adherence(export_dir: Path, per_prompt: int, seed: int = 0) -> dict:
     """Stage-1 (DiTPipeline) or held-out (PixArtAlphaPipeline) adherence, by the export's pipeline."""
     from tristage.demo import adherence as demo_adherence
 
@@ -275,7 +276,7 @@ def adherence(export_dir: Path, per_prompt: int) -> dict:
     if not index.is_file():
         raise FileNotFoundError(f"{export_dir}: not a pipeline folder (model_index.json missing)")
     if json.loads(index.read_text())["_class_name"] == "DiTPipeline":
-        report, _ = demo_adherence.stage1_adherence(export_dir, per_class=per_prompt)
+        report, _ = demo_adherence.stage1_adherence(export_dir, per_prompt, seed)
     else:
-        report, _ = demo_adherence.held_out_adherence(export_dir, per_prompt)
+        report, _ = demo_adherence.held_out_adherence(export_dir, per_prompt, seed)
     return report

@@ -1,0 +1,119 @@
+"""The demo's shape classifier (demo/adherence.py) on rendered ground truth.
+
+It must read clean renders of :mod:`demo.synthetic` right (>= 98 % on every property), and reject
+what is not one shape: several shapes, a field of blobs, an ellipse.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from tristage.demo import synthetic
+from tristage.demo.adherence import Asked, classify, held_out_prompts, rates, score
+
+SIZES = ((64, 64), (128, 128), (96, 160), (160, 96))
+
+
+def truth(scene: synthetic.Scene) -> Asked:
+    """What synthetic.caption would say about ``scene``."""
+    row, col = min(int(3 * scene.cy / scene.height), 2), min(int(3 * scene.cx / scene.width), 2)
+    size = "large" if scene.side > 0.45 * min(scene.height, scene.width) else "small"
+    return Asked(scene.colour, scene.shape, scene.background, size, synthetic.POSITIONS[(row, col)])
+
+
+def scenes(n: int, seed: int) -> list[synthetic.Scene]:
+    rng = random.Random(seed)
+    combos = [(c, s, b) for c in synthetic.COLOURS for s in synthetic.SHAPES for b in synthetic.BACKGROUNDS]
+    return [synthetic.sample_scene(rng, *combos[i % len(combos)], *SIZES[i % len(SIZES)]) for i in range(n)]
+
+
+def test_reads_clean_renders():
+    found = rates([score(classify(synthetic.render(s)), truth(s)) for s in scenes(216, seed=3)])
+    low = {k: v for k, v in found.items() if k != "samples" and v < 0.98}
+    assert not low, found
+
+
+def _draw(size: tuple[int, int], background: str, shapes: list[tuple[str, str, float, float, float]]):
+    """Several shapes (kind, colour, cx, cy, side) drawn on one image, anti-aliased like synthetic.render."""
+    s = 4
+    img = Image.new("RGB", (size[1] * s, size[0] * s), synthetic.BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    for kind, colour, cx, cy, side in shapes:
+        cx, cy, r, fill = cx * s, cy * s, side * s / 2, synthetic.COLOURS[colour]
+        if kind == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif kind == "square":
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    return img.resize((size[1], size[0]), Image.LANCZOS)
+
+
+@pytest.mark.parametrize("count", [2, 3, 12])
+def test_rejects_several_shapes_and_blob_fields(count):
+    """Apart (cells of a 4 x 3 grid, jittered), so none overlap; 12 small blobs: the demo's old failure."""
+    rng = random.Random(count)
+    side = 20.0 if count < 5 else 7.0
+    for _ in range(5):
+        cells = rng.sample([(r, c) for r in range(3) for c in range(4)], count)
+        shapes = [
+            (rng.choice(synthetic.SHAPES), "red", 20 + 29 * c + rng.uniform(-3, 3), 24 + 40 * r, side)
+            for r, c in cells
+        ]
+        reading = classify(_draw((128, 128), "white", shapes))
+        assert not reading.single, (shapes, reading)
+        assert not any(score(reading, Asked("red", shapes[0][0], "white")).values()), reading
+
+
+def test_rejects_an_ellipse_and_a_rotated_square():
+    img = Image.new("RGB", (64, 64), synthetic.BACKGROUNDS["gray"])
+    ImageDraw.Draw(img).ellipse((8, 24, 56, 40), fill=synthetic.COLOURS["blue"])  # 48 x 16
+    assert classify(img).single and classify(img).shape is None
+    diamond = Image.new("RGB", (64, 64), synthetic.BACKGROUNDS["black"])
+    ImageDraw.Draw(diamond).polygon([(32, 12), (52, 32), (32, 52), (12, 32)], fill=synthetic.COLOURS["green"])
+    assert classify(diamond).shape is None
+
+
+def test_empty_image_is_no_shape():
+    reading = classify(Image.new("RGB", (64, 64), synthetic.BACKGROUNDS["white"]))
+    assert reading.objects == 0 and not reading.single and reading.background == "white"
+    assert score(reading, Asked("red", "circle"))["all"] is False
+
+
+def test_held_out_prompts_name_size_and_position_in_the_captions_words():
+    prompts = held_out_prompts()
+    assert {(a.colour, a.shape, a.background) for _, a in prompts} == set(synthetic.HELD_OUT)
+    with_words = [(p, a) for p, a in prompts if a.size]
+    assert len(with_words) == len(synthetic.HELD_OUT)
+    for prompt, asked in with_words:
+        assert asked.size in prompt and asked.position in prompt
+        assert asked.position in synthetic.POSITIONS.values()
+
+
+def test_reads_the_demo_vaes_round_trip():
+    """What the pipelines decode: renders through the committed demo VAE still read right."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from tristage.demo.encoders import demo_vae_path
+
+    vae = AutoencoderKL.from_pretrained(demo_vae_path()).eval()
+    found = scenes(54, seed=5)[::4] + scenes(54, seed=5)[1::4]  # the 64 px and 128 px ones
+    images = np.stack([np.asarray(synthetic.render(s), dtype=np.float32) for s in found])
+    readings = []
+    for size in (64, 128):
+        batch = [i for i, s in enumerate(found) if s.height == size]
+        x = torch.from_numpy(images[batch] / 127.5 - 1.0).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        decoded = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        readings += [score(classify(d), truth(found[i])) for d, i in zip(decoded, batch, strict=True)]
+    found_rates = rates(readings)
+    low = {
+        k: v for k, v in found_rates.items() if k in ("single", "shape", "colour", "background") and v < 0.98
+    }
+    assert not low, found_rates
