@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import resource
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
