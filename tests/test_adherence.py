@@ -95,25 +95,25 @@ def test_held_out_prompts_name_size_and_position_in_the_captions_words():
 
 
 def test_reads_the_demo_vaes_round_trip():
-    """What the pipelines decode: renders through the committed demo VAE still read right."""
+    """What the pipelines decode: renders through the committed demo VAE keep one shape of their colour.
+
+    Not the kind: the factor-8 demo VAE rounds small triangles and squares (README, "Where the demo
+    stands"), which is what this classifier is there to catch.
+    """
     import torch
     from diffusers import AutoencoderKL
 
     from tristage.demo.encoders import demo_vae_path
 
     vae = AutoencoderKL.from_pretrained(demo_vae_path()).eval()
-    found = scenes(54, seed=5)[::4] + scenes(54, seed=5)[1::4]  # the 64 px and 128 px ones
-    images = np.stack([np.asarray(synthetic.render(s), dtype=np.float32) for s in found])
     readings = []
-    for size in (64, 128):
-        batch = [i for i, s in enumerate(found) if s.height == size]
-        x = torch.from_numpy(images[batch] / 127.5 - 1.0).permute(0, 3, 1, 2)
+    for size in ((64, 64), (128, 128)):
+        found = [s for s in scenes(108, seed=5) if (s.height, s.width) == size][:18]
+        x = np.stack([np.asarray(synthetic.render(s), dtype=np.float32) for s in found]) / 127.5 - 1.0
         with torch.no_grad():
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+            y = vae.decode(vae.encode(torch.from_numpy(x).permute(0, 3, 1, 2)).latent_dist.mean).sample
         decoded = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        readings += [score(classify(d), truth(found[i])) for d, i in zip(decoded, batch, strict=True)]
+        readings += [score(classify(d), truth(s)) for d, s in zip(decoded, found, strict=True)]
     found_rates = rates(readings)
-    low = {
-        k: v for k, v in found_rates.items() if k in ("single", "shape", "colour", "background") and v < 0.98
-    }
+    low = {k: v for k, v in found_rates.items() if k in ("single", "colour", "background") and v < 0.98}
     assert not low, found_rates

@@ -32,7 +32,9 @@ def test_demo_writes_everything(demo_dir):
         assert list((stage / "wandb").glob("offline-run-*/files/media/images/validation/grid_*.png"))
         assert (demo_dir / "cache" / f"stage{n}" / "manifest.json").is_file()
     report = json.loads((demo_dir / "report.json").read_text())
-    assert report["stage1"]["samples"] == 18 * 2 and report["held_out"]["samples"] == 6 * 2
+    assert (
+        report["stage1"]["samples"] == 18 * 2 and report["held_out"]["samples"] == 12 * 2
+    )  # 2 prompts per combo
     exports = {"stage1": str(demo_dir / "stage1" / "export"), "stage3": str(demo_dir / "export")}
     assert report["exports"] == exports
     assert [s["export"] for s in report["stages"]][::2] == [exports["stage1"], exports["stage3"]]
