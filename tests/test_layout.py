@@ -52,3 +52,22 @@ def test_train_from_a_folder_with_its_own_data_train_and_bench(setup, tmp_path, 
     assert result.returncode == 0, result.stderr[-2000:]
     assert "the user's own" not in result.stderr
     assert (run_dir / "final" / "transformer").is_dir()
+
+
+def test_readme_map_names_every_module():
+    """The README's "Where things live" map stays true: every module of the role folders is named in it,
+    and every file it names exists."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## Where things live") :]
+    named = set(re.findall(r"`(?:[a-z_]+/)*([a-z_]+\.py)`", section))
+    modules = {
+        p.name
+        for folder in ("train", "data", "demo", "bench")
+        for p in (root / folder).rglob("*.py")
+        if p.name != "__init__.py" and "assets" not in p.parts
+    }
+    assert sorted(modules - named) == [], "modules missing from the README map"
+    assert sorted(named - modules - {"__init__.py"}) == [], "the README map names files that don't exist"
