@@ -352,3 +352,35 @@ def test_damaged_rank1_rng_file_two_processes_agree(setup, tmp_path):
         f"resumed from {ckpt.step_dir(root, 2)} at step 2" in two.stderr and not (tmp_path / "ran").exists()
     )
     assert ckpt.latest(root) == ckpt.step_dir(root, 6) and (root / "step_0000004.damaged").is_dir()
+
+
+def test_damaged_sample_on_one_rank_stops_both_in_one_line(setup, tmp_path):
+    """Issue 17 on 2 processes: only the rank whose slice holds the damaged sample meets it; both ranks
+    stop at that step, before any update, each with one line -- no hang, no traceback, no new checkpoint."""
+    from .test_cache_features import flip_tensor_bytes
+
+    run_dir, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    Trainer(cfg_for(setup, run_dir, "train.max_steps=2", "data.batch_size=8")).train()
+    shutil.rmtree(run_dir / "final")
+    cache = Path(shutil.copytree(load_config(setup).data.cache_dir, tmp_path / "cache"))
+    (shard,) = sorted(cache.glob("features-*.tar"))[:1]
+    flip_tensor_bytes(shard, every=10_000)  # one sample: the shard's first
+    two = run_cli_2proc(
+        "train",
+        str(setup),
+        f"run.dir={run_dir}",
+        f"data.cache_dir={cache}",
+        "data.batch_size=4",
+        "train.max_steps=40",
+        "checkpoint.every=1",
+        timeout=300,
+    )
+    lines = two.stderr.splitlines()
+    named = [line for line in lines if re.search(r"damaged cached sample '\w+' \(fails its checksum", line)]
+    other = [line for line in lines if "a damaged cached sample on another rank" in line]
+    ours = re.findall(r'File ".*/(?:train|data)/[a-z_/]+\.py"', two.stderr)  # the launcher reports its own
+    assert two.returncode != 0 and not ours, two.stderr[-3000:]
+    assert len(named) == 1 and len(other) == 1, two.stderr[-3000:]
+    stopped = ckpt.read_state(ckpt.latest(root)).step  # every step saved: the last one before the damage
+    assert 2 <= stopped < 40 and not (run_dir / "final").exists()
+    assert not list(root.glob(f"{ckpt.TMP_PREFIX}*")) and not list(root.glob("*.damaged"))

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 
+from tristage.data.features import CacheError
+
 NONFINITE = "non-finite"  # the one stop that is an error (FloatingPointError after the save)
 REASONS = (NONFINITE, "stop request", "max_time")  # the flags tensor's order, and the precedence
 
@@ -64,6 +66,23 @@ class Stops:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         reasons = [reason for reason, flag in zip(REASONS, flags.tolist()) if flag]
         return reasons[0] if reasons else None
+
+    def agree_batches_ok(self, error: CacheError | None) -> None:
+        """A damaged cached sample met by any rank stops every rank here, before any update uses it: the
+        rank that met it raises its own line (shard and key), the others one line pointing at it.  One
+        int all-reduce per step, before the forward; nothing on a single process."""
+        if not (dist.is_available() and dist.is_initialized()):
+            if error is not None:
+                raise error
+            return
+        flag = torch.tensor([error is not None], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if flag.item():
+            dist.barrier(group=self.group)  # not torn down right after the all-reduce (gloo; see save)
+            raise error or CacheError(
+                f"rank {dist.get_rank()}: stopped with the other ranks: a damaged cached sample on another "
+                "rank (its line names the shard and key); no update used it"
+            )
 
 
 def _host_group():

@@ -37,7 +37,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from tristage.data.features import FeatureLoader, LoaderSpec, sample_latents
+from tristage.data.features import CacheError, FeatureLoader, LoaderSpec, sample_latents
 from tristage.data.fingerprint import fingerprint
 from tristage.train.config import Config, check_train_options, save_config
 from tristage.train.conversion.init_from import load_initial_weights
@@ -215,6 +215,18 @@ class Trainer:
         window.data_wait += time.perf_counter() - t0
         return batch
 
+    def _step_batches(self, batches, window: Window) -> list[dict]:
+        """This step's grad_accum micro-batches, all read before any forward, so that a damaged cached
+        sample on any one rank stops every rank before the update (Stops.agree_batches_ok)."""
+        got, error = [], None
+        try:
+            for _ in range(self.cfg.train.grad_accum):
+                got.append(self._next_batch(batches, window))
+        except CacheError as err:
+            error = err
+        self.stops.agree_batches_ok(error)
+        return got
+
     def _step(self, batches, window: Window) -> dict:
         """grad_accum micro-batches, NaN guard, clip, AdamW, EMA.
 
@@ -222,8 +234,7 @@ class Trainer:
         micro-batch's loss is scaled by 1 / grad_accum, so the gradient is the global batch's mean."""
         micro = self.cfg.train.grad_accum
         parts = []
-        for i in range(micro):
-            batch = self._next_batch(batches, window)
+        for i, batch in enumerate(self._step_batches(batches, window)):
             with self._gradient_sync(i == micro - 1):
                 parts.append(self._forward_backward(batch, 1.0 / micro))
         metrics = merge_micro_metrics(parts)
