@@ -240,7 +240,7 @@ def test_checkpoint_on_full_disk(setup, tmp_path, monkeypatch, caplog, policy, n
     full_disk_at(monkeypatch, 4, name)
     trainer = Trainer(cfg_for(setup, run_dir, "train.max_steps=6", f"checkpoint.on_error={policy}"))
     line = (
-        rf"checkpoint at step 4 failed \(rank 0: CheckpointWriteError: "
+        rf"checkpoint at step 4 failed on rank 0 \(here: CheckpointWriteError: "
         rf"{root / '.tmp-step_0000004' / name}: write failed \(.+\); [\d.]+ MiB free there\); "
         r"earlier checkpoints are intact"
     )
@@ -279,7 +279,7 @@ def test_checkpoint_on_a_real_full_tmpfs(setup, tmp_path, caplog):
         )
         Trainer(cfg).train()
         assert re.search(
-            r"checkpoint at step 4 failed \(rank 0: .*model\.safetensors: write failed .*MiB free",
+            r"checkpoint at step 4 failed on rank 0 \(here: .*model\.safetensors: write failed .*MiB free",
             caplog.text,
         )
         assert ckpt.latest(root) == ckpt.step_dir(root, 2) and not list(root.glob(".tmp-*"))
