@@ -52,6 +52,15 @@ def write_world(root: Path, scale: Scale) -> dict[str, Path]:
     }
 
 
+def source_overrides(n: int, raw: Path) -> list[str]:
+    """The ``data.source`` keys of demo stage ``n`` for its raw world in ``raw`` (write_world's layout)."""
+    return {
+        1: [f"data.source.paths=[{raw}/imagenet-*.tar]", f"data.source.synsets={raw / 'synsets.txt'}"],
+        2: [f"data.source.paths=[{raw}/sa_*.tar]", f"data.source.captions={raw / 'llava_captions.jsonl'}"],
+        3: [f"data.source.paths=[{raw / 'images'}]", f"data.source.metadata={raw / 'metadata.jsonl'}"],
+    }[n]
+
+
 def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale, vae: Path | None = None) -> Config:
     """configs/demo/stageN.yaml with this run's paths filled in."""
     enc, raw = out / "encoders", data[f"stage{n}"]
@@ -68,12 +77,8 @@ def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale, vae: Pa
             f"encoders.text_encoder={enc / 'text_encoder'}",
             f"encoders.tokenizer={enc / 'tokenizer'}",
         ]
-    sources = {
-        1: [f"data.source.paths=[{raw}/imagenet-*.tar]", f"data.source.synsets={raw / 'synsets.txt'}"],
-        2: [f"data.source.paths=[{raw}/sa_*.tar]", f"data.source.captions={raw / 'llava_captions.jsonl'}"],
-        3: [f"data.source.paths=[{raw / 'images'}]", f"data.source.metadata={raw / 'metadata.jsonl'}"],
-    }
-    return load_config(CONFIGS / f"stage{n}.yaml", overrides + sources[n] + list(scale.overrides))
+    overrides += source_overrides(n, raw) + list(scale.overrides)
+    return load_config(CONFIGS / f"stage{n}.yaml", overrides)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from tristage.data.features import (
 from tristage.data.fingerprint import fingerprint
 from tristage.demo import synthetic
 from tristage.demo.encoders import write_demo_text_encoder
+from tristage.demo.run import source_overrides
 from tristage.train.cli import main as cli_main
 from tristage.train.config import Config, load_config
 
@@ -99,12 +100,7 @@ def stage_overrides(
             f"encoders.text_encoder={enc['text_encoder']}",
             f"encoders.tokenizer={enc['tokenizer']}",
         ]
-    sources = {
-        1: [f"data.source.paths=[{raw}/imagenet-*.tar]", f"data.source.synsets={raw / 'synsets.txt'}"],
-        2: [f"data.source.paths=[{raw}/sa_*.tar]", f"data.source.captions={raw / 'llava_captions.jsonl'}"],
-        3: [f"data.source.paths=[{raw / 'images'}]", f"data.source.metadata={raw / 'metadata.jsonl'}"],
-    }
-    return overrides + sources[n] + list(extra)
+    return overrides + source_overrides(n, raw) + list(extra)
 
 
 def cache(cfg: Config) -> dict:
