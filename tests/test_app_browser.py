@@ -100,13 +100,34 @@ def browser():
 
 
 def wait_for(condition, timeout: float = 120):
+    """Poll until condition() is truthy; an element that is not on the page yet counts as "not yet"."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except (NoSuchElementException, StaleElementReferenceException):
+            value = None
         if value:
             return value
         time.sleep(0.3)
     raise AssertionError("timed out")
+
+
+def open_advanced(driver) -> None:
+    """Open the accordion; Gradio renders its children only once it is open, so wait for #style."""
+    from selenium.webdriver.common.by import By
+
+    def opened():
+        style = driver.find_elements(By.CSS_SELECTOR, "#style")
+        if style and style[0].is_displayed():
+            return True
+        if not driver.find_elements(By.CSS_SELECTOR, "#advanced .label-wrap.open"):
+            driver.find_element(By.CSS_SELECTOR, "#advanced button, #advanced .label-wrap").click()
+        return False
+
+    wait_for(opened, timeout=60)
 
 
 def set_number(driver, elem_id: str, value: int) -> None:
@@ -126,8 +147,7 @@ def test_generate_two_images_with_a_style(server, browser):
     prompt = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#prompt textarea"))[0]
     prompt.send_keys("a red circle on a black background")
     set_number(browser, "num-images", 2)
-    browser.find_element(By.CSS_SELECTOR, "#advanced button, #advanced .label-wrap").click()
-    wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "#style").is_displayed())
+    open_advanced(browser)
     browser.find_element(By.XPATH, "//*[@id='style']//label[.//span[text()='Anime']]").click()
     set_number(browser, "steps", 2)
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
