@@ -73,13 +73,13 @@ def write_fake_cache(
     image = Image.new("RGB", (256, 256), (200, 30, 30))
     units = [Unit(i, f"bench[{i}]") for i in range(shards)]
     for unit in units:
-        writer = ShardWriter(cfg, encoders, shard_path(cache_dir, unit))
+        writer = ShardWriter(cfg.encoders, encoders, shard_path(cache_dir, unit))
         for j in range(per_shard):
             key = f"{unit.index:04d}_{j:05d}"
             writer.add(image, _meta(key))
         writer.close(Skips(), per_shard, 0)
-    write_null_caption(cfg, encoders, cache_dir)
-    write_manifest(cfg, units, cache_dir, {"bench": "synthetic"}, 0.18215)
+    write_null_caption(cfg.encoders, encoders, cache_dir)
+    write_manifest(cfg.data.source, units, cache_dir, {"bench": "synthetic"}, 0.18215)
     return [shard_path(cache_dir, u) for u in units]
 
 
@@ -207,7 +207,7 @@ def cache_pass(cfg, encoders) -> tuple[float, int]:
     Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
     start, images = time.perf_counter(), 0
     for unit in source.units():
-        images += cache_unit(cfg, encoders, source, unit, Path(cfg.data.cache_dir))
+        images += cache_unit(cfg.data, cfg.encoders, encoders, source, unit, Path(cfg.data.cache_dir))
     return time.perf_counter() - start, images
 
 
@@ -219,7 +219,7 @@ def bare_batches(cfg, encoders) -> list[tuple[torch.Tensor, torch.Tensor, torch.
     source, batches, skips = open_source(cfg.data.source), [], Skips()
     n = cfg.encoders.batch_size
     for unit in source.units():  # one bucket (square 256 px): per unit, chunks of the batch size
-        items = [d for d in (decode(i, cfg, skips) for i in source.read(unit, skips)) if d is not None]
+        items = [d for d in (decode(i, cfg.data, skips) for i in source.read(unit, skips)) if d is not None]
         for s in range(0, len(items), n):
             chunk = items[s : s + n]
             pixels = torch.stack([to_pixels(img) for img, _ in chunk])
@@ -249,7 +249,7 @@ def extract_vs_bare(root: Path, images: int, per_shard: int, batch: int, repeats
 
     enc = write_encoders(root / "encoders")
     raw = synthetic.write_stage2(root / "raw", images, size=256, per_shard=per_shard)
-    encoders = Encoders.load(extract_config(root / "x0", enc, raw, batch), torch.device("cpu"))
+    encoders = Encoders.load(extract_config(root / "x0", enc, raw, batch).encoders, torch.device("cpu"))
     batches = bare_batches(extract_config(root / "x0", enc, raw, batch), encoders)
     ours, bare = 0.0, 0.0
     for r in range(repeats):  # interleaved, best of each

@@ -31,9 +31,9 @@ def write_setup(root: Path) -> Path:
     from accelerate import Accelerator
     from diffusers import AutoencoderKL
 
-    from tristage.data.cache import run_cache
     from tristage.demo import synthetic
     from tristage.train.config import load_config, save_config
+    from tristage.train.families import cache_stage
 
     raw = synthetic.write_stage1(root / "raw", n=18 * 12, per_shard=72)
     vae = AutoencoderKL(
@@ -60,7 +60,7 @@ def write_setup(root: Path) -> Path:
         "tracking.mode=disabled",
     ]
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/demo/stage1.yaml", overrides)
-    run_cache(cfg, Accelerator(cpu=True))
+    cache_stage(cfg, Accelerator(cpu=True))
     save_config(cfg, root / "stage.yaml")
     return root / "stage.yaml"
 

@@ -114,6 +114,7 @@ def write_cache(cfg, samples: int) -> None:
 
     from tristage.data.cache_format import MANIFEST, NULL_CAPTION, sample_json
     from tristage.data.fingerprint import fingerprint
+    from tristage.train.families import feature_encoders
 
     cache, res = Path(cfg.data.cache_dir), cfg.data.resolution
     cache.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,7 @@ def write_cache(cfg, samples: int) -> None:
             writer.write({"__key__": meta["key"], "feat.safetensors": feat, "json": sample_json(meta, feat)})
     save_file({"t5": torch.zeros(*text).bfloat16()}, cache / NULL_CAPTION)
     manifest = {
-        "fingerprint": fingerprint(cfg),
+        "fingerprint": fingerprint(cfg.data, feature_encoders(cfg)),
         "shards": [{"file": "shard-000000.tar", "samples": samples}],
         "samples": samples,
         "scaling_factor": 0.18215,
@@ -173,7 +174,7 @@ def loader_batches(cfg, count: int, device: torch.device) -> list[dict]:
     """The first ``count`` micro-batches of the loader the Trainer builds (same spec, same stream)."""
     from tristage.data.features import FeatureLoader, LoaderSpec, sample_latents
     from tristage.train.diffusion.objective import Objective
-    from tristage.train.models.families import family_of
+    from tristage.train.families import family_of
 
     data = cfg.data
     k, seed, buffer, dropout = cfg.train.grad_accum, cfg.train.seed, data.shuffle_buffer, data.cond_dropout
@@ -195,10 +196,12 @@ def run_bare(cfg, batches: list[dict], window: int, device: torch.device) -> lis
     from accelerate.utils import set_seed
 
     from tristage.train.diffusion.objective import Objective
+    from tristage.train.families import family_of
     from tristage.train.models.speed import build_for_training
 
     set_seed(cfg.train.seed)
-    model = build_for_training(cfg.model, 2 * cfg.model.in_channels, cfg.train.compile).to(device)
+    build = family_of(cfg.model.family).build
+    model = build_for_training(build, cfg.model, 2 * cfg.model.in_channels, cfg.train.compile).to(device)
     fused = device.type == "cuda"
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=fused, foreach=not fused)
     objective = Objective(cfg.objective)

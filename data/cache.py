@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +46,10 @@ from tristage.data.cache_format import (
     sample_json,
     shard_name,
 )
+from tristage.data.config import DataConfig, EncoderConfig, SourceConfig
 from tristage.data.fingerprint import fingerprint
 from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source
 from tristage.data.text_codec import encode_text_feature
-from tristage.train.config import Config
 
 MIN_SIDE = 32  # images smaller than this (either side) are skipped as too small
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Encoders:
-    """The frozen encoders of a cache pass (T5 parts are None for class-conditional stages)."""
+    """The frozen encoders of a cache pass (T5 parts are None without ``encoders.text_encoder``)."""
 
     vae: torch.nn.Module
     tokenizer: object | None
@@ -66,15 +67,15 @@ class Encoders:
     device: torch.device
 
     @classmethod
-    def load(cls, cfg: Config, device: torch.device) -> Encoders:
+    def load(cls, cfg: EncoderConfig, device: torch.device) -> Encoders:
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, T5EncoderModel
 
-        vae = AutoencoderKL.from_pretrained(cfg.encoders.vae).to(device).eval().requires_grad_(False)
-        if cfg.model.family == "dit" or cfg.encoders.text_encoder is None:
+        vae = AutoencoderKL.from_pretrained(cfg.vae).to(device).eval().requires_grad_(False)
+        if cfg.text_encoder is None:  # class-conditional: no text features
             return cls(vae, None, None, device)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.encoders.tokenizer)
-        t5 = T5EncoderModel.from_pretrained(cfg.encoders.text_encoder).to(device).eval().requires_grad_(False)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        t5 = T5EncoderModel.from_pretrained(cfg.text_encoder).to(device).eval().requires_grad_(False)
         return cls(vae, tokenizer, t5, device)
 
     @torch.no_grad()
@@ -111,7 +112,7 @@ def open_rgb(item: RawItem, skips: Skips) -> Image.Image | None:
         return None
 
 
-def decode(item: RawItem, cfg: Config, skips: Skips) -> tuple[Image.Image, dict] | None:
+def decode(item: RawItem, data: DataConfig, skips: Skips) -> tuple[Image.Image, dict] | None:
     """Decode, check size and ratio, and fit into a bucket; None (counted) when unusable."""
     image = open_rgb(item, skips)
     if image is None:
@@ -120,7 +121,7 @@ def decode(item: RawItem, cfg: Config, skips: Skips) -> tuple[Image.Image, dict]
         skips.add("too_small", item.key)
         return None
     try:
-        fitted, where = place(image, cfg.data.resolution, cfg.data.multi_aspect)
+        fitted, where = place(image, data.resolution, data.multi_aspect)
     except RatioOutOfRange:
         skips.add("aspect_ratio_out_of_range", item.key)
         return None
@@ -139,20 +140,20 @@ def decode(item: RawItem, cfg: Config, skips: Skips) -> tuple[Image.Image, dict]
 class ShardWriter:
     """Writes one unit's feature shard atomically, batching encoder calls per bucket."""
 
-    def __init__(self, cfg: Config, encoders: Encoders, path: Path):
-        self.cfg, self.encoders, self.path = cfg, encoders, path
+    def __init__(self, enc: EncoderConfig, encoders: Encoders, path: Path):
+        self.enc, self.encoders, self.path = enc, encoders, path
         self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         # A whole-second mtime keeps members plain ustar: a float one makes tarfile add a 1 KiB pax
         # header to every member (2 KiB per sample) that every reader then has to parse.
         self.writer = wds.TarWriter(str(self.tmp), mtime=int(time.time()))
         self.pending: dict[tuple, list] = defaultdict(list)
         self.written = 0
-        self.dtype = DTYPES[cfg.encoders.feature_dtype]
+        self.dtype = DTYPES[enc.feature_dtype]
 
     def add(self, image: Image.Image, meta: dict) -> None:
         bucket = tuple(meta["bucket"])
         self.pending[bucket].append((image, meta))
-        if len(self.pending[bucket]) >= self.cfg.encoders.batch_size:
+        if len(self.pending[bucket]) >= self.enc.batch_size:
             self._flush(bucket)
 
     def _flush(self, bucket: tuple) -> None:
@@ -165,7 +166,7 @@ class ShardWriter:
         for i, (_, meta) in enumerate(items):
             tensors = {"mean": mean[i].to(self.dtype), "std": std[i].to(self.dtype)}
             if texts is not None:
-                tensors.update(encode_text_feature(texts[i], self.cfg.encoders.text_feature_dtype))
+                tensors.update(encode_text_feature(texts[i], self.enc.text_feature_dtype))
                 meta["tokens"] = int(texts[i].shape[0])
             feat = st_save(_cpu(tensors))
             sample = {"__key__": meta["key"], "feat.safetensors": feat, "json": sample_json(meta, feat)}
@@ -175,7 +176,7 @@ class ShardWriter:
     def _texts(self, captions: list) -> list[torch.Tensor] | None:
         if self.encoders.text_encoder is None:
             return None
-        return self.encoders.encode_text(captions, self.cfg.encoders.max_tokens)
+        return self.encoders.encode_text(captions, self.enc.max_tokens)
 
     def close(self, skips: Skips, images: int, rank: int, provenance: dict | None = None) -> None:
         """Flush, fsync, rename into place, then write the completeness marker.
@@ -211,7 +212,8 @@ def shard_path(cache_dir: Path, unit: Unit) -> Path:
 
 
 def cache_unit(
-    cfg: Config,
+    data: DataConfig,
+    enc: EncoderConfig,
     encoders: Encoders,
     source,
     unit: Unit,
@@ -223,11 +225,11 @@ def cache_unit(
     skips = Skips()
     # Stamped before reading: a file that changes during the read shows up as changed next time.
     provenance = {"fingerprint": fp, "source": stamp(source.unit_files(unit))}
-    writer = ShardWriter(cfg, encoders, shard_path(cache_dir, unit))
+    writer = ShardWriter(enc, encoders, shard_path(cache_dir, unit))
     seen = 0
     for item in source.read(unit, skips):
         seen += 1
-        decoded = decode(item, cfg, skips)
+        decoded = decode(item, data, skips)
         if decoded is not None:
             writer.add(*decoded)
     writer.close(skips, seen, rank, provenance)
@@ -247,29 +249,31 @@ def remove_stale_tmp(units: list[Unit], cache_dir: Path) -> int:
     return len(stale)
 
 
-def write_null_caption(cfg: Config, encoders: Encoders, cache_dir: Path) -> None:
+def write_null_caption(enc: EncoderConfig, encoders: Encoders, cache_dir: Path) -> None:
     """T5("") -- the CFG null condition diffusers' PixArt pipeline uses -- for caption dropout."""
     if encoders.text_encoder is None:
         return
-    (null,) = encoders.encode_text([""], cfg.encoders.max_tokens)
-    stored = encode_text_feature(null, cfg.encoders.text_feature_dtype)
+    (null,) = encoders.encode_text([""], enc.max_tokens)
+    stored = encode_text_feature(null, enc.text_feature_dtype)
     save_file({k: v.cpu().contiguous() for k, v in stored.items()}, cache_dir / NULL_CAPTION)
 
 
 @torch.no_grad()
-def write_validation_prompts(cfg: Config, encoders: Encoders, cache_dir: Path) -> None:
-    """T5 features of ``validation.prompts`` and of "" (the CFG null), padded to one length with a mask.
+def write_validation_prompts(
+    prompts: list[str], enc: EncoderConfig, encoders: Encoders, cache_dir: Path
+) -> None:
+    """T5 features of ``prompts`` (``validation.prompts``) and of "" (the CFG null), padded to one length.
 
     They are computed here, once, by the encoder already loaded on the accelerator, so no trainer rank
     ever runs T5 for validation (T5-XXL on a CPU takes minutes while the other ranks wait).  The file
     names its prompts; the encoder that made it is the one this cache's fingerprint names.
     """
     path = cache_dir / VALIDATION_PROMPTS
-    if encoders.text_encoder is None or not cfg.validation.prompts:
+    if encoders.text_encoder is None or not prompts:
         path.unlink(missing_ok=True)
         return
-    prompts = list(cfg.validation.prompts)
-    feats = encoders.encode_text([*prompts, ""], cfg.encoders.max_tokens)  # each (L_i, C)
+    prompts = list(prompts)
+    feats = encoders.encode_text([*prompts, ""], enc.max_tokens)  # each (L_i, C)
     embeds = torch.zeros(len(feats), max(len(f) for f in feats), feats[0].shape[1])  # (P + 1, L, C)
     mask = torch.zeros(embeds.shape[:2], dtype=torch.long)  # (P + 1, L)
     for i, feat in enumerate(feats):
@@ -277,9 +281,9 @@ def write_validation_prompts(cfg: Config, encoders: Encoders, cache_dir: Path) -
     save_file(_cpu({"embeds": embeds, "mask": mask}), path, metadata={"prompts": json.dumps(prompts)})
 
 
-def validation_prompts_current(cfg: Config, cache_dir: Path, fp: dict) -> bool:
-    """Whether the stored validation features are this config's prompts (nothing to store: True)."""
-    if fp["text_encoder"] == "none" or not cfg.validation.prompts:
+def validation_prompts_current(prompts: list[str], cache_dir: Path, fp: dict) -> bool:
+    """Whether the stored validation features are these prompts (nothing to store: True)."""
+    if fp["text_encoder"] == "none" or not prompts:
         return True
     path = cache_dir / VALIDATION_PROMPTS
     if not path.is_file():
@@ -287,10 +291,12 @@ def validation_prompts_current(cfg: Config, cache_dir: Path, fp: dict) -> bool:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as stored:
-        return json.loads(stored.metadata()["prompts"]) == list(cfg.validation.prompts)
+        return json.loads(stored.metadata()["prompts"]) == list(prompts)
 
 
-def write_manifest(cfg: Config, units: list[Unit], cache_dir: Path, fp: dict, scaling_factor: float) -> dict:
+def write_manifest(
+    source: SourceConfig, units: list[Unit], cache_dir: Path, fp: dict, scaling_factor: float
+) -> dict:
     """Collect the done markers into ``manifest.json`` and ``skipped.json`` (rank 0, after all units)."""
     skips, shards = Skips(), []
     for unit in units:
@@ -303,7 +309,7 @@ def write_manifest(cfg: Config, units: list[Unit], cache_dir: Path, fp: dict, sc
         "shards": shards,
         "samples": sum(s["samples"] for s in shards),
         "scaling_factor": scaling_factor,
-        "class_names": {str(k): v for k, v in class_names(cfg.data.source).items()},
+        "class_names": {str(k): v for k, v in class_names(source).items()},
         "null_caption": NULL_CAPTION if (cache_dir / NULL_CAPTION).exists() else None,
         "skipped": dict(skips.counts),
     }
@@ -345,18 +351,23 @@ def forget(units: list[Unit], cache_dir: Path, drop_manifest: bool) -> None:
         (cache_dir / MANIFEST).unlink(missing_ok=True)
 
 
-def run_cache(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
-    """The whole pass for one stage config, under an ``accelerate`` process group.
+def run_cache(
+    data: DataConfig, enc: EncoderConfig, accelerator, prompts: Sequence[str] = (), rebuild: bool = False
+) -> dict | None:
+    """The whole pass for one stage's data and encoders, under an ``accelerate`` process group.
+
+    ``enc.text_encoder`` None caches no text (class-conditional); ``prompts`` (``validation.prompts``)
+    get their T5 features stored once, here, for the trainer's validation grids.
 
     A folder that already holds this config's complete cache is recognised from its manifest and
     done markers before any encoder loads (a requeued job costs a few stats, not a VAE/T5 load)."""
-    cache_dir = Path(cfg.data.cache_dir)
+    cache_dir = Path(data.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    source = open_source(cfg.data.source)
+    source = open_source(data.source)
     units = source.units()
-    fp = fingerprint(cfg)
+    fp = fingerprint(data, enc)
     stale = check_existing(cache_dir, units, source, fp, rebuild)  # the same answer on every rank
-    current = not stale and validation_prompts_current(cfg, cache_dir, fp)
+    current = not stale and validation_prompts_current(list(prompts), cache_dir, fp)
     done = complete_manifest(cache_dir, units) if current else None
     if done is not None:
         if accelerator.is_main_process:
@@ -373,21 +384,28 @@ def run_cache(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
     accelerator.wait_for_everyone()  # every rank has listed `fresh` before any unit is written
     todo = [u for u in fresh if u.index % world == rank]
     # Only rank 0 needs the encoders without units of its own (null caption, scaling factor).
-    encoders = Encoders.load(cfg, accelerator.device) if todo or accelerator.is_main_process else None
+    encoders = Encoders.load(enc, accelerator.device) if todo or accelerator.is_main_process else None
     start = time.perf_counter()
-    encode_units(cfg, encoders, source, todo, cache_dir, accelerator, fp)
+    encode_units(data, enc, encoders, source, todo, cache_dir, accelerator, fp)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
-    write_null_caption(cfg, encoders, cache_dir)
-    write_validation_prompts(cfg, encoders, cache_dir)
-    manifest = write_manifest(cfg, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
+    write_null_caption(enc, encoders, cache_dir)
+    write_validation_prompts(list(prompts), enc, encoders, cache_dir)
+    manifest = write_manifest(data.source, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
     log_summary(manifest, fresh, cache_dir, time.perf_counter() - start)
     return manifest
 
 
 def encode_units(
-    cfg: Config, encoders: Encoders | None, source, todo: list[Unit], cache_dir: Path, accelerator, fp: dict
+    data: DataConfig,
+    enc: EncoderConfig,
+    encoders: Encoders | None,
+    source,
+    todo: list[Unit],
+    cache_dir: Path,
+    accelerator,
+    fp: dict,
 ) -> None:
     """This process's units, with a rank-0 progress bar: shards done, ETA, and images/s."""
     from tqdm.auto import tqdm
@@ -395,7 +413,7 @@ def encode_units(
     bar = tqdm(total=len(todo), unit="shard", disable=not accelerator.is_main_process, desc="cache")
     images, start = 0, time.perf_counter()
     for unit in todo:
-        images += cache_unit(cfg, encoders, source, unit, cache_dir, accelerator.process_index, fp)
+        images += cache_unit(data, enc, encoders, source, unit, cache_dir, accelerator.process_index, fp)
         bar.set_postfix_str(f"{images / max(time.perf_counter() - start, 1e-9):.1f} img/s", refresh=False)
         bar.update(1)
     bar.close()

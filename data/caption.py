@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from tristage.data.cache import _atomic_write, _fsync, open_rgb, own_units
+from tristage.data.config import CaptionConfig, SourceConfig
 from tristage.data.sources import Skips, Unit, open_source
 
 SETTINGS = "settings.json"
@@ -60,12 +61,12 @@ class Captioner:
 
     model: torch.nn.Module
     processor: object
-    cfg: object  # CaptionConfig (train/config.py; data/ takes its sub-configs, never imports train/)
+    cfg: CaptionConfig  # the caption section: model, prompt, sampling
     device: torch.device
     dtype: torch.dtype
 
     @classmethod
-    def load(cls, cfg, device: torch.device) -> Captioner:
+    def load(cls, cfg: CaptionConfig, device: torch.device) -> Captioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         try:
@@ -217,7 +218,7 @@ def remove_stale_tmp(units: list[Unit], parts: Path) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def settings_of(cfg, source_cfg, dtype: torch.dtype) -> dict:
+def settings_of(cfg: CaptionConfig, source_cfg: SourceConfig, dtype: torch.dtype) -> dict:
     """Everything that changes the captions, by config key; reruns into the same parts must agree."""
     settings = {f"caption.{k}": v for k, v in asdict(cfg).items() if k != "output"}
     settings["caption.dtype"] = str(dtype).removeprefix("torch.")  # "auto" resolved on this device
@@ -270,7 +271,7 @@ def write_manifest(output: Path, settings: dict, model_class: str, counts: tuple
     return manifest
 
 
-def run_caption(cfg, source_cfg, accelerator) -> dict | None:
+def run_caption(cfg: CaptionConfig, source_cfg: SourceConfig, accelerator) -> dict | None:
     """The whole pass under an ``accelerate`` process group; rank 0 returns the manifest."""
     output = Path(cfg.output)
     parts = parts_dir(output)
@@ -297,7 +298,7 @@ def run_caption(cfg, source_cfg, accelerator) -> dict | None:
     return manifest
 
 
-def open_images(source_cfg, output: str):
+def open_images(source_cfg: SourceConfig, output: str):
     """The source's reader, yielding images with or without a caption.  ``captions`` is dropped when
     it names this pass's own output: the pass writes that file, so it is never its input (nor hints)."""
     from dataclasses import replace

@@ -26,7 +26,7 @@ import xxhash
 
 from tristage.data.buckets import bucket_table
 from tristage.data.cache_format import FORMAT
-from tristage.train.config import Config
+from tristage.data.config import DataConfig, EncoderConfig
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")
 _CHUNK = 8 << 20
@@ -114,10 +114,11 @@ def weights_digest(name_or_path: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(cfg: Config) -> dict[str, str]:
-    """Field -> value for every input of the features (all values are strings)."""
-    enc, data = cfg.encoders, cfg.data
-    text = enc.text_encoder if cfg.model.family != "dit" else None
+def fingerprint(data: DataConfig, enc: EncoderConfig) -> dict[str, str]:
+    """Field -> value for every input of the features (all values are strings).
+
+    ``enc.text_encoder`` None: no text features (a class-conditional stage), so no T5 field counts."""
+    text = enc.text_encoder
     table = bucket_table(data.resolution) if data.multi_aspect else {"1.0": (data.resolution,) * 2}
     table_hash = hashlib.sha256(repr(sorted(table.items())).encode()).hexdigest()[:16]
     return {

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import webdataset as wds
 
-from tristage.train.config import SourceConfig
+from tristage.data.config import SourceConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 

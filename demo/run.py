@@ -124,11 +124,11 @@ def run_stage(cfg: Config, stop: StopSignals) -> dict | None:
     """Cache and train one stage; None when a stop arrived (the trainer then saved a checkpoint)."""
     from accelerate import Accelerator
 
-    from tristage.data.cache import run_cache
+    from tristage.train.families import cache_stage
     from tristage.train.training.trainer import run_train
 
     save_config(cfg, Path(cfg.run.dir) / "config.yaml")
-    manifest = run_cache(cfg, Accelerator())
+    manifest = cache_stage(cfg, Accelerator())
     log.warning("%s: cached %d samples, skipped %s", cfg.run.name, manifest["samples"], manifest["skipped"])
     if stop.requested():
         return None

@@ -25,9 +25,9 @@ from PIL import Image
 
 from tristage.bench import resume as bench_resume
 from tristage.bench.cache import write_encoders
-from tristage.data.cache import run_cache
 from tristage.demo import synthetic
 from tristage.train.config import load_config
+from tristage.train.families import cache_stage
 
 from .conftest import ROOT, run_cli_2proc
 
@@ -56,7 +56,7 @@ def world(tmp_path_factory) -> Iterator[dict]:
         return [f"run.dir={root / name / 'run'}", f"data.cache_dir={root / name / 'cache'}", *common]
 
     reference = root / "one" / "cache"
-    run_cache(load_config(CONFIG, overrides("one")), Accelerator())
+    cache_stage(load_config(CONFIG, overrides("one")), Accelerator())
     yield {"root": root, "overrides": overrides, "reference": reference, "common": common}
     torch.set_num_threads(threads)
 
@@ -135,7 +135,7 @@ def test_killed_pass_resumes_every_sample_exactly_once(world):
     # the clean-up is checked on every run, not only when the kill's timing leaves one.
     (cache_dir / f"features-{IMAGES // PER_SHARD - 1:05d}.tar.tmp-999999").write_bytes(b"half a shard")
     before = {p.name: p.read_bytes() for p in done}
-    manifest = run_cache(load_config(CONFIG, world["overrides"]("killed")), Accelerator())
+    manifest = cache_stage(load_config(CONFIG, world["overrides"]("killed")), Accelerator())
     assert keys(cache_dir) == keys(world["reference"])  # every sample exactly once
     assert members(cache_dir) == members(world["reference"])
     assert manifest["samples"] == IMAGES
@@ -161,7 +161,7 @@ def test_summary_counts_skips_by_reason(world, tmp_path, caplog):
     overrides = [*world["common"], f"run.dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}"]
     overrides += [f"data.source.paths=[{tmp_path / 'sa_0.tar'}]", f"data.source.captions={captions}"]
     with caplog.at_level(logging.WARNING, logger="tristage.data.cache"):
-        manifest = run_cache(load_config(CONFIG, overrides), Accelerator())
+        manifest = cache_stage(load_config(CONFIG, overrides), Accelerator())
     assert manifest["samples"] == 1
     (line,) = [r.getMessage() for r in caplog.records if r.name == "tristage.data.cache"]
     assert line.startswith(

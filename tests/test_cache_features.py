@@ -23,7 +23,6 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file
 
-from tristage.data.cache import run_cache
 from tristage.data.cache_format import tar_members
 from tristage.data.features import (
     CacheError,
@@ -38,6 +37,7 @@ from tristage.demo.encoders import write_demo_text_encoder
 from tristage.demo.run import source_overrides
 from tristage.train.cli import main as cli_main
 from tristage.train.config import Config, load_config
+from tristage.train.families import cache_stage, feature_encoders
 
 from .conftest import ROOT
 
@@ -104,7 +104,7 @@ def stage_overrides(
 
 
 def cache(cfg: Config) -> dict:
-    return run_cache(cfg, Accelerator())
+    return cache_stage(cfg, Accelerator())
 
 
 def shard_samples(cache_dir: Path) -> list[tuple[dict, dict[str, torch.Tensor]]]:
@@ -262,7 +262,7 @@ def test_rerun_with_other_resolution_is_one_line_then_rebuild(stage1, encoders, 
         "`tristage cache CONFIG --rebuild` to re-encode it"
     ]
     assert {p.name: p.read_bytes() for p in cache_copy.iterdir()} == before  # nothing touched
-    rebuilt = run_cache(load_config(stage_yaml(1), overrides), Accelerator(), rebuild=True)
+    rebuilt = cache_stage(load_config(stage_yaml(1), overrides), Accelerator(), rebuild=True)
     assert "re-encoding" in caplog.text and "different 'resolution'" in caplog.text
     assert rebuilt["fingerprint"]["resolution"] == "32" and rebuilt["samples"] == manifest["samples"]
     assert sorted(keys_of(cache_copy)) == sorted(keys_of(Path(cfg.data.cache_dir)))  # nothing lost
@@ -414,13 +414,14 @@ def test_resume_continues_with_the_next_batch(stage1, k):
 def test_fingerprint_mismatch_is_one_line_naming_the_field(stage1, encoders):
     cfg, _ = stage1
     cache_dir = Path(cfg.data.cache_dir)
-    FeatureLoader(cache_dir, spec(), expected=fingerprint(cfg))  # the matching config is accepted
+    matching = fingerprint(cfg.data, feature_encoders(cfg))
+    FeatureLoader(cache_dir, spec(), expected=matching)  # the matching config is accepted
     raw = Path(cfg.data.source.synsets).parent
     other = stage_config(1, raw, cache_dir, encoders, ["encoders.feature_dtype=float32"])
     with pytest.raises(
         CacheError, match=r"manifest.json: cache fingerprint disagrees .* on 'feature_dtype'"
     ) as err:
-        FeatureLoader(cache_dir, spec(), expected=fingerprint(other))
+        FeatureLoader(cache_dir, spec(), expected=fingerprint(other.data, feature_encoders(other)))
     assert "\n" not in str(err.value) and "float16" in str(err.value) and "float32" in str(err.value)
 
 
@@ -589,8 +590,8 @@ def test_trainer_keeps_the_buffer_through_resume_final_and_export(stage2, tmp_pa
     import copy
 
     from tristage.train.conversion.init_from import load_initial_weights
+    from tristage.train.families import family_of
     from tristage.train.inference.export import export
-    from tristage.train.models.families import family_of
     from tristage.train.training.null_caption import BUFFER_FILE, load_buffer
     from tristage.train.training.trainer import Trainer
 
@@ -710,7 +711,7 @@ def test_truncated_raw_tar_then_intact_one_needs_rebuild(tmp_path, encoders, cap
         f"{len(intact) // 2} -> {len(intact)} bytes); rerun `tristage cache CONFIG --rebuild` to re-read "
         "the changed units"
     ]
-    full = run_cache(load_config(stage_yaml(1), overrides), Accelerator(), rebuild=True)
+    full = cache_stage(load_config(stage_yaml(1), overrides), Accelerator(), rebuild=True)
     assert (
         f"re-encoding: features-00001.tar: its raw source changed since it was cached ({tar}" in caplog.text
     )
@@ -766,4 +767,4 @@ def test_vae_weights_edited_mid_file_are_detected(stage1, tmp_path, encoders, mo
     with pytest.raises(
         CacheError, match=r"manifest\.json: cache fingerprint disagrees with the config on 'vae'"
     ):
-        FeatureLoader(mine.data.cache_dir, spec(), expected=fingerprint(mine))
+        FeatureLoader(mine.data.cache_dir, spec(), expected=fingerprint(mine.data, feature_encoders(mine)))

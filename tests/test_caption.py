@@ -19,13 +19,14 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from tristage.data.cache import run_cache
 from tristage.data.caption import Captioner, CaptionError, part_done, parts_dir, resolve_dtype, run_caption
+from tristage.data.config import PAPER_CAPTION_PROMPT
 from tristage.data.sources import Skips, open_source
 from tristage.demo import synthetic
 from tristage.demo.captioner import write_captioner, write_next_captioner
 from tristage.train import cli
-from tristage.train.config import PAPER_CAPTION_PROMPT, load_config
+from tristage.train.config import load_config
+from tristage.train.families import cache_stage
 from tristage.train.training.trainer import Trainer
 
 from .conftest import ROOT, run_cli_2proc
@@ -154,7 +155,7 @@ def test_output_feeds_cache_and_a_short_stage2_run(world, tmp_path):
         "checkpoint.every=100",
     ]
     cfg = load_config(CONFIG, world["overrides"]("one", *extra))
-    manifest = run_cache(cfg, Accelerator())
+    manifest = cache_stage(cfg, Accelerator())
     assert manifest["samples"] == 7 and manifest["skipped"] == {"missing_caption": 1}  # sa_900: no caption
     Trainer(cfg).train()
     assert (tmp_path / "run" / "final").is_dir()

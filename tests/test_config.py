@@ -69,6 +69,21 @@ def test_bad_override_names_key(override, key):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.null_caption=zeros", "key 'data.null_caption': 'zeros' is not one of t5_empty, buffer"),
+        ("data.on_damaged=ignore", "key 'data.on_damaged': 'ignore' is not one of stop, skip"),
+    ],
+)
+def test_data_choices_are_checked_where_declared(override, message):
+    """data/config.py checks its own choices: any command's config load refuses a bad one."""
+    path = ROOT / "configs/demo/stage1.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert str(err.value) == f"{path}: {message}"
+
+
 def test_unknown_key_in_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "configs/demo/stage1.yaml").read_text() + "\nextra_section: {a: 1}\n")

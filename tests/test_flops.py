@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tristage.train.config import ModelConfig
-from tristage.train.models.families import family_of
+from tristage.train.families import family_of
 from tristage.train.models.flops import forward_flops_per_image, image_tokens, train_flops_per_image
 
 

@@ -17,8 +17,8 @@ from tristage.train.conversion.dit_layouts import (
 )
 from tristage.train.conversion.init_from import convert_dit_to_pixart, load_initial_weights
 from tristage.train.conversion.reparam import dit_to_pixart
+from tristage.train.families import family_of
 from tristage.train.models.dit import ClassConditionalDiT
-from tristage.train.models.families import family_of
 
 from .conftest import ROOT
 

@@ -1,9 +1,10 @@
-"""The install can't collide: our imports live under ``tristage.*``, so a user's own ``data/``,
-``train.py`` or ``bench.py`` in the working folder never shadows them (issue: a layout that shows the
-architecture, item 7)."""
+"""The layout holds (issue 16, a layout that shows the architecture): the install can't collide (our
+imports live under ``tristage.*``, so a user's own ``data/``, ``train.py`` or ``bench.py`` in the working
+folder never shadows them, item 7), no module imports upward (item 2), and the README map is true."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from tristage.bench import resume as bench_resume
 
+ROOT = Path(__file__).resolve().parents[1]
 SHADOWS = {
     "data/__init__.py": 'raise ImportError("the user\'s own data package was imported")\n',
     "train.py": 'raise ImportError("the user\'s own train.py was imported")\n',
@@ -71,3 +73,57 @@ def test_readme_map_names_every_module():
     }
     assert sorted(modules - named) == [], "modules missing from the README map"
     assert sorted(named - modules - {"__init__.py"}) == [], "the README map names files that don't exist"
+
+
+def imported_modules(path: Path, package: str) -> set[str]:
+    """Every module ``path`` (in ``package``) imports, at the top or inside a function: ``import a.b``,
+    ``from a import b`` (both ``a`` and ``a.b``), relative imports, and ``import_module("a.b")``."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith("import_module"):
+            names.update(a.value for a in node.args if isinstance(a, ast.Constant))
+    return names
+
+
+def upward_imports(folder: Path, package: str, forbidden: str) -> list[str]:
+    """``file imports module`` for each import of ``forbidden`` (or below it) by a module under ``folder``."""
+    found = []
+    for path in sorted(folder.rglob("*.py")):
+        inner = ".".join([package, *path.relative_to(folder).parent.parts])
+        for name in sorted(imported_modules(path, inner)):
+            if name == forbidden or name.startswith(forbidden + "."):
+                found.append(f"{path.relative_to(folder.parent)} imports {name}")
+    return found
+
+
+def test_no_module_imports_upward():
+    """``data/`` imports nothing from ``train/``; models import nothing from training."""
+    assert upward_imports(ROOT / "data", "tristage.data", "tristage.train") == []
+    assert upward_imports(ROOT / "train/models", "tristage.train.models", "tristage.train.training") == []
+
+
+@pytest.mark.parametrize(
+    ("line", "caught"),
+    [
+        ("import tristage.train.training.ema", True),
+        ("from tristage.train.training.ema import EMA", True),
+        ("from tristage.train import training", True),
+        ("from ..training import ema", True),  # relative, from train/models/
+        ("def f():\n    from tristage.train.training import ema", True),  # lazy
+        ("importlib.import_module('tristage.train.training.ema')", True),
+        ("from tristage.train.models import dit", False),
+        ("from . import dit", False),
+    ],
+)
+def test_the_import_check_sees_every_form(tmp_path, line, caught):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.py").write_text(line + "\n")
+    found = upward_imports(tmp_path / "models", "tristage.train.models", "tristage.train.training")
+    assert bool(found) is caught, found

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tristage.train.config import load_config
+from tristage.train.families import family_of
 from tristage.train.models.dit import ClassConditionalDiT, build_dit
-from tristage.train.models.families import family_of
 from tristage.train.models.sizes import SIZES, size_of
 
 from .conftest import ROOT

@@ -21,8 +21,8 @@ from tristage.train.cli import main
 from tristage.train.config import ConfigError, load_config
 from tristage.train.conversion.dit_layouts import dit_to_diffusers
 from tristage.train.conversion.init_from import load_initial_weights
+from tristage.train.families import family_of
 from tristage.train.models.dit import ClassConditionalDiT
-from tristage.train.models.families import family_of
 
 from .test_handoff import official_pos_embed, random_dit
 

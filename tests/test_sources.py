@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tristage.data.config import SourceConfig
 from tristage.data.sources import (
     AestheticFolder,
     ImageNetFolders,
@@ -24,7 +25,6 @@ from tristage.data.sources import (
     open_source,
 )
 from tristage.demo import synthetic
-from tristage.train.config import SourceConfig
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (40, 32), colour=(200, 30, 30)) -> bytes:

@@ -16,7 +16,7 @@ import torch
 from tristage.bench import resume as bench_resume
 from tristage.train.cli import main as cli_main
 from tristage.train.config import ConfigError, ModelConfig, check_train_options, load_config
-from tristage.train.models.families import family_of
+from tristage.train.families import family_of
 from tristage.train.models.speed import compile_blocks, enable_checkpointing
 from tristage.train.training import checkpoint as ckpt
 from tristage.train.training.trainer import Trainer

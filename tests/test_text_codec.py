@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
+from tristage.data.config import DataConfig, EncoderConfig
 from tristage.data.text_codec import FP8_MAX, decode_text_feature, encode_text_feature
-from tristage.train.config import Config
 
 
 def test_fp8_round_trip_is_close_and_half_the_bytes():
@@ -34,8 +34,7 @@ def test_casts_and_unknown_name():
 def test_fingerprint_tracks_text_dtype():
     from tristage.data.fingerprint import fingerprint
 
-    cfg = Config()
-    cfg.model.family, cfg.encoders.text_encoder = "pixart", "/nonexistent/t5"
-    a = fingerprint(cfg)
-    cfg.encoders.text_feature_dtype = "float8_e4m3fn"
-    assert fingerprint(cfg)["text_feature_dtype"] != a["text_feature_dtype"]
+    data, enc = DataConfig(), EncoderConfig(text_encoder="/nonexistent/t5")
+    a = fingerprint(data, enc)
+    enc.text_feature_dtype = "float8_e4m3fn"
+    assert fingerprint(data, enc)["text_feature_dtype"] != a["text_feature_dtype"]

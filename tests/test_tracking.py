@@ -119,7 +119,8 @@ def pixart_validation_config(tmp_path: Path, *overrides: str):
         ROOT / "configs/demo/stage3.yaml", [*base, "validation.prompts=[a red circle,a blue square]"]
     )
     (tmp_path / "cache").mkdir()
-    write_validation_prompts(cfg, Encoders.load(cfg, torch.device("cpu")), tmp_path / "cache")
+    encoders = Encoders.load(cfg.encoders, torch.device("cpu"))
+    write_validation_prompts(cfg.validation.prompts, cfg.encoders, encoders, tmp_path / "cache")
     return load_config(ROOT / "configs/demo/stage3.yaml", [*base, *overrides])
 
 

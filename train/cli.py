@@ -52,13 +52,13 @@ def cmd_caption(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
-    from tristage.data.cache import run_cache
     from tristage.train.config import check_cache_paths, load_config
+    from tristage.train.families import cache_stage
 
     cfg = load_config(args.config, args.overrides)
     check_cache_paths(cfg, args.config)
     # rank 0 logs the summary (samples, skips by reason, images/s)
-    run_cache(cfg, Accelerator(), rebuild=args.rebuild)
+    cache_stage(cfg, Accelerator(), rebuild=args.rebuild)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -10,8 +10,6 @@ import torch.utils.checkpoint
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from tristage.train.models.families import family_of
-
 
 def _use_sdpa(model: nn.Module) -> None:
     """PyTorch's fused scaled_dot_product_attention (diffusers' default processor)."""
@@ -62,10 +60,13 @@ def compile_blocks(model: nn.Module) -> None:
         block.compile()
 
 
-def build_for_training(cfg, out_channels: int, compile: bool = False) -> nn.Module:
-    """A fresh model of ``cfg`` (a ModelConfig) with its attention backend, checkpointing and, with
-    ``compile``, per-block ``torch.compile`` applied -- what the Trainer and ``bench train`` run."""
-    model = family_of(cfg.family).build(cfg, out_channels)
+def build_for_training(
+    build: Callable[..., nn.Module], cfg, out_channels: int, compile: bool = False
+) -> nn.Module:
+    """A fresh model ``build(cfg, out_channels)`` (its family's builder, ``cfg`` a ModelConfig) with its
+    attention backend, checkpointing and, with ``compile``, per-block ``torch.compile`` applied -- what
+    the Trainer and ``bench train`` run."""
+    model = build(cfg, out_channels)
     set_attention_backend(model, cfg.attention_backend)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model, cfg.checkpoint_blocks)

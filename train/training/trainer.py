@@ -42,7 +42,7 @@ from tristage.data.fingerprint import fingerprint
 from tristage.train.config import Config, check_train_options, save_config
 from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.diffusion.objective import Objective
-from tristage.train.models.families import family_of
+from tristage.train.families import family_of, feature_encoders
 from tristage.train.models.speed import build_for_training
 from tristage.train.training import null_caption, sharding, tracking, validation
 from tristage.train.training.checkpointer import Checkpointer, Saved
@@ -84,7 +84,7 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         """The family's model with the configured attention, checkpointing and compilation."""
         out_channels = self.cfg.model.in_channels * (2 if self.cfg.objective.learn_sigma else 1)
-        return build_for_training(self.cfg.model, out_channels, self.cfg.train.compile)
+        return build_for_training(self.family.build, self.cfg.model, out_channels, self.cfg.train.compile)
 
     def _optimizer(self) -> None:
         """AdamW over the model's (current) parameters and its LR schedule."""
@@ -133,7 +133,8 @@ class Trainer:
             on_damaged=self.cfg.data.on_damaged,
             micro_batches=self.cfg.train.grad_accum,
         )
-        return FeatureLoader(self.cfg.data.cache_dir, spec, expected=fingerprint(self.cfg))
+        expected = fingerprint(self.cfg.data, feature_encoders(self.cfg))  # what the cache must hold
+        return FeatureLoader(self.cfg.data.cache_dir, spec, expected=expected)
 
     # -- the run -------------------------------------------------------------------
     def train(self) -> dict:

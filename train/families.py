@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from diffusers import PixArtTransformer2DModel
 
+from tristage.data.config import EncoderConfig
+from tristage.train.config import Config
 from tristage.train.models.dit import ClassConditionalDiT, build_dit
 from tristage.train.models.pixart import build_pixart
 from tristage.train.models.sizes import size_of
@@ -32,6 +34,7 @@ class Family:
     model_class: type  # diffusers-style class with from_pretrained / save_pretrained
     build: object  # (ModelConfig, out_channels) -> model
     inputs: object  # batch -> model keyword arguments
+    needs_text: bool  # conditioned on T5 caption features (else on class labels: no T5 anywhere)
 
 
 def _build_dit(cfg, out_channels: int) -> ClassConditionalDiT:
@@ -60,8 +63,8 @@ def _build_pixart(cfg, out_channels: int) -> PixArtTransformer2DModel:
 
 
 FAMILIES: dict[str, Family] = {
-    "dit": Family(ClassConditionalDiT, _build_dit, dit_inputs),
-    "pixart": Family(PixArtTransformer2DModel, _build_pixart, pixart_inputs),
+    "dit": Family(ClassConditionalDiT, _build_dit, dit_inputs, needs_text=False),
+    "pixart": Family(PixArtTransformer2DModel, _build_pixart, pixart_inputs, needs_text=True),
 }
 
 
@@ -69,3 +72,18 @@ def family_of(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"model.family: unknown family {name!r}; known: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def feature_encoders(cfg: Config) -> EncoderConfig:
+    """The encoders whose features the run's family trains on: a family without text caches no T5
+    (``data/`` reads ``text_encoder: None`` as "class-conditional"), whatever ``encoders:`` names."""
+    if family_of(cfg.model.family).needs_text:
+        return cfg.encoders
+    return replace(cfg.encoders, text_encoder=None)
+
+
+def cache_stage(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
+    """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts."""
+    from tristage.data.cache import run_cache
+
+    return run_cache(cfg.data, feature_encoders(cfg), accelerator, cfg.validation.prompts, rebuild)

@@ -1,0 +1,101 @@
+"""The data side's typed config: raw source, feature cache and loader, frozen encoders, re-captioning.
+
+These sections sit beside the code that reads them, so ``data/`` never imports ``train/``;
+``train/config.py`` composes them into the run's ``Config`` (YAML keys ``data:``, ``encoders:``,
+``caption:``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the file and the key."""
+
+
+NULL_CAPTIONS = ("t5_empty", "buffer")  # data.null_caption (train/training/null_caption.py)
+ON_DAMAGED = ("stop", "skip")  # data.on_damaged (data/features.py FeatureLoader._intact_rows)
+
+
+@dataclass
+class SourceConfig:
+    kind: str = MISSING  # raw reader, a key of data.sources.SOURCES: imagenet_wds, imagenet_folders, ...
+    paths: list[str] = field(default_factory=list)  # shard globs, tar files or folders to read
+    captions: str | None = None  # id -> caption (JSON/JSONL/tar/ID.txt dir): sam_llava; wds: over its own
+    metadata: str | None = None  # aesthetic_folder: JSONL or parquet with file, caption, aesthetic_score
+    synsets: str | None = None  # imagenet: "synset name" lines; line order = class index
+    min_aesthetic: float = 0.0  # aesthetic sets: keep only images scoring above this
+
+
+@dataclass
+class DataConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)  # where the raw images come from
+    cache_dir: str = MISSING  # feature shards + manifest written by `tristage cache`
+    resolution: int = 256  # base pixel resolution of the bucket table
+    multi_aspect: bool = False  # bucket by aspect ratio (PixArt tables) instead of a square crop
+    batch_size: int = 32  # per-process micro-batch (global batch = batch_size * processes * train.grad_accum)
+    shuffle_buffer: int = 1000  # samples held for shuffling
+    cond_dropout: float = 0.1  # caption/class dropout for classifier-free guidance
+    null_caption: str = "t5_empty"  # dropped captions become t5_empty (T5("")) | buffer (the official null)
+    on_damaged: str = "stop"  # a cached sample failing its checksum: "stop" the run, or "skip" and count it
+
+    def __post_init__(self) -> None:
+        check_choice("data.null_caption", self.null_caption, NULL_CAPTIONS)
+        check_choice("data.on_damaged", self.on_damaged, ON_DAMAGED)
+
+
+@dataclass
+class EncoderConfig:
+    vae: str = "stabilityai/sd-vae-ft-ema"  # AutoencoderKL hub id or local folder (frozen)
+    text_encoder: str | None = "google/t5-v1_1-xxl"  # T5 encoder hub id or folder; null for stage 1
+    tokenizer: str | None = "google/t5-v1_1-xxl"  # tokenizer hub id or folder
+    max_tokens: int = 120  # T5 token budget (captions are truncated to this)
+    feature_dtype: str = "bfloat16"  # dtype of the cached VAE posterior mean and std
+    text_feature_dtype: str = "bfloat16"  # cached T5: bfloat16 | float16 | float32 | float8_e4m3fn (scaled)
+    batch_size: int = 16  # images per encoder forward in the cache pass
+
+
+# PixArt-alpha §2.2: SAM images re-captioned by LLaVA with this prompt.
+PAPER_CAPTION_PROMPT = "Describe this image and its style in a very detailed manner"
+CAPTION_DTYPES = ("auto", "bfloat16", "float16", "float32")  # caption.dtype choices
+
+
+@dataclass
+class CaptionConfig:
+    model: str = "llava-hf/llava-1.5-7b-hf"  # VLM hub id or folder: LLaVA, LLaVA-NeXT, any image-text-to-text
+    prompt: str = PAPER_CAPTION_PROMPT  # the instruction given with every image
+    max_new_tokens: int = 256  # caption length budget in generated tokens
+    batch_size: int = 16  # images per generate() call
+    sort_window: int = 8  # batches read ahead and sorted by image size, so a batch pads little
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float16 | float32
+    do_sample: bool = False  # false: greedy (reproducible); true: sample with temperature and top_p
+    temperature: float = 0.7  # sampling temperature (do_sample only)
+    top_p: float = 0.9  # nucleus sampling mass (do_sample only)
+    seed: int = 0  # sampling seed; unit i samples from seed + i, so a rerun repeats it
+    hint: bool = False  # give the reader's existing caption (alt-text) to the model as a hint
+    hint_prompt: str = "{prompt}. An existing caption, which may be wrong: {hint}"  # prompt with a hint
+    output: str | None = None  # caption JSONL to write ({"id", "caption"} per line); parts in OUTPUT.parts/
+
+    def __post_init__(self) -> None:
+        for key in ("max_new_tokens", "batch_size", "sort_window"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key 'caption.{key}': must be >= 1, got {getattr(self, key)}")
+        if self.dtype not in CAPTION_DTYPES:
+            raise ConfigError(
+                f"key 'caption.dtype': {self.dtype!r} is not one of {', '.join(CAPTION_DTYPES)}"
+            )
+        if not self.temperature > 0:
+            raise ConfigError(f"key 'caption.temperature': must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"key 'caption.top_p': must be in (0, 1], got {self.top_p}")
+        if "{prompt}" not in self.hint_prompt or "{hint}" not in self.hint_prompt:
+            raise ConfigError("key 'caption.hint_prompt': must contain {prompt} and {hint}")
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """One line naming ``key`` when ``value`` is not one of ``choices`` (the loader adds the file)."""
+    if value not in choices:
+        raise ConfigError(f"key '{key}': {value!r} is not one of {', '.join(choices)}")
