@@ -127,3 +127,81 @@ def test_the_import_check_sees_every_form(tmp_path, line, caught):
     (tmp_path / "models" / "m.py").write_text(line + "\n")
     found = upward_imports(tmp_path / "models", "tristage.train.models", "tristage.train.training")
     assert bool(found) is caught, found
+
+
+def _constants(node: ast.expr) -> set:
+    """The constant(s) ``node`` is: ``"dit"``, or the items of ``("dit", "pixart")``."""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return {item.value for item in items if isinstance(item, ast.Constant)}
+
+
+def family_branches(path: Path, names: set[str]) -> list[str]:
+    """``file:line`` of every comparison or ``case`` on a family name (``x == "dit"``, ``"pixart" in x``,
+    ``cfg.model.family != y``, ``case "dit":``): code should ask the family's spec instead."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            named = any(_constants(s) & names for s in sides)
+            family = any(ast.unparse(s).split(".")[-1] == "family" for s in sides)
+            if named or family:
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.match_case) and isinstance(node.pattern, ast.MatchValue):
+            if getattr(node.pattern.value, "value", None) in names:
+                found.append(f"{path.name}:{node.pattern.lineno}: case {ast.unparse(node.pattern)}")
+    return found
+
+
+def test_no_branch_on_a_family_name():
+    """Model-family dispatch has one key: ``train/families.py`` FAMILIES (issue 16 item 5)."""
+    from tristage.train.families import FAMILIES
+
+    found = [
+        hit
+        for folder in ("train", "data")
+        for p in sorted((ROOT / folder).rglob("*.py"))
+        for hit in family_branches(p, set(FAMILIES))
+    ]
+    assert found == []
+
+
+@pytest.mark.parametrize(
+    ("code", "caught"),
+    [
+        ('if cfg.model.family == "dit":\n    pass', True),
+        ('x = a if self.cfg.model.family != "pixart" else b', True),
+        ('if "dit" == name:\n    pass', True),
+        ('ok = kind in ("dit", "x")', True),
+        ('ok = family in ("dit", "pixart")', True),
+        ('match name:\n    case "pixart":\n        pass', True),
+        ('FAMILIES = {"dit": 1, "pixart": 2}\nspec = family_of("dit")', False),
+        ("if family.needs_text:\n    pass", False),
+    ],
+)
+def test_the_branch_check_sees_every_form(tmp_path, code, caught):
+    (tmp_path / "m.py").write_text(code + "\n")
+    assert bool(family_branches(tmp_path / "m.py", {"dit", "pixart"})) is caught
+
+
+def pipeline_constructions(path: Path) -> list[str]:
+    """``file:line`` of every direct construction of a diffusers pipeline (``DiTPipeline(...)``)."""
+    return [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1].endswith("Pipeline")
+    ]
+
+
+def test_export_and_validation_share_one_pipeline_builder():
+    """Only ``train/inference/pipelines.py`` builds a pipeline from parts: export and validation both
+    take it from the family's spec, so a grid shows the model a user loads."""
+    from tristage.train.families import FAMILIES
+
+    found = [
+        hit
+        for folder in ("train", "data")
+        for p in (ROOT / folder).rglob("*.py")
+        for hit in pipeline_constructions(p)
+    ]
+    assert found and {hit.split(":")[0] for hit in found} == {"train/inference/pipelines.py"}
+    assert {spec.pipeline.__module__ for spec in FAMILIES.values()} == {"tristage.train.inference.pipelines"}

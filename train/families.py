@@ -1,13 +1,20 @@
-"""One spec per model family: how the trainer builds, feeds and reloads it."""
+"""One spec per model family (``model.family``): how the trainer builds, feeds and initialises it, and
+the pipeline that export and validation share.  Everything that differs between the families is
+here; the rest of the code asks the spec and never branches on the family's name.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from diffusers import PixArtTransformer2DModel
 
+from tristage.data.cache import run_cache
 from tristage.data.config import EncoderConfig
 from tristage.train.config import Config
+from tristage.train.conversion.converters import DIT_CONVERTERS, PIXART_CONVERTERS, Converter
+from tristage.train.inference.pipelines import dit_pipeline, pixart_pipeline
 from tristage.train.models.dit import ClassConditionalDiT, build_dit
 from tristage.train.models.pixart import build_pixart
 from tristage.train.models.sizes import size_of
@@ -29,12 +36,14 @@ def pixart_inputs(batch: dict) -> dict:
 
 @dataclass(frozen=True)
 class Family:
-    """How the trainer builds, feeds and reloads one model family."""
+    """How the trainer builds, feeds and initialises one model family, and its diffusers pipeline."""
 
     model_class: type  # diffusers-style class with from_pretrained / save_pretrained
-    build: object  # (ModelConfig, out_channels) -> model
-    inputs: object  # batch -> model keyword arguments
+    build: Callable  # (ModelConfig, out_channels) -> model
+    inputs: Callable[[dict], dict]  # batch -> model keyword arguments (its conditioning)
     needs_text: bool  # conditioned on T5 caption features (else on class labels: no T5 anywhere)
+    converters: Mapping[str, Converter]  # init_from source kind -> conversion into this family
+    pipeline: Callable  # (transformer, vae, scheduler, text_encoder, tokenizer) -> diffusers pipeline
 
 
 def _build_dit(cfg, out_channels: int) -> ClassConditionalDiT:
@@ -63,8 +72,11 @@ def _build_pixart(cfg, out_channels: int) -> PixArtTransformer2DModel:
 
 
 FAMILIES: dict[str, Family] = {
-    "dit": Family(ClassConditionalDiT, _build_dit, dit_inputs, needs_text=False),
-    "pixart": Family(PixArtTransformer2DModel, _build_pixart, pixart_inputs, needs_text=True),
+    # name: Family(model class, build, inputs, needs_text, converters (init_from), pipeline builder)
+    "dit": Family(ClassConditionalDiT, _build_dit, dit_inputs, False, DIT_CONVERTERS, dit_pipeline),
+    "pixart": Family(
+        PixArtTransformer2DModel, _build_pixart, pixart_inputs, True, PIXART_CONVERTERS, pixart_pipeline
+    ),
 }
 
 
@@ -84,6 +96,4 @@ def feature_encoders(cfg: Config) -> EncoderConfig:
 
 def cache_stage(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
     """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts."""
-    from tristage.data.cache import run_cache
-
     return run_cache(cfg.data, feature_encoders(cfg), accelerator, cfg.validation.prompts, rebuild)

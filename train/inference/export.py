@@ -1,8 +1,9 @@
-"""Export a finished stage to a diffusers pipeline folder.
+"""Export a finished stage to a diffusers pipeline folder, built by its family's pipeline builder
+(``train/inference/pipelines.py``, the one validation samples with):
 
 * stage 1 (``ClassConditionalDiT``) -> ``DiTPipeline`` with ``id2label`` in
   ``model_index.json`` (``save_pretrained`` does not write it by itself);
-* stages 2-3 (``PixArtTransformer2DModel``) -> ``PixArtAlphaPipeline``.
+* stages 2-3 (``PixArtTransformer2DModel``) -> ``PixArtAlphaPipeline`` with the T5 and tokenizer.
 
 The scheduler is a DPM-Solver++ built from the training noise schedule
 (``Objective.scheduler_kwargs``), so sampling matches training.  The CFG null
@@ -21,25 +22,20 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DiTPipeline, DPMSolverMultistepScheduler, PixArtAlphaPipeline
+from diffusers import AutoencoderKL
 
 from tristage.data.cache_format import MANIFEST
 from tristage.data.sources import class_names
 from tristage.train.config import Config, load_config
 from tristage.train.conversion.init_from import model_folder, source_class
-from tristage.train.diffusion.objective import Objective
+from tristage.train.families import Family, family_of
+from tristage.train.inference.pipelines import scheduler_for
 from tristage.train.inference.sample import TRAINING_SIZE
-from tristage.train.models.dit import ClassConditionalDiT
 from tristage.train.training.null_caption import BUFFER_FILE
 
 log = logging.getLogger(__name__)
-
-
-def scheduler_for(cfg: Config) -> DPMSolverMultistepScheduler:
-    return DPMSolverMultistepScheduler(**Objective(cfg.objective).scheduler_kwargs())
 
 
 def id2label(cfg: Config) -> dict[str, str]:
@@ -52,31 +48,37 @@ def id2label(cfg: Config) -> dict[str, str]:
     return {str(k): v for k, v in class_names(cfg.data.source).items()}
 
 
-def export_dit(folder: Path, cfg: Config, out: Path) -> None:
-    from tristage.train.conversion.dit_layouts import dit_to_diffusers
-
-    transformer = dit_to_diffusers(ClassConditionalDiT.from_pretrained(folder))
-    pipe = DiTPipeline(
-        transformer=transformer,
-        vae=AutoencoderKL.from_pretrained(cfg.encoders.vae),
-        scheduler=scheduler_for(cfg),
-    )
-    pipe.register_to_config(id2label=id2label(cfg))
-    pipe.save_pretrained(out, safe_serialization=True)
-
-
-def export_pixart(folder: Path, cfg: Config, out: Path) -> None:
-    from diffusers import PixArtTransformer2DModel
+def text_parts(cfg: Config, family: Family) -> tuple:
+    """(T5 encoder, tokenizer) for a text family's pipeline; none for a class-conditional one."""
+    if not family.needs_text:
+        return None, None
     from transformers import AutoTokenizer, T5EncoderModel
 
-    pipe = PixArtAlphaPipeline(
-        tokenizer=AutoTokenizer.from_pretrained(cfg.encoders.tokenizer),
-        text_encoder=T5EncoderModel.from_pretrained(cfg.encoders.text_encoder),
-        vae=AutoencoderKL.from_pretrained(cfg.encoders.vae),
-        transformer=PixArtTransformer2DModel.from_pretrained(folder),
-        scheduler=scheduler_for(cfg),
-    )
+    text_encoder = T5EncoderModel.from_pretrained(cfg.encoders.text_encoder)
+    return text_encoder, AutoTokenizer.from_pretrained(cfg.encoders.tokenizer)
+
+
+def export(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the pipeline folder for the finished run in ``run_dir`` (its ``final/``)."""
+    final = Path(run_dir) / "final"
+    if not (final / "config.yaml").is_file():
+        raise FileNotFoundError(f"{final}: no finished stage here (final/config.yaml missing)")
+    cfg = load_config(final / "config.yaml")
+    folder, family = model_folder(final), family_of(cfg.model.family)
+    source_class(folder)  # a final/ without its model: the one-line "holds no model" error
+    vae = AutoencoderKL.from_pretrained(cfg.encoders.vae)
+    transformer = family.model_class.from_pretrained(folder)
+    pipe = family.pipeline(transformer, vae, scheduler_for(cfg.objective), *text_parts(cfg, family))
+    if not family.needs_text:  # class-conditional: the label names go with the pipeline
+        pipe.register_to_config(id2label=id2label(cfg))
     pipe.save_pretrained(out, safe_serialization=True)
+    keep_null_buffer(folder, Path(out))
+    write_trained_size(cfg, Path(out))
+    return Path(out)
+
+
+def keep_null_buffer(folder: Path, out: Path) -> None:
+    """A null-caption buffer the stage trained with (``data.null_caption: buffer``) goes with the pipeline."""
     buffer = folder.parent / BUFFER_FILE
     if buffer.is_file():
         shutil.copy2(buffer, out / BUFFER_FILE)
@@ -87,24 +89,6 @@ def export_pixart(folder: Path, cfg: Config, out: Path) -> None:
             out,
             BUFFER_FILE,
         )
-
-
-EXPORTERS: dict[str, Callable[[Path, Config, Path], None]] = {
-    "ClassConditionalDiT": export_dit,
-    "PixArtTransformer2DModel": export_pixart,
-}
-
-
-def export(run_dir: str | Path, out: str | Path) -> Path:
-    """Write the pipeline folder for the finished run in ``run_dir`` (its ``final/``)."""
-    final = Path(run_dir) / "final"
-    if not (final / "config.yaml").is_file():
-        raise FileNotFoundError(f"{final}: no finished stage here (final/config.yaml missing)")
-    cfg = load_config(final / "config.yaml")
-    folder = model_folder(final)
-    EXPORTERS[source_class(folder)](folder, cfg, Path(out))
-    write_trained_size(cfg, Path(out))
-    return Path(out)
 
 
 def write_trained_size(cfg: Config, out: Path) -> None:

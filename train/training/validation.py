@@ -1,12 +1,12 @@
 """Validation sample grids: every ``validation.every`` steps rank 0 samples with the EMA weights.
 
-Stage 1 (DiT) goes through the export path (``dit_layouts.dit_to_diffusers`` + ``DiTPipeline``) with
-``validation.class_labels``; stages 2-3 build a ``PixArtAlphaPipeline`` in memory around the live
-transformer with ``validation.prompts``, whose T5 features the cache pass computed on the accelerator
-(``data/cache.py`` write_validation_prompts): no T5 is loaded here, so no rank runs T5-XXL on its CPU
-while the others wait, and none holds its ~9 GB next to training.  Sampling uses a
-fixed seed and a forked RNG, so validation never changes the training run's random stream.  The grid
-goes to ``run.dir/validation/step_NNNNNNN.png`` and to the tracker (W&B image).
+The pipeline is the one export saves: the family's builder (``train/inference/pipelines.py``) around
+the live transformer.  A class-conditional family (stage 1, DiT) samples ``validation.class_labels``;
+a text family (stages 2-3, PixArt) samples ``validation.prompts``, whose T5 features the cache pass
+computed on the accelerator (``data/cache.py`` write_validation_prompts): no T5 is loaded here, so no
+rank runs T5-XXL on its CPU while the others wait, and none holds its ~9 GB next to training.  Sampling
+uses a fixed seed and a forked RNG, so validation never changes the training run's random stream.  The
+grid goes to ``run.dir/validation/step_NNNNNNN.png`` and to the tracker (W&B image).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 
 from tristage.train.config import Config
+from tristage.train.families import Family, family_of
 from tristage.train.inference.grid import grid
+from tristage.train.inference.pipelines import scheduler_for
 from tristage.train.training import sharding
 
 
@@ -33,9 +35,11 @@ class Validator:
     prompt_embeds: tuple[torch.Tensor, ...] | None = None  # what the pipeline gets (the run's null)
     null_buffer: torch.Tensor | None = None  # data.null_caption: buffer -- the null training drops to
     written: list[Path] = field(default_factory=list)
+    family: Family = field(init=False)  # the run's model family: its pipeline and conditioning
 
     def __post_init__(self) -> None:
-        if self.cfg.validation.every > 0 and self.cfg.model.family != "dit" and self._conditions():
+        self.family = family_of(self.cfg.model.family)
+        if self.cfg.validation.every > 0 and self.family.needs_text and self._conditions():
             self.cached = load_prompt_features(self.cfg)  # at start-up: a missing or stale file fails early
 
     def due(self, step: int) -> bool:
@@ -44,7 +48,7 @@ class Validator:
 
     def _conditions(self) -> list:
         v = self.cfg.validation
-        return list(v.class_labels) if self.cfg.model.family == "dit" else list(v.prompts)
+        return list(v.prompts) if self.family.needs_text else list(v.class_labels)
 
     def maybe_run(self, step: int, accelerator, model: torch.nn.Module, ema) -> Path | None:
         """Sample, save and log the grid when ``step`` is a validation step (rank 0; others wait)."""
@@ -66,12 +70,13 @@ class Validator:
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module) -> list[Image.Image]:
-        pipe = self._dit_pipeline(model) if self.cfg.model.family == "dit" else self._pixart_pipeline(model)
+        # No text parts: a text family is given the cached prompt features (no T5 is loaded here).
+        pipe = self.family.pipeline(model, self._vae(model.device), scheduler_for(self.cfg.objective))
         pipe.set_progress_bar_config(disable=True)
         v = self.cfg.validation
         g = torch.Generator().manual_seed(v.seed)
         common = {"guidance_scale": v.guidance, "num_inference_steps": v.steps, "generator": g}
-        if self.cfg.model.family == "dit":
+        if not self.family.needs_text:
             return pipe(list(v.class_labels), **common).images
         embeds, mask, null, null_mask = self._embeddings(model.device)
         side = self.cfg.data.resolution  # model.sample_size may be a pos-embed base only (the demo's)
@@ -93,29 +98,6 @@ class Validator:
         if self.vae is None:
             self.vae = AutoencoderKL.from_pretrained(self.cfg.encoders.vae).eval().requires_grad_(False)
         return self.vae.to(device)
-
-    def _dit_pipeline(self, model: torch.nn.Module):
-        from diffusers import DiTPipeline
-
-        from tristage.train.conversion.dit_layouts import dit_to_diffusers
-        from tristage.train.inference.export import scheduler_for
-
-        transformer = dit_to_diffusers(model).to(model.device).eval()
-        vae = self._vae(model.device)
-        return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler_for(self.cfg))
-
-    def _pixart_pipeline(self, model: torch.nn.Module):
-        from diffusers import PixArtAlphaPipeline
-
-        from tristage.train.inference.export import scheduler_for
-
-        return PixArtAlphaPipeline(
-            tokenizer=None,
-            text_encoder=None,
-            vae=self._vae(model.device),
-            transformer=model,
-            scheduler=scheduler_for(self.cfg),
-        )
 
     def _embeddings(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(prompt features, mask, null features, mask): the cache pass's, with the run's null."""
