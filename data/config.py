@@ -18,6 +18,9 @@ class ConfigError(ValueError):
 
 NULL_CAPTIONS = ("t5_empty", "buffer")  # data.null_caption (train/training/null_caption.py)
 ON_DAMAGED = ("stop", "skip")  # data.on_damaged (data/features.py FeatureLoader._intact_rows)
+FEATURE_DTYPES = ("bfloat16", "float16", "float32")  # encoders.feature_dtype (data/cache.py DTYPES)
+# encoders.text_feature_dtype (data/text_codec.py TEXT_CODECS)
+TEXT_FEATURE_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 
 
 @dataclass
@@ -57,6 +60,10 @@ class EncoderConfig:
     text_feature_dtype: str = "bfloat16"  # cached T5: bfloat16 | float16 | float32 | float8_e4m3fn (scaled)
     batch_size: int = 16  # images per encoder forward in the cache pass
 
+    def __post_init__(self) -> None:
+        check_choice("encoders.feature_dtype", self.feature_dtype, FEATURE_DTYPES)
+        check_choice("encoders.text_feature_dtype", self.text_feature_dtype, TEXT_FEATURE_DTYPES)
+
 
 # PixArt-alpha §2.2: SAM images re-captioned by LLaVA with this prompt.
 PAPER_CAPTION_PROMPT = "Describe this image and its style in a very detailed manner"
@@ -83,10 +90,7 @@ class CaptionConfig:
         for key in ("max_new_tokens", "batch_size", "sort_window"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key 'caption.{key}': must be >= 1, got {getattr(self, key)}")
-        if self.dtype not in CAPTION_DTYPES:
-            raise ConfigError(
-                f"key 'caption.dtype': {self.dtype!r} is not one of {', '.join(CAPTION_DTYPES)}"
-            )
+        check_choice("caption.dtype", self.dtype, CAPTION_DTYPES)
         if not self.temperature > 0:
             raise ConfigError(f"key 'caption.temperature': must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -74,6 +74,8 @@ def test_bad_override_names_key(override, key):
     [
         ("data.null_caption=zeros", "key 'data.null_caption': 'zeros' is not one of t5_empty, buffer"),
         ("data.on_damaged=ignore", "key 'data.on_damaged': 'ignore' is not one of stop, skip"),
+        ("encoders.feature_dtype=fp8", "key 'encoders.feature_dtype': 'fp8' is not one of bfloat16, float16"),
+        ("encoders.text_feature_dtype=int4", "key 'encoders.text_feature_dtype': 'int4' is not one of"),
     ],
 )
 def test_data_choices_are_checked_where_declared(override, message):
@@ -81,7 +83,15 @@ def test_data_choices_are_checked_where_declared(override, message):
     path = ROOT / "configs/demo/stage1.yaml"
     with pytest.raises(ConfigError) as err:
         load_config(path, [override])
-    assert str(err.value) == f"{path}: {message}"
+    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+
+
+def test_encoder_dtype_choices_are_the_ones_the_cache_pass_knows():
+    from tristage.data.cache import DTYPES
+    from tristage.data.config import FEATURE_DTYPES, TEXT_FEATURE_DTYPES
+    from tristage.data.text_codec import TEXT_CODECS
+
+    assert FEATURE_DTYPES == tuple(DTYPES) and TEXT_FEATURE_DTYPES == tuple(TEXT_CODECS)
 
 
 def test_unknown_key_in_yaml(tmp_path):

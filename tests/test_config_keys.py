@@ -1,7 +1,8 @@
 """No dead keys: every field declared in the typed config (nested sections included) is read by the code.
 
-A field counts as read when some module of the package, other than train/config.py itself (where it is
-declared, and at most validated), loads an attribute of that name.  The check is by name, so a generic
+A field counts as read when some module of the package, other than the config modules themselves
+(train/config.py and data/config.py, where it is declared and at most validated), loads an attribute of
+that name.  The check is by name, so a generic
 name (``dir``, ``every``) can be satisfied by an unrelated read; a distinctive one cannot.
 """
 
@@ -31,11 +32,11 @@ def declared(cls: type, prefix: str = "") -> list[str]:
 
 
 def attribute_reads() -> set[str]:
-    """Every attribute name loaded (``x.name``) in the package's sources outside train/config.py."""
+    """Every attribute name loaded (``x.name``) in the package's sources outside the config modules."""
     reads = set()
     for folder in PACKAGE:
         for path in (ROOT / folder).rglob("*.py"):
-            if path == ROOT / "train" / "config.py":
+            if path in (ROOT / "train" / "config.py", ROOT / "data" / "config.py"):
                 continue
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
