@@ -56,6 +56,38 @@ def test_schedule_matches_diffusers(schedule: str) -> None:
     assert v_kwargs["prediction_type"] == "v_prediction"
 
 
+def test_zero_terminal_snr_matches_diffusers_rescale_and_keeps_iddpm_finite() -> None:
+    """Our rescaled schedule against diffusers' own (Lin et al. 2024, Algorithm 1), through the exported
+    scheduler kwargs; the last step is pure noise yet every beta is in (0, 1) and the VLB is finite."""
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    obj = _objective(prediction="v", zero_terminal_snr=True)
+    kwargs = obj.scheduler_kwargs()
+    assert kwargs["rescale_betas_zero_snr"] and kwargs["timestep_spacing"] == "trailing"
+    reference = DDPMScheduler(**kwargs).alphas_cumprod.double()
+    assert float(reference[-1]) == 0.0  # diffusers' rescale: exactly zero at the last step
+    torch.testing.assert_close(obj.alphas_cumprod[:-1], reference[:-1], rtol=2e-4, atol=1e-12)
+    assert 0.0 < float(obj.alphas_cumprod[-1]) < 1e-8 < float(_objective(prediction="v").alphas_cumprod[-1])
+    assert bool(((obj.betas > 0) & (obj.betas < 1)).all())
+    sampler = DPMSolverMultistepScheduler(**kwargs)
+    sampler.set_timesteps(20)
+    assert int(sampler.timesteps[0]) == T - 1  # sampling starts where training saw pure noise
+    x0, noise = _tensors()
+    t = torch.full((x0.shape[0],), T - 1)
+    out = torch.cat([obj.target(x0, noise, t), torch.zeros_like(x0)], dim=1)
+    mse, vlb = obj.loss_terms(out, x0, noise, obj.add_noise(x0, noise, t), t)
+    assert bool(torch.isfinite(mse).all() and torch.isfinite(vlb).all()), (mse, vlb)
+
+
+def test_timestep_shift_moves_training_to_high_noise() -> None:
+    """s u / (1 + (s - 1) u): u = 0.5 lands at s / (1 + s) of the schedule; shift 1 is uniform."""
+    u = torch.tensor([0.0, 0.25, 0.5, 0.75], dtype=torch.float64)
+    assert _objective().timesteps_from_uniform(u).tolist() == [0, 250, 500, 750]
+    assert _objective(timestep_shift=3.0).timesteps_from_uniform(u).tolist() == [0, 500, 750, 900]
+    draws = _objective(timestep_shift=3.0).sample_timesteps(4000, torch.device("cpu"), torch.Generator())
+    assert float((draws >= 750).double().mean()) == pytest.approx(0.5, abs=0.03)
+
+
 def test_flow_has_no_scheduler_export() -> None:
     with pytest.raises(ValueError, match="prediction='flow'.*DPMSolverMultistepScheduler"):
         _objective(prediction="flow", learn_sigma=False).scheduler_kwargs()
@@ -292,6 +324,8 @@ def test_wrong_output_channels_is_a_clear_error() -> None:
         ({"beta_end": 1.5}, "beta_end"),
         ({"beta_start": 0.03, "beta_end": 0.02}, "beta_end"),
         ({"min_snr_gamma": 0.0}, "min_snr_gamma"),
+        ({"timestep_shift": 0.0}, "timestep_shift"),
+        ({"zero_terminal_snr": True}, "zero_terminal_snr"),
         ({"learn_sigma": "yes"}, "learn_sigma"),
         ({"prediction": "flow"}, "learn_sigma"),
         ({"prediction": "flow", "learn_sigma": False, "weighting": "min_snr"}, "weighting"),

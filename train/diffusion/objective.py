@@ -75,6 +75,11 @@ class ObjectiveConfig:
     """Last beta of the schedule (PixArt / DiT: 0.02)."""
     beta_schedule: str = "linear"
     """How betas go from beta_start to beta_end: "linear" (PixArt / DiT) or "scaled_linear" (SD)."""
+    zero_terminal_snr: bool = False
+    """Rescale the betas so the last step is pure noise (Lin et al. 2024; needs "v"): see build_schedule."""
+    timestep_shift: float = 1.0
+    """Training timesteps drawn as s u / (1 + (s - 1) u), u ~ U[0, 1) (SD3's shift): s > 1 trains more
+    on high noise, where the layout is decided; 1 is uniform (PixArt / DiT)."""
     weighting: str = "none"
     """Per-timestep MSE weighting: "none" or "min_snr" (Hang et al. 2023; epsilon and v only)."""
     min_snr_gamma: float = 5.0
@@ -101,6 +106,13 @@ class ObjectiveConfig:
                 f"ObjectiveConfig.beta_end must be in [beta_start, 1) = [{self.beta_start!r}, 1), "
                 f"got {self.beta_end!r}"
             )
+        if self.zero_terminal_snr and self.prediction != "v":
+            raise ValueError(
+                "ObjectiveConfig.zero_terminal_snr needs prediction='v': at zero SNR the input holds no "
+                f"signal, so an {self.prediction!r} target cannot recover x0 (Lin et al. 2024, section 3.2)"
+            )
+        if not self.timestep_shift > 0.0:
+            raise ValueError(f"ObjectiveConfig.timestep_shift must be > 0, got {self.timestep_shift!r}")
         if not self.min_snr_gamma > 0.0:
             raise ValueError(f"ObjectiveConfig.min_snr_gamma must be > 0, got {self.min_snr_gamma!r}")
         if self.prediction == "flow" and self.learn_sigma:
@@ -158,6 +170,24 @@ def discretized_gaussian_log_likelihood(
     return torch.where(x < -0.999, log_cdf_plus, inner)
 
 
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last alpha_bar is (almost) zero, the first unchanged (Lin et al. 2024, Algorithm 1).
+
+    sqrt(alpha_bar) is shifted so its last value is 0 and scaled so its first is kept; the last is then
+    set to half the one before it (~2e-9 for the linear schedule), not 0, so that every beta stays in
+    (0, 1) and IDDPM's variance terms (log beta, 1 / alpha_bar) stay finite.  diffusers' samplers put
+    2**-24 there; both are pure noise to any model.  Without the rescale the linear schedule ends at
+    alpha_bar 4e-5: a faint copy of x0 (stronger still for latents scaled up, as the demo's) that the
+    model learns to read at t = T - 1 and that pure noise at sampling time does not hold.
+    """
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    alphas_cumprod = root.square()
+    alphas_cumprod[-1] = alphas_cumprod[-2] / 2
+    previous = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+    return 1.0 - alphas_cumprod / previous
+
+
 def build_schedule(config: ObjectiveConfig) -> dict[str, torch.Tensor]:
     """All per-timestep float64 buffers (T,) of the discrete schedule (IDDPM ``GaussianDiffusion.__init__``).
 
@@ -165,6 +195,8 @@ def build_schedule(config: ObjectiveConfig) -> dict[str, torch.Tensor]:
     other step counts is not applied (diffusers does not apply it either).
     """
     betas = BETA_SCHEDULES[config.beta_schedule](config.beta_start, config.beta_end, config.num_timesteps)
+    if config.zero_terminal_snr:
+        betas = zero_terminal_snr(betas)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
     alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
     posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -241,11 +273,13 @@ class Objective:
         return self.timesteps_from_uniform(u).to(device)
 
     def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
-        """Map draws u ~ U[0, 1) to timesteps: int64 floor(u*T), or for "flow" float32 s*T with s = u.
+        """Map draws u ~ U[0, 1) to timesteps: int64 floor(s*T), or for "flow" float32 s*T, where s is u
+        after ``timestep_shift`` (s = u when it is 1).
 
         The feature loader draws u per global batch so that timesteps do not depend on the process count.
         """
-        scaled = u.to(torch.float64) * self.config.num_timesteps
+        shift, u = self.config.timestep_shift, u.to(torch.float64)
+        scaled = shift * u / (1.0 + (shift - 1.0) * u) * self.config.num_timesteps
         if self.config.prediction == "flow":
             return scaled.to(torch.float32)
         return scaled.floor().long().clamp_(max=self.config.num_timesteps - 1)
@@ -410,10 +444,13 @@ class Objective:
                 f"ObjectiveConfig.prediction={self.config.prediction!r} cannot be exported to a DDPM-family "
                 "scheduler such as DPMSolverMultistepScheduler (rectified flow has no beta schedule)"
             )
-        return {
+        kwargs = {
             "num_train_timesteps": self.config.num_timesteps,
             "beta_start": self.config.beta_start,
             "beta_end": self.config.beta_end,
             "beta_schedule": self.config.beta_schedule,
             "prediction_type": DIFFUSERS_PREDICTION_TYPE[self.config.prediction],
         }
+        if self.config.zero_terminal_snr:  # and sample from the last step, where the input is pure noise
+            kwargs |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        return kwargs
