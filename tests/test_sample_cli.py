@@ -62,6 +62,20 @@ def test_each_sampler_runs(exports, tmp_path, sampler):
     assert json.loads((out / "settings.json").read_text())["sampler"] == sampler
 
 
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def test_no_sampler_clips_the_latents(exports, sampler):
+    """DDIM / DDPM default to clipping x0 to [-1, 1]: the demo's latents have std 4, SD's about 1."""
+    from diffusers import PixArtAlphaPipeline
+
+    from tristage.train.inference.sample import set_sampler
+
+    pipe = PixArtAlphaPipeline.from_pretrained(exports["pixart"])
+    set_sampler(pipe, sampler)
+    assert type(pipe.scheduler).__name__ == SAMPLERS[sampler]
+    assert not pipe.scheduler.config.get("clip_sample", False)
+    assert not pipe.scheduler.config.get("thresholding", False)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
