@@ -351,6 +351,16 @@ def forget(units: list[Unit], cache_dir: Path, drop_manifest: bool) -> None:
         (cache_dir / MANIFEST).unlink(missing_ok=True)
 
 
+def existing_cache(
+    cache_dir: Path, units: list[Unit], source, fp: dict, prompts: Sequence[str], rebuild: bool
+) -> tuple[list[Unit], dict | None]:
+    """(stale units to re-encode, the manifest if the folder already holds this whole cache, else None);
+    the same answer on every rank."""
+    stale = check_existing(cache_dir, units, source, fp, rebuild)
+    current = not stale and validation_prompts_current(list(prompts), cache_dir, fp)
+    return stale, complete_manifest(cache_dir, units) if current else None
+
+
 def run_cache(
     data: DataConfig, enc: EncoderConfig, accelerator, prompts: Sequence[str] = (), rebuild: bool = False
 ) -> dict | None:
@@ -366,9 +376,7 @@ def run_cache(
     source = open_source(data.source)
     units = source.units()
     fp = fingerprint(data, enc)
-    stale = check_existing(cache_dir, units, source, fp, rebuild)  # the same answer on every rank
-    current = not stale and validation_prompts_current(list(prompts), cache_dir, fp)
-    done = complete_manifest(cache_dir, units) if current else None
+    stale, done = existing_cache(cache_dir, units, source, fp, prompts, rebuild)
     if done is not None:
         if accelerator.is_main_process:
             log.warning("cache: %s is complete (%d samples), nothing to encode", cache_dir, done["samples"])
