@@ -205,3 +205,32 @@ def test_export_and_validation_share_one_pipeline_builder():
     ]
     assert found and {hit.split(":")[0] for hit in found} == {"train/inference/pipelines.py"}
     assert {spec.pipeline.__module__ for spec in FAMILIES.values()} == {"tristage.train.inference.pipelines"}
+
+
+MAX_FUNCTION_LINES = 40  # issue 16: "no function runs past ~40 lines"
+LONG_FUNCTIONS_ALLOWED = {"demo/assets/train_demo_vae.py::main"}  # the one-off VAE training script
+
+
+def long_functions(paths, root: Path = ROOT) -> list[str]:
+    """``file::name (N lines)`` for every function or method over MAX_FUNCTION_LINES, docstring included."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(root).as_posix()}::{node.name} ({lines} lines)")
+    return found
+
+
+def test_functions_stay_short():
+    folders = [ROOT / name for name in ("train", "data", "demo", "bench", "tristage")]
+    found = long_functions(p for folder in folders for p in sorted(folder.rglob("*.py")))
+    assert [f for f in found if f.rsplit(" (", 1)[0] not in LONG_FUNCTIONS_ALLOWED] == []
+
+
+def test_the_length_check_counts_a_long_function(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "probe.py").write_text(f"def f():\n{body}\n\n\ndef g():\n    return 1\n")
+    found = long_functions([tmp_path / "probe.py"], tmp_path)
+    assert found == [f"probe.py::f ({MAX_FUNCTION_LINES + 1} lines)"]
