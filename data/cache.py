@@ -367,10 +367,8 @@ def run_cache(
     """The whole pass for one stage's data and encoders, under an ``accelerate`` process group.
 
     ``enc.text_encoder`` None caches no text (class-conditional); ``prompts`` (``validation.prompts``)
-    get their T5 features stored once, here, for the trainer's validation grids.
-
-    A folder that already holds this config's complete cache is recognised from its manifest and
-    done markers before any encoder loads (a requeued job costs a few stats, not a VAE/T5 load)."""
+    get their T5 features stored once, for the validation grids.  A complete cache is recognised
+    before any encoder loads (a requeued job costs a few stats, not a VAE/T5 load)."""
     cache_dir = Path(data.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     source = open_source(data.source)
