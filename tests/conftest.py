@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,16 +77,30 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def stack_dumps(pids: list[int]) -> str:
+    """Every process's Python stacks (``py-spy dump``, from the dev extra), to show where a hang sits."""
+    if shutil.which("py-spy") is None:
+        return "(py-spy not installed: no stacks)"
+    dumps = []
+    for pid in pids:
+        command = ["py-spy", "dump", "--pid", str(pid)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        dumps.append(f"--- pid {pid}\n{done.stdout or done.stderr}")
+    return "\n".join(dumps)
+
+
 def finish(proc: subprocess.Popen, timeout: int) -> subprocess.CompletedProcess:
     """Wait for a launch; past ``timeout`` (a hang) kill the launcher and every rank, and fail."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for pid in [*descendants(proc.pid), proc.pid]:
+        pids = [*descendants(proc.pid), proc.pid]
+        stacks = stack_dumps(pids)
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"no exit within {timeout} s (a hang?): {err[-3000:]}")
+        pytest.fail(f"no exit within {timeout} s (a hang?): {err[-3000:]}\n{stacks}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

@@ -33,7 +33,8 @@ LAUNCH_TIMEOUT = 240  # s; a hang fails the test instead of blocking the suite
 FAULTS = str(ROOT / "tests" / "faults")
 
 # One rerun: 1 CI run in 3 saw the max_time test's launch never exit (an intermittent hang at shutdown,
-# root cause still open); a second hang in a row still fails.
+# root cause still open: 1 hang in 28 local runs since, not caught under py-spy); a second hang in a
+# row still fails, and a hang's failure message now carries every process's stacks (conftest.finish).
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.flaky(reruns=1)]
 
 
