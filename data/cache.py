@@ -260,7 +260,7 @@ def write_null_caption(enc: EncoderConfig, encoders: Encoders, cache_dir: Path) 
 
 @torch.no_grad()
 def write_validation_prompts(
-    prompts: list[str], enc: EncoderConfig, encoders: Encoders, cache_dir: Path
+    prompts: Sequence[str], enc: EncoderConfig, encoders: Encoders, cache_dir: Path
 ) -> None:
     """T5 features of ``prompts`` (``validation.prompts``) and of "" (the CFG null), padded to one length.
 
@@ -281,7 +281,7 @@ def write_validation_prompts(
     save_file(_cpu({"embeds": embeds, "mask": mask}), path, metadata={"prompts": json.dumps(prompts)})
 
 
-def validation_prompts_current(prompts: list[str], cache_dir: Path, fp: dict) -> bool:
+def validation_prompts_current(prompts: Sequence[str], cache_dir: Path, fp: dict) -> bool:
     """Whether the stored validation features are these prompts (nothing to store: True)."""
     if fp["text_encoder"] == "none" or not prompts:
         return True
@@ -357,7 +357,7 @@ def existing_cache(
     """(stale units to re-encode, the manifest if the folder already holds this whole cache, else None);
     the same answer on every rank."""
     stale = check_existing(cache_dir, units, source, fp, rebuild)
-    current = not stale and validation_prompts_current(list(prompts), cache_dir, fp)
+    current = not stale and validation_prompts_current(prompts, cache_dir, fp)
     return stale, complete_manifest(cache_dir, units) if current else None
 
 
@@ -397,7 +397,7 @@ def run_cache(
     if not accelerator.is_main_process:
         return None
     write_null_caption(enc, encoders, cache_dir)
-    write_validation_prompts(list(prompts), enc, encoders, cache_dir)
+    write_validation_prompts(prompts, enc, encoders, cache_dir)
     manifest = write_manifest(data.source, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
     log_summary(manifest, fresh, cache_dir, time.perf_counter() - start)
     return manifest
