@@ -109,6 +109,25 @@ def sample_scene(
     return Scene(colour, shape, background, height, width, cx, cy, side)
 
 
+def centred_scene(
+    rng: random.Random, colour: str, shape: str, background: str, height: int, width: int
+) -> Scene:
+    """An object-centric scene, as ImageNet's photos are: a size of 30-60% of the short side, the
+    centre within 5% of the short side of the image's centre."""
+    side = rng.uniform(0.30, 0.60) * min(height, width)
+    jitter = 0.05 * min(height, width)
+    cx = width / 2 + rng.uniform(-jitter, jitter)
+    cy = height / 2 + rng.uniform(-jitter, jitter)
+    return Scene(colour, shape, background, height, width, cx, cy, side)
+
+
+# Share of the stage-1 images that are object-centric, as most ImageNet photos are (centred_scene);
+# the rest are placed anywhere (sample_scene), as every stage-2/3 image is.  Measured through the full
+# demo: all centred gives stage-1 single-shape 93% (65% with none) but leaves stage 2 a model that has
+# only ever drawn shapes in the middle (held-out position 27%, 56% with none).
+CENTRED_SHARE = 2 / 3
+
+
 def render(scene: Scene, supersample: int = 4) -> Image.Image:
     """Draw ``scene`` with anti-aliased edges (drawn large, then downsampled)."""
     s = supersample
@@ -164,7 +183,8 @@ def _shard_chunks(n: int, per_shard: int) -> Iterator[range]:
 def write_stage1(out: Path, n: int, size: int = 64, seed: int = 0, per_shard: int = 500) -> Path:
     """ImageNet-style webdataset tars (``KEY.png`` + ``KEY.cls``) plus ``synsets.txt``.
 
-    Backgrounds are random; every class gets the same number of images.
+    Backgrounds are random; every class gets the same number of images; ``CENTRED_SHARE`` of the
+    images are object-centric.
     """
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -174,7 +194,8 @@ def write_stage1(out: Path, n: int, size: int = 64, seed: int = 0, per_shard: in
             for i in idx:
                 label = i % len(CLASSES)
                 colour, shape = CLASSES[label]
-                scene = sample_scene(rng, colour, shape, rng.choice(list(BACKGROUNDS)), size, size)
+                layout = centred_scene if rng.random() < CENTRED_SHARE else sample_scene
+                scene = layout(rng, colour, shape, rng.choice(list(BACKGROUNDS)), size, size)
                 _add(tar, f"{i:08d}.png", _encode(render(scene), "PNG"))
                 _add(tar, f"{i:08d}.cls", str(label).encode())
     return out
