@@ -85,6 +85,9 @@ def core_phrase(colour: str, shape: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
 
+SIDE_RANGE = (0.30, 0.60)  # a shape's side, as a share of the image's short side
+
+
 @dataclass(frozen=True)
 class Scene:
     """One drawn image: what is in it and where."""
@@ -103,7 +106,7 @@ def sample_scene(
     rng: random.Random, colour: str, shape: str, background: str, height: int, width: int
 ) -> Scene:
     """Random position and a size of 30-60% of the short side, fully inside the image."""
-    side = rng.uniform(0.30, 0.60) * min(height, width)
+    side = rng.uniform(*SIDE_RANGE) * min(height, width)
     cx = rng.uniform(side / 2, width - side / 2)
     cy = rng.uniform(side / 2, height - side / 2)
     return Scene(colour, shape, background, height, width, cx, cy, side)
@@ -114,7 +117,7 @@ def centred_scene(
 ) -> Scene:
     """An object-centric scene, as ImageNet's photos are: a size of 30-60% of the short side, the
     centre within 5% of the short side of the image's centre."""
-    side = rng.uniform(0.30, 0.60) * min(height, width)
+    side = rng.uniform(*SIDE_RANGE) * min(height, width)
     jitter = 0.05 * min(height, width)
     cx = width / 2 + rng.uniform(-jitter, jitter)
     cy = height / 2 + rng.uniform(-jitter, jitter)

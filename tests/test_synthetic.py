@@ -1,4 +1,4 @@
-"""The demo world's layouts: object-centric stage-1 images, captions that match their scenes."""
+"""The demo world's stage-1 layouts: two thirds object-centric, every image one shape of its class."""
 
 from __future__ import annotations
 
