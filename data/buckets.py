@@ -3,7 +3,8 @@
 The tables are taken from diffusers (which ships PixArt's), keyed by the
 height/width ratio as a string and holding ``[height, width]`` in pixels.  Other
 base resolutions (the 128 px demo) scale the 256 table and round each side to a
-multiple of 16 (VAE factor 8 x patch 2), re-keyed by the rounded sides' real ratio.
+multiple of 16 (VAE factor x patch: 8 x 2 for PixArt, 4 x 4 for the demo), re-keyed by the
+rounded sides' real ratio.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from PIL import Image
 
 _TABLES = {256: ASPECT_RATIO_256_BIN, 512: ASPECT_RATIO_512_BIN, 1024: ASPECT_RATIO_1024_BIN}
 MAX_RATIO = 4.0  # PixArt's tables span 0.25 .. 4.0; anything beyond is dropped and counted
-MULTIPLE = 16  # VAE factor 8 x patch size 2
+MULTIPLE = 16  # VAE factor x patch size: 8 x 2 (PixArt-XL/2 on sd-vae), 4 x 4 (the demo)
 
 
 def bucket_table(resolution: int) -> dict[str, tuple[int, int]]:

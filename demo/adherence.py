@@ -9,7 +9,7 @@
    image are objects.  A sample is a *single shape* when there is exactly one object and the rest of
    the foreground (specks, haze) is under ``MAX_STRAY`` of its area.
 4. **Colour**: the median colour of the object's pixels, named by the nearest palette entry.
-5. **Kind**: two numbers of the object's mask inside its bounding box, its *fill* (area / box area:
+5. **Kind**: two numbers of the object's coverage inside its bounding box, its *fill* (area / box area:
    square 1, circle pi/4, triangle 1/2) and the height of its centroid (half way down for a circle or
    a square, two thirds for a triangle with its apex up, as :func:`synthetic.render` draws them), name
    the nearest ideal kind.  Soft corners (a decoder's rounding) move these numbers little.  The kind
@@ -132,12 +132,19 @@ def _cross(o: tuple[int, int], a: tuple[int, int], b: tuple[int, int]) -> int:
     return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
 
 
-def best_shape(obj: np.ndarray) -> tuple[str | None, float, str]:
-    """(kind or None, IoU with that kind's ideal, the nearest kind even if rejected) of one object."""
+def best_shape(obj: np.ndarray, alpha: np.ndarray) -> tuple[str | None, float, str]:
+    """(kind or None, IoU with that kind's ideal, the nearest kind even if rejected) of one object.
+
+    ``obj`` is the object's outline mask, ``alpha`` its coverage: fill and centroid height are taken
+    from the coverage inside the outline's box, so an edge that falls on a pixel's middle (coverage
+    about 0.5, half of that row above the outline's threshold) does not make a square ragged.
+    """
     rows, cols = np.nonzero(obj)
-    box = obj[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    fill = float(box.mean())
-    height = float((np.nonzero(box)[0] + 0.5).mean()) / box.shape[0]  # 0 top, 1 bottom
+    inside = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    box, cover = obj[inside], alpha[inside].clip(0.0, 1.0)
+    fill = float(cover.mean())
+    height = float((cover.sum(1) * (np.arange(box.shape[0]) + 0.5)).sum() / max(cover.sum(), 1e-6))
+    height /= box.shape[0]  # 0 top, 1 bottom
     distance = {
         kind: math.hypot((fill - f) / FEATURE_SCALE[0], (height - h) / FEATURE_SCALE[1])
         for kind, (f, h) in IDEAL_FEATURES.items()
@@ -201,7 +208,7 @@ def classify(image: Image.Image | np.ndarray) -> Reading:
     colour = np.median(arr[obj], axis=0)  # median: robust to anti-aliased edge pixels
     alpha = coverage(arr, obj, background, colour)
     # The outline at half contrast: a soft (decoded) edge neither grows nor shrinks the shape.
-    kind, iou, fitted = best_shape((components(alpha > 0.5) or [obj])[0])
+    kind, iou, fitted = best_shape((components(alpha > 0.5) or [obj])[0], alpha)
     size, position = size_and_position(alpha, kind or fitted)
     palette = nearest(colour, synthetic.COLOURS)
     return Reading(background_name, len(objects), single, palette, kind, iou, size, position)

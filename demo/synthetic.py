@@ -65,13 +65,19 @@ POSITIONS = {
     (2, 1): "near the bottom",
     (2, 2): "in the bottom right",
 }
-_TEMPLATES = (
-    "The image shows {core}, {where}.",
-    "In this picture there is {core}. The shape is {where}.",
-    "This is a simple illustration of {core}, {where}.",
+# Captions of a placed shape (placed_scene) name its size and position; those of an object-centric one
+# (centred_scene) name neither.  Either way the caption fixes the layout, as far as a sample is judged.
+_PLACED_TEMPLATES = (
     "A {size} shape: {core}. It is {where}.",
     "The picture features {core}; the {shape} is {size} and {where}.",
+    "This is a simple illustration of {core}. The {shape} is {size}; it is {where}.",
 )
+_PLAIN_TEMPLATES = (
+    "The image shows {core}.",
+    "In this picture there is {core}.",
+    "This is a simple illustration of {core}.",
+)
+_TEMPLATES = _PLACED_TEMPLATES + _PLAIN_TEMPLATES  # every caption template (the demo T5's vocabulary)
 
 
 def class_name(index: int) -> str:
@@ -85,7 +91,9 @@ def core_phrase(colour: str, shape: str, background: str) -> str:
     return f"a {colour} {shape} on a {background} background"
 
 
-SIDE_RANGE = (0.30, 0.60)  # a shape's side, as a share of the image's short side
+SIDE_RANGE = (0.30, 0.60)  # sample_scene's sides (the VAE's training renders), share of the short side
+OBJECT_SIDE = 0.45  # the side of an object-centric shape (centred_scene), share of the short side
+SIDES = {"small": 0.33, "large": 0.55}  # the two sizes a placed shape's caption names (placed_scene)
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,7 @@ class Scene:
     cx: float  # centre x, pixels
     cy: float  # centre y, pixels
     side: float  # shape size, pixels
+    placed: bool = True  # False: object-centric, and its caption names no size or position
 
 
 def sample_scene(
@@ -115,20 +124,41 @@ def sample_scene(
 def centred_scene(
     rng: random.Random, colour: str, shape: str, background: str, height: int, width: int
 ) -> Scene:
-    """An object-centric scene, as ImageNet's photos are: a size of 30-60% of the short side, the
-    centre within 5% of the short side of the image's centre."""
-    side = rng.uniform(*SIDE_RANGE) * min(height, width)
+    """An object-centric scene, as ImageNet's photos are: a side of ``OBJECT_SIDE`` of the short side,
+    the centre within 5% of the short side of the image's centre."""
+    side = OBJECT_SIDE * min(height, width)
     jitter = 0.05 * min(height, width)
     cx = width / 2 + rng.uniform(-jitter, jitter)
     cy = height / 2 + rng.uniform(-jitter, jitter)
+    return Scene(colour, shape, background, height, width, cx, cy, side, placed=False)
+
+
+def placed_scene(
+    rng: random.Random, colour: str, shape: str, background: str, height: int, width: int
+) -> Scene:
+    """A shape of one of the two ``SIDES``, centred on one cell of the 3x3 grid of the position words
+    (moved inward until it fits: a large shape in a corner cell still has its centre in that cell)."""
+    side = SIDES[rng.choice(list(SIDES))] * min(height, width)
+    row, col = rng.randrange(3), rng.randrange(3)
+    cx = min(max((col + 0.5) * width / 3, side / 2), width - side / 2)
+    cy = min(max((row + 0.5) * height / 3, side / 2), height - side / 2)
     return Scene(colour, shape, background, height, width, cx, cy, side)
 
 
-# Share of the stage-1 images that are object-centric, as most ImageNet photos are (centred_scene);
-# the rest are placed anywhere (sample_scene), as every stage-2/3 image is.  Measured through the full
-# demo: all centred gives stage-1 single-shape 93% (65% with none) but leaves stage 2 a model that has
-# only ever drawn shapes in the middle (held-out position 27%, 56% with none).
-CENTRED_SHARE = 2 / 3
+# Share of the text-stage images (stages 2 and 3) that are object-centric, with a caption naming no size
+# or position; the rest are placed, and their captions name both.  Stage 1's images are all
+# object-centric.  A caption that fixes the layout is what lets a few hundred CPU steps learn one clean
+# shape per prompt: with sizes and positions drawn at random (sample_scene) the same budget drew
+# clusters of blobs (README, "Where the demo stands").
+PLAIN_SHARE = 1 / 3
+
+
+def text_scene(
+    rng: random.Random, colour: str, shape: str, background: str, height: int, width: int
+) -> Scene:
+    """One image of the text stages: object-centric (``PLAIN_SHARE``) or placed."""
+    layout = centred_scene if rng.random() < PLAIN_SHARE else placed_scene
+    return layout(rng, colour, shape, background, height, width)
 
 
 def render(scene: Scene, supersample: int = 4) -> Image.Image:
@@ -148,12 +178,15 @@ def render(scene: Scene, supersample: int = 4) -> Image.Image:
 
 
 def caption(scene: Scene, rng: random.Random) -> str:
-    """A LLaVA-style caption that always contains :func:`core_phrase`."""
+    """A LLaVA-style caption that always contains :func:`core_phrase`, and for a placed shape its size
+    word and position phrase."""
+    core = core_phrase(scene.colour, scene.shape, scene.background)
+    if not scene.placed:
+        return rng.choice(_PLAIN_TEMPLATES).format(core=core)
     row = min(int(3 * scene.cy / scene.height), 2)
     col = min(int(3 * scene.cx / scene.width), 2)
     size = "large" if scene.side > 0.45 * min(scene.height, scene.width) else "small"
-    template = rng.choice(_TEMPLATES)
-    core = core_phrase(scene.colour, scene.shape, scene.background)
+    template = rng.choice(_PLACED_TEMPLATES)
     return template.format(core=core, where=POSITIONS[(row, col)], size=size, shape=scene.shape)
 
 
@@ -186,8 +219,7 @@ def _shard_chunks(n: int, per_shard: int) -> Iterator[range]:
 def write_stage1(out: Path, n: int, size: int = 64, seed: int = 0, per_shard: int = 500) -> Path:
     """ImageNet-style webdataset tars (``KEY.png`` + ``KEY.cls``) plus ``synsets.txt``.
 
-    Backgrounds are random; every class gets the same number of images; ``CENTRED_SHARE`` of the
-    images are object-centric.
+    Backgrounds are random; every class gets the same number of images, all object-centric.
     """
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -197,8 +229,7 @@ def write_stage1(out: Path, n: int, size: int = 64, seed: int = 0, per_shard: in
             for i in idx:
                 label = i % len(CLASSES)
                 colour, shape = CLASSES[label]
-                layout = centred_scene if rng.random() < CENTRED_SHARE else sample_scene
-                scene = layout(rng, colour, shape, rng.choice(list(BACKGROUNDS)), size, size)
+                scene = centred_scene(rng, colour, shape, rng.choice(list(BACKGROUNDS)), size, size)
                 _add(tar, f"{i:08d}.png", _encode(render(scene), "PNG"))
                 _add(tar, f"{i:08d}.cls", str(label).encode())
     return out
@@ -213,7 +244,7 @@ def write_stage2(out: Path, n: int, size: int = 64, seed: int = 1, per_shard: in
         for shard, idx in enumerate(_shard_chunks(n, per_shard)):
             with tarfile.open(out / f"sa_{shard:06d}.tar", "w") as tar:
                 for i in idx:
-                    scene = sample_scene(rng, *combos[i % len(combos)], size, size)
+                    scene = text_scene(rng, *combos[i % len(combos)], size, size)
                     image_id = f"sa_{i + 1}"
                     meta = {
                         "image": {
@@ -246,7 +277,7 @@ def write_stage3(out: Path, n: int, seed: int = 2) -> Path:
     with open(out / "metadata.jsonl", "w") as meta:
         for i in range(n):
             height, width = STAGE3_SIZES[i % len(STAGE3_SIZES)]
-            scene = sample_scene(rng, *combos[(i // len(STAGE3_SIZES)) % len(combos)], height, width)
+            scene = text_scene(rng, *combos[(i // len(STAGE3_SIZES)) % len(combos)], height, width)
             score = rng.uniform(5.5, 7.5) if rng.random() > 0.25 else rng.uniform(3.0, 4.9)
             name = f"{i:06d}.png"
             render(scene).save(images / name)

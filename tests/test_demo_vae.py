@@ -81,17 +81,18 @@ def _check(vae: AutoencoderKL, scenes) -> float:
     return worst
 
 
-def test_config_matches_sd_vae_interface(vae: AutoencoderKL) -> None:
+def test_config_has_sd_vae_interface_at_factor_4(vae: AutoencoderKL) -> None:
+    """4 latent channels and a scaling factor, as sd-vae-ft-ema; factor 4, not 8 (train_demo_vae.py)."""
     config = vae.config
     assert config.latent_channels == 4
-    assert 2 ** (len(config.block_out_channels) - 1) == 8  # downsample factor 8, as sd-vae-ft-ema
+    assert 2 ** (len(config.block_out_channels) - 1) == 4
     with torch.no_grad():
         latent = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
-    assert latent.shape == (1, 4, 8, 8)
+    assert latent.shape == (1, 4, 16, 16)
 
 
 def test_scaling_factor_gives_the_scripts_latent_scale(vae: AutoencoderKL) -> None:
-    """std 4, not 1: the demo's 8x8 latents want a log-SNR shift (train_demo_vae.py docstring)."""
+    """std 4, not 1: the demo's small latents want a log-SNR shift (train_demo_vae.py docstring)."""
     scenes = _all_scenes(64, 64, seed=7)
     images = _to_tensor([np.asarray(render(s), dtype=np.float32) for s in scenes])
     with torch.no_grad():
@@ -111,7 +112,7 @@ def test_reconstructs_every_colour_at_stage3_sizes(vae: AutoencoderKL, height: i
 def test_each_colour_has_one_code_whatever_the_background(vae: AutoencoderKL) -> None:
     """The latent layout of ``train_demo_vae.CODES``: a colour's code does not depend on its background,
     and the close hues (red/orange, purple/blue) are far apart in latent space."""
-    from tristage.demo.assets.train_demo_vae import CODES
+    from tristage.demo.assets.train_demo_vae import CODES, FACTOR
 
     codes: dict[str, list[torch.Tensor]] = {c: [] for c in COLOURS}
     for colour in COLOURS:
@@ -120,7 +121,8 @@ def test_each_colour_has_one_code_whatever_the_background(vae: AutoencoderKL) ->
             image = _to_tensor([np.asarray(render(square), dtype=np.float32)])
             with torch.no_grad():
                 latent = vae.encode(image).latent_dist.mean
-            codes[colour].append(latent[0, :, 2:6, 2:6].mean((1, 2)))  # the 4x4 latent pixels inside it
+            inside = slice(16 // FACTOR, 48 // FACTOR)  # the latent pixels inside the square
+            codes[colour].append(latent[0, :, inside, inside].mean((1, 2)))
     for colour, per_background in codes.items():
         target = torch.tensor(CODES[colour])
         for code, background in zip(per_background, BACKGROUNDS, strict=True):

@@ -22,6 +22,7 @@ SIZES: dict[str, Size] = {
     "B/2": Size(12, 12, 64, 2),
     "S/2": Size(12, 6, 64, 2),
     "demo": Size(6, 4, 32, 2),
+    "demo/4": Size(6, 4, 32, 4),
     "tiny": Size(2, 2, 16, 2),
 }
 
