@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +275,18 @@ def held_out_prompts() -> list[tuple[str, Asked]]:
     return prompts
 
 
+def seen_prompts() -> list[tuple[str, Asked]]:
+    """The held-out prompts with the background changed to the next one in ``BACKGROUNDS``: the same
+    kinds, colours, sizes and positions, as combinations the text stages did train on."""
+    backgrounds = list(synthetic.BACKGROUNDS)
+    prompts = []
+    for prompt, asked in held_out_prompts():
+        seen = backgrounds[(backgrounds.index(asked.background) + 1) % len(backgrounds)]
+        text = prompt.replace(f"{asked.background} background", f"{seen} background")
+        prompts.append((text, replace(asked, background=seen)))
+    return prompts
+
+
 def stage1_adherence(export_dir: Path, per_class: int, seed: int = 0) -> tuple[dict, list[Image.Image]]:
     """Every class ``per_class`` times through ``DiTPipeline``: one shape of the class's kind and colour."""
     pipe = DiTPipeline.from_pretrained(export_dir)
@@ -292,13 +304,18 @@ def stage1_adherence(export_dir: Path, per_class: int, seed: int = 0) -> tuple[d
 
 
 def held_out_adherence(
-    export_dir: Path, per_prompt: int, seed: int = 0, size: int = 128
+    export_dir: Path,
+    per_prompt: int,
+    seed: int = 0,
+    size: int = 128,
+    prompts: list[tuple[str, Asked]] | None = None,
 ) -> tuple[dict, list[Image.Image]]:
-    """The held-out prompts through ``PixArtAlphaPipeline`` at ``size`` px, ``per_prompt`` samples each."""
+    """``prompts`` (default: the held-out ones) through ``PixArtAlphaPipeline`` at ``size`` px,
+    ``per_prompt`` samples each."""
     pipe = PixArtAlphaPipeline.from_pretrained(export_dir)
     pipe.set_progress_bar_config(disable=True)
     per_prompt_rate, scores, images = {}, [], []
-    for prompt, asked in held_out_prompts():
+    for prompt, asked in prompts or held_out_prompts():
         g = torch.Generator().manual_seed(seed)
         out = pipe(
             prompt,
@@ -324,4 +341,7 @@ def adherence_report(out: Path, per_prompt: int, seed: int = 0) -> dict:
     grid(images1, columns=per_class * 3).save(out / "stage1" / "samples.png")
     held, images3 = held_out_adherence(out / "export", per_prompt, seed)
     grid(images3, columns=per_prompt).save(out / "samples.png")
-    return {"stage1": stage1, "held_out": held}
+    per_seen = max(1, per_prompt // 2)
+    seen, images_seen = held_out_adherence(out / "export", per_seen, seed, prompts=seen_prompts())
+    grid(images_seen, columns=per_seen).save(out / "samples_seen.png")
+    return {"stage1": stage1, "held_out": held, "seen": seen}

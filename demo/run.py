@@ -216,6 +216,8 @@ def print_report(report: dict) -> None:
         f"  stage 1 (DiTPipeline, {report['stage1']['samples']} samples): {rates_line(report['stage1'])}",
         f"  stage 3 held-out prompts (PixArtAlphaPipeline, {report['held_out']['samples']} samples): "
         f"{rates_line(report['held_out'])}",
+        f"  stage 3 seen prompts (the same with a trained background, {report['seen']['samples']} samples): "
+        f"{rates_line(report['seen'])}",
     ]
     for prompt, rate in report["held_out"]["per_prompt"].items():
         lines.append(f"    {rate:6.1%}  {prompt}")

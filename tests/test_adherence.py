@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tristage.demo import synthetic
-from tristage.demo.adherence import Asked, classify, held_out_prompts, rates, score
+from tristage.demo.adherence import Asked, classify, held_out_prompts, rates, score, seen_prompts
 
 SIZES = ((64, 64), (128, 128), (96, 160), (160, 96))
 
@@ -102,6 +102,15 @@ def test_held_out_prompts_name_size_and_position_in_the_captions_words():
     for prompt, asked in with_words:
         assert asked.size in prompt and asked.position in prompt
         assert asked.position in synthetic.POSITIONS.values()
+
+
+def test_seen_prompts_are_the_held_out_ones_on_a_trained_background():
+    held, seen = held_out_prompts(), seen_prompts()
+    assert len(seen) == len(held)
+    for (_, a), (prompt, b) in zip(held, seen, strict=True):
+        assert (b.colour, b.shape, b.size, b.position) == (a.colour, a.shape, a.size, a.position)
+        assert (b.colour, b.shape, b.background) in synthetic.text_combinations()
+        assert synthetic.core_phrase(b.colour, b.shape, b.background) in prompt
 
 
 def test_reads_the_demo_vaes_round_trip():

@@ -32,13 +32,13 @@ def test_demo_writes_everything(demo_dir):
         assert list((stage / "wandb").glob("offline-run-*/files/media/images/validation/grid_*.png"))
         assert (demo_dir / "cache" / f"stage{n}" / "manifest.json").is_file()
     report = json.loads((demo_dir / "report.json").read_text())
-    assert (
-        report["stage1"]["samples"] == 18 * 2 and report["held_out"]["samples"] == 12 * 2
-    )  # 2 prompts per combo
+    assert report["stage1"]["samples"] == 18 * 2 and report["held_out"]["samples"] == 12 * 2
+    assert report["seen"]["samples"] == 12  # the held-out prompts on a trained background, 1 each
     exports = {"stage1": str(demo_dir / "stage1" / "export"), "stage3": str(demo_dir / "export")}
     assert report["exports"] == exports
     assert [s["export"] for s in report["stages"]][::2] == [exports["stage1"], exports["stage3"]]
     assert (demo_dir / "samples.png").is_file() and (demo_dir / "stage1" / "samples.png").is_file()
+    assert (demo_dir / "samples_seen.png").is_file()
 
 
 def test_stage3_skipped_low_aesthetic(demo_dir):
