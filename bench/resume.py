@@ -51,6 +51,7 @@ def write_setup(root: Path) -> Path:
         f"data.source.synsets={raw / 'synsets.txt'}",
         f"encoders.vae={root / 'vae'}",
         "model.size=tiny",
+        "model.sample_size=8",  # 64 px / this VAE's factor 8
         "data.batch_size=8",
         "data.shuffle_buffer=32",
         f"train.max_steps={STEPS}",

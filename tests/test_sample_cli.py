@@ -12,6 +12,7 @@ from tristage.train.cli import main
 from tristage.train.inference.sample import SAMPLERS
 
 from .conftest import run_cli
+from .test_pixart_interop import SAMPLE
 from .tiny_exports import dit_export, pixart_export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +51,8 @@ def test_dit_class_labels(exports, tmp_path):
     args = ["sample", str(exports["dit"]), "--prompt", "red circle", "--prompt", "cube"]
     assert main([*args, "--num-images", "3", "--steps", "2", "--out", str(out)]) == 0
     assert len(pngs(out)) == 6
-    assert Image.open(out / "001_02.png").size == (64, 64)
+    side = SAMPLE * 4  # DiTPipeline draws at the transformer's sample_size x the demo VAE's factor 4
+    assert Image.open(out / "001_02.png").size == (side, side)
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))

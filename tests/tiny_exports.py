@@ -50,7 +50,7 @@ def pixart_export(root: Path) -> Path:
             f"data.cache_dir={root / 'no_cache'}",
             f"run.dir={root / 'run'}",
             f"model.sample_size={SAMPLE}",
-            f"data.resolution={SAMPLE * 8}",  # the size the export records as trained (VAE: 8x)
+            f"data.resolution={SAMPLE * 8}",  # the size the export records as trained
             f"model.interpolation_scale={SCALE}",
         ],
     )
