@@ -304,18 +304,28 @@ def stage1_adherence(export_dir: Path, per_class: int, seed: int = 0) -> tuple[d
 
 
 def held_out_adherence(
-    export_dir: Path,
+    export_dir: Path, per_prompt: int, seed: int = 0, size: int = 128
+) -> tuple[dict, list[Image.Image]]:
+    """The held-out prompts through ``PixArtAlphaPipeline`` at ``size`` px, ``per_prompt`` samples each."""
+    return prompt_adherence(load_pixart(export_dir), held_out_prompts(), per_prompt, seed, size)
+
+
+def load_pixart(export_dir: Path) -> PixArtAlphaPipeline:
+    pipe = PixArtAlphaPipeline.from_pretrained(export_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def prompt_adherence(
+    pipe: PixArtAlphaPipeline,
+    prompts: list[tuple[str, Asked]],
     per_prompt: int,
     seed: int = 0,
     size: int = 128,
-    prompts: list[tuple[str, Asked]] | None = None,
 ) -> tuple[dict, list[Image.Image]]:
-    """``prompts`` (default: the held-out ones) through ``PixArtAlphaPipeline`` at ``size`` px,
-    ``per_prompt`` samples each."""
-    pipe = PixArtAlphaPipeline.from_pretrained(export_dir)
-    pipe.set_progress_bar_config(disable=True)
+    """``prompts`` through ``pipe`` at ``size`` px, ``per_prompt`` samples each."""
     per_prompt_rate, scores, images = {}, [], []
-    for prompt, asked in prompts or held_out_prompts():
+    for prompt, asked in prompts:
         g = torch.Generator().manual_seed(seed)
         out = pipe(
             prompt,
@@ -339,9 +349,10 @@ def adherence_report(out: Path, per_prompt: int, seed: int = 0) -> dict:
     per_class = min(per_prompt, 4)
     stage1, images1 = stage1_adherence(out / "stage1" / "export", per_class, seed)
     grid(images1, columns=per_class * 3).save(out / "stage1" / "samples.png")
-    held, images3 = held_out_adherence(out / "export", per_prompt, seed)
+    pipe = load_pixart(out / "export")
+    held, images3 = prompt_adherence(pipe, held_out_prompts(), per_prompt, seed)
     grid(images3, columns=per_prompt).save(out / "samples.png")
     per_seen = max(1, per_prompt // 2)
-    seen, images_seen = held_out_adherence(out / "export", per_seen, seed, prompts=seen_prompts())
+    seen, images_seen = prompt_adherence(pipe, seen_prompts(), per_seen, seed)
     grid(images_seen, columns=per_seen).save(out / "samples_seen.png")
     return {"stage1": stage1, "held_out": held, "seen": seen}
