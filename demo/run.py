@@ -39,7 +39,7 @@ class Scale:
     overrides: tuple[str, ...] = ()  # extra config overrides for every stage
 
 
-FULL = Scale(1800, 1920, 720, (2800, 2000, 1000), 8)
+FULL = Scale(1800, 1920, 720, (2000, 2000, 1000), 8)
 FAST = Scale(144, 144, 72, (6, 6, 4), 2, ("data.batch_size=8", "checkpoint.every=3", "train.log_every=2"))
 
 

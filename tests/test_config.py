@@ -121,7 +121,7 @@ def test_cli_bad_config_exit_2_one_line(cli, tmp_path, args, needle):
 
 
 BASE = (ROOT / "configs/demo/stage1.yaml").read_text()
-TRAIN_LINE = next(i for i, line in enumerate(BASE.splitlines(), 1) if "max_steps: 2800" in line)
+TRAIN_LINE = next(i for i, line in enumerate(BASE.splitlines(), 1) if "max_steps: 2000" in line)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ TRAIN_LINE = next(i for i, line in enumerate(BASE.splitlines(), 1) if "max_steps
         ("42\n", ["bad.yaml:", "top level must be a mapping", "single value"]),
         (BASE + "\ntrain: {seed: 1}\n", ["bad.yaml:", "duplicate key train"]),
         (BASE.replace("  size: demo", "  size: demo\n  sizes: 3"), ["bad.yaml:9:", "model.sizes"]),
-        (BASE.replace("max_steps: 2800", "max_steps: many"), [f"bad.yaml:{TRAIN_LINE}:", "train.max_steps"]),
+        (BASE.replace("max_steps: 2000", "max_steps: many"), [f"bad.yaml:{TRAIN_LINE}:", "train.max_steps"]),
     ],
     ids=["syntax", "list", "scalar", "duplicate", "unknown-key", "wrong-type"],
 )

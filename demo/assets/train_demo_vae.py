@@ -19,8 +19,8 @@ Factor 4 because the demo's images are small: at 64 px a factor-8 VAE has 8x8
 latents, a shape of 19-38 px covers 2-5 latent pixels, and decoding clean
 latents of 108 renders gave the right kind (circle, square, triangle) 60 % of
 the time (it rounded small triangles and squares).  This factor-4 VAE (16x16
-latents at 64 px) gives 95 %, and 100 % at 128 px.  The transformer keeps 16
-tokens at 64 px by patchifying 4x4 latent pixels (``model.size: demo/4``).
+latents at 64 px) gives 95 %, and 100 % at 128 px.  The demo transformers patchify 2x2 latent
+pixels (``model.size: demo-narrow/2``): 64 tokens of 8 px at 64 px.
 
 Re-create the committed weights (about 8 minutes on two CPU threads) with::
 

@@ -23,6 +23,7 @@ SIZES: dict[str, Size] = {
     "S/2": Size(12, 6, 64, 2),
     "demo": Size(6, 4, 32, 2),
     "demo/4": Size(6, 4, 32, 4),
+    "demo-narrow/2": Size(6, 4, 16, 2),
     "tiny": Size(2, 2, 16, 2),
 }
 
