@@ -34,12 +34,12 @@ class Scale:
     stage1_images: int
     stage2_images: int
     stage3_images: int
-    steps: tuple[int, int, int]
+    steps: tuple[int, int, int] | None  # None: each config's own train.max_steps (= its validation.every)
     samples_per_prompt: int
     overrides: tuple[str, ...] = ()  # extra config overrides for every stage
 
 
-FULL = Scale(1800, 1920, 720, (2000, 2000, 1000), 8)
+FULL = Scale(1800, 1920, 720, None, 8)
 FAST = Scale(144, 144, 72, (6, 6, 4), 2, ("data.batch_size=8", "checkpoint.every=3", "train.log_every=2"))
 
 
@@ -68,9 +68,10 @@ def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale, vae: Pa
         f"run.dir={out / f'stage{n}'}",
         f"data.cache_dir={out / 'cache' / f'stage{n}'}",
         f"encoders.vae={vae or demo_vae_path()}",
-        f"train.max_steps={scale.steps[n - 1]}",
-        f"validation.every={scale.steps[n - 1]}",  # one grid per stage, at its last step (W&B image)
     ]
+    if scale.steps is not None:
+        steps = scale.steps[n - 1]  # and one grid per stage, at its last step (W&B image)
+        overrides += [f"train.max_steps={steps}", f"validation.every={steps}"]
     if n > 1:
         overrides += [
             f"init_from={out / f'stage{n - 1}' / 'final'}",

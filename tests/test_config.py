@@ -29,6 +29,16 @@ def test_every_yaml_loads(path: Path):
     assert cfg.init_from is None or isinstance(cfg.init_from, str)
 
 
+def test_full_demo_takes_its_steps_from_the_demo_configs():
+    """`tristage demo` overrides no step count; each config draws its one grid at its last step."""
+    from tristage.demo.run import FAST, FULL
+
+    assert FULL.steps is None and FAST.steps is not None
+    for n in (1, 2, 3):
+        cfg = load_config(ROOT / "configs" / "demo" / f"stage{n}.yaml")
+        assert cfg.validation.every == cfg.train.max_steps
+
+
 def test_paper_settings_in_real_configs():
     """Stage 1 from scratch = DiT's train.py; stages 2-3 = PixArt-alpha's configs (README "Recipe")."""
     stage1 = load_config(ROOT / "configs/stage1_imagenet.yaml")
