@@ -148,3 +148,29 @@ def test_blurred_latents_still_decode_to_the_shapes_colour(vae: AutoencoderKL, b
     read = [shape_colour(d) for d in decoded]
     wrong = [f"{s.colour} {s.shape}: {r}" for s, r in zip(scenes, read, strict=True) if r != s.colour]
     assert len(wrong) <= 1, wrong  # at most one of 18
+
+
+def test_token_sketch_is_flat_per_token_and_between_the_codes():
+    """The decoder phase's inputs look like what the demo DiT draws: one value per 2x2 token, on the
+    segment from the background code towards the shape's code (scaled by a gain of 0.9-1.4)."""
+    from tristage.demo.assets.train_demo_vae import CODES, sketch_degrade, token_sketch
+
+    background, shape = torch.tensor(CODES["gray"]), torch.tensor(CODES["red"])
+    cover = torch.zeros(2, 1, 16, 16)
+    cover[:, :, 5:11, 4:9] = 1.0  # a block that does not sit on the 2x2 token grid
+    cover[:, :, 4, 6] = 0.5
+    z = background[None, :, None, None] + cover * (shape - background)[None, :, None, None]
+    torch.manual_seed(0)
+    sketch = token_sketch(z)
+    tokens = sketch.unfold(2, 2, 2).unfold(3, 2, 2)  # (B, C, 8, 8, 2, 2)
+    assert torch.equal(tokens, tokens[..., :1, :1].expand_as(tokens))
+    along = torch.einsum("bchw,c->bhw", sketch - background[None, :, None, None], shape - background)
+    along = along / (shape - background).square().sum()
+    off = (
+        sketch - background[None, :, None, None] - along[:, None] * (shape - background)[None, :, None, None]
+    )
+    assert off.abs().max() < 1e-5
+    assert along.min() >= -1e-6 and 0.9 <= along.max() <= 1.4 + 1e-6
+    assert float(along[:, 0, 0].abs().max()) < 1e-6  # the background stays the background
+    noisy = sketch_degrade(z, fraction=1.0, max_noise=0.0)
+    assert not torch.equal(noisy, z) and noisy.shape == z.shape
