@@ -76,12 +76,21 @@ def test_xformers_missing_is_a_one_line_error_naming_the_key(setup, tmp_path, ca
         ("model.checkpoint_blocks=-2", "key 'model.checkpoint_blocks': must be >= -1"),
         ("train.grad_accum=0", "key 'train.grad_accum': must be >= 1"),
         ("optim.lr_schedule=linear", "key 'optim.lr_schedule': 'linear' is not one of constant, cosine"),
+        ("train.mixed_precision=fp8", "key 'train.mixed_precision': 'fp8' is not one of no, fp16, bf16"),
     ],
 )
 def test_bad_speed_options_name_key_and_file(setup, tmp_path, override, message):
     cfg = cfg_for(setup, tmp_path / "run", override)
     with pytest.raises(ConfigError, match="^" + re.escape(f"{setup}: {message}")):
         check_train_options(cfg, str(setup))
+
+
+@pytest.mark.parametrize("spelling", ["no", "'no'", "false"])
+def test_mixed_precision_no_unquoted_on_the_command_line_is_no(setup, tmp_path, spelling):
+    """YAML reads an unquoted `no` as false; accelerate's word must still mean full precision."""
+    cfg = cfg_for(setup, tmp_path / "run", f"train.mixed_precision={spelling}")
+    assert cfg.train.mixed_precision == "no"
+    check_train_options(cfg, str(setup))
 
 
 # -- activation checkpointing -------------------------------------------------------------------------

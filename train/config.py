@@ -74,6 +74,12 @@ class TrainConfig:
     allow_tf32: bool = True  # TF32 matmuls and convolutions on CUDA (Ampere and newer)
     parallelism: str = "ddp"  # ddp | fsdp (weights, grads, AdamW, EMA sharded) | fsdp_grad_op (sharding.py)
 
+    def __post_init__(self) -> None:
+        # YAML reads an unquoted `no` (accelerate's word, e.g. `train.mixed_precision=no`) as false, and
+        # OmegaConf then stores the string "False": both mean no mixed precision.
+        if self.mixed_precision in ("False", "false"):
+            self.mixed_precision = "no"
+
 
 @dataclass
 class CheckpointConfig:
@@ -184,12 +190,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 # model.attention_backend -> the package it needs (looked up with find_spec: nothing is imported here).
 ATTENTION_BACKENDS: dict[str, str | None] = {"sdpa": None, "xformers": "xformers"}
 NONFINITE_CHECKS = ("step", "log")  # train.nonfinite_check choices (train/nonfinite.py GUARDS)
+MIXED_PRECISIONS = ("no", "fp16", "bf16")  # train.mixed_precision choices (accelerate's)
 
 
 def check_train_options(cfg: Config, path: str) -> None:
     """Choices a training run makes at start-up: each must be known (and the attention backend installed)."""
     _check_attention_backend(cfg.model.attention_backend, path)
     _check_choice(path, "train.nonfinite_check", cfg.train.nonfinite_check, NONFINITE_CHECKS)
+    _check_choice(path, "train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISIONS)
     _check_choice(path, "optim.lr_schedule", cfg.optim.lr_schedule, tuple(LR_SCHEDULES))
     _check_choice(path, "train.parallelism", cfg.train.parallelism, tuple(PARALLELISMS))
     if is_sharded_setting(cfg.train.parallelism) and cfg.train.mixed_precision == "fp16":
