@@ -312,6 +312,37 @@ def test_wrong_output_channels_is_a_clear_error() -> None:
 # --- config -------------------------------------------------------------------------------------------
 
 
+def _mse_with_error(error: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The MSE term of loss_terms when the prediction misses the v target by `error` (no VLB)."""
+    obj = _objective(prediction="v", learn_sigma=False, **kwargs)
+    x0, noise = _tensors(shape=error.shape)
+    t = torch.tensor([10, 500, 990])
+    pred = obj.target(x0, noise, t) - error
+    return obj.loss_terms(pred, x0, noise, obj.add_noise(x0, noise, t), t)[0]
+
+
+def test_detail_weight_scales_only_the_error_inside_each_block() -> None:
+    """An error flat on every 2x2 block is plain MSE; one with zero block means gets (1 + lambda) x."""
+    g = torch.Generator().manual_seed(3)
+    flat = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64).repeat_interleave(2, -1)
+    flat = flat.repeat_interleave(2, -2)  # (3, 2, 4, 4), constant on each 2x2 block
+    signs = torch.tensor([[1.0, -1.0], [-1.0, 1.0]], dtype=torch.float64).repeat(2, 2)
+    inside = signs.expand(3, 2, 4, 4)  # a checkerboard: every 2x2 block's mean is 0
+    for error, factor in ((flat, 1.0), (inside, 4.0)):
+        plain = (error**2).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(_mse_with_error(error, detail_weight=3.0), factor * plain)
+    torch.testing.assert_close(
+        _mse_with_error(flat + inside), _mse_with_error(flat + inside, detail_weight=0.0)
+    )
+    # 4x4 blocks: the checkerboard's 4x4 block means are 0 too, but the flat-on-2x2 error is now detail.
+    assert (_mse_with_error(flat, detail_weight=3.0, detail_pool=4) > (flat**2).mean(dim=(1, 2, 3))).all()
+
+
+def test_detail_pool_must_divide_the_latents() -> None:
+    with pytest.raises(ValueError, match=r"ObjectiveConfig\.detail_pool=3"):
+        _mse_with_error(torch.zeros(3, 2, 4, 4, dtype=torch.float64), detail_weight=1.0, detail_pool=3)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -325,6 +356,9 @@ def test_wrong_output_channels_is_a_clear_error() -> None:
         ({"beta_start": 0.03, "beta_end": 0.02}, "beta_end"),
         ({"min_snr_gamma": 0.0}, "min_snr_gamma"),
         ({"timestep_shift": 0.0}, "timestep_shift"),
+        ({"detail_weight": -1.0}, "detail_weight"),
+        ({"detail_pool": 1}, "detail_pool"),
+        ({"detail_pool": 2.0}, "detail_pool"),
         ({"zero_terminal_snr": True}, "zero_terminal_snr"),
         ({"learn_sigma": "yes"}, "learn_sigma"),
         ({"prediction": "flow"}, "learn_sigma"),

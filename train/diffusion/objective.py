@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 LN2 = math.log(2.0)
 
@@ -84,6 +85,12 @@ class ObjectiveConfig:
     """Per-timestep MSE weighting: "none" or "min_snr" (Hang et al. 2023; epsilon and v only)."""
     min_snr_gamma: float = 5.0
     """The gamma of min-SNR-gamma weighting (the paper's default is 5)."""
+    detail_weight: float = 0.0
+    """Extra weight on the error's detail: its part that varies inside each detail_pool x detail_pool
+    block (the error minus the block's mean). 0 (PixArt / DiT) is the plain MSE; lambda adds lambda times
+    the detail's MSE, so fine structure the plain loss barely sees gets a gradient of its own."""
+    detail_pool: int = 2
+    """Side in latent pixels of the blocks whose mean detail_weight removes (a patch-2 token: 2)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -113,6 +120,12 @@ class ObjectiveConfig:
             )
         if not self.timestep_shift > 0.0:
             raise ValueError(f"ObjectiveConfig.timestep_shift must be > 0, got {self.timestep_shift!r}")
+        if not self.detail_weight >= 0.0:
+            raise ValueError(f"ObjectiveConfig.detail_weight must be >= 0, got {self.detail_weight!r}")
+        if isinstance(self.detail_pool, bool) or not isinstance(self.detail_pool, int):
+            raise ValueError(f"ObjectiveConfig.detail_pool must be an int, got {self.detail_pool!r}")
+        if self.detail_pool < 2:
+            raise ValueError(f"ObjectiveConfig.detail_pool must be >= 2, got {self.detail_pool!r}")
         if not self.min_snr_gamma > 0.0:
             raise ValueError(f"ObjectiveConfig.min_snr_gamma must be > 0, got {self.min_snr_gamma!r}")
         if self.prediction == "flow" and self.learn_sigma:
@@ -135,6 +148,16 @@ def _check_choice(field: str, value: Any, choices: Mapping[str, Any] | tuple[str
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over all but the batch dimension: (B, ...) -> (B,)."""
     return x.flatten(1).mean(dim=1)
+
+
+def block_detail(x: torch.Tensor, pool: int) -> torch.Tensor:
+    """x (B, C, H, W) minus the mean of its pool x pool block, repeated over the block (H, W divisible)."""
+    if x.shape[-2] % pool or x.shape[-1] % pool:
+        raise ValueError(
+            f"latents {tuple(x.shape[-2:])} are not divisible by ObjectiveConfig.detail_pool={pool}"
+        )
+    mean = F.avg_pool2d(x, pool)  # (B, C, H / pool, W / pool)
+    return x - mean.repeat_interleave(pool, dim=-2).repeat_interleave(pool, dim=-1)
 
 
 def normal_kl(
@@ -391,7 +414,12 @@ class Objective:
                 f"latent channels with ObjectiveConfig.learn_sigma={self.config.learn_sigma}"
             )
         pred, var_values = model_output[:, :channels], model_output[:, channels:]  # (B, C, H, W) each
-        mse = _mean_flat((self.target(x0, noise, t) - pred) ** 2) * self.mse_weight(t, x0.dtype)  # (B,)
+        error = self.target(x0, noise, t) - pred  # (B, C, H, W)
+        mse = _mean_flat(error**2)
+        if self.config.detail_weight:
+            detail = block_detail(error, self.config.detail_pool)
+            mse = mse + self.config.detail_weight * _mean_flat(detail**2)
+        mse = mse * self.mse_weight(t, x0.dtype)  # (B,)
         if not self.config.learn_sigma:
             return mse, torch.zeros_like(mse)
         eps = self.to_eps(pred.detach(), x_t, t)  # stop-grad mean
