@@ -120,12 +120,6 @@ class ObjectiveConfig:
             )
         if not self.timestep_shift > 0.0:
             raise ValueError(f"ObjectiveConfig.timestep_shift must be > 0, got {self.timestep_shift!r}")
-        if not self.detail_weight >= 0.0:
-            raise ValueError(f"ObjectiveConfig.detail_weight must be >= 0, got {self.detail_weight!r}")
-        if isinstance(self.detail_pool, bool) or not isinstance(self.detail_pool, int):
-            raise ValueError(f"ObjectiveConfig.detail_pool must be an int, got {self.detail_pool!r}")
-        if self.detail_pool < 2:
-            raise ValueError(f"ObjectiveConfig.detail_pool must be >= 2, got {self.detail_pool!r}")
         if not self.min_snr_gamma > 0.0:
             raise ValueError(f"ObjectiveConfig.min_snr_gamma must be > 0, got {self.min_snr_gamma!r}")
         if self.prediction == "flow" and self.learn_sigma:
@@ -137,6 +131,16 @@ class ObjectiveConfig:
             raise ValueError(
                 "ObjectiveConfig.weighting='min_snr' is defined for prediction 'epsilon' or 'v', not 'flow'"
             )
+        self._validate_loss_weights()
+
+    def _validate_loss_weights(self) -> None:
+        """The detail term's weight and block size."""
+        if not self.detail_weight >= 0.0:
+            raise ValueError(f"ObjectiveConfig.detail_weight must be >= 0, got {self.detail_weight!r}")
+        if isinstance(self.detail_pool, bool) or not isinstance(self.detail_pool, int):
+            raise ValueError(f"ObjectiveConfig.detail_pool must be an int, got {self.detail_pool!r}")
+        if self.detail_pool < 2:
+            raise ValueError(f"ObjectiveConfig.detail_pool must be >= 2, got {self.detail_pool!r}")
 
 
 def _check_choice(field: str, value: Any, choices: Mapping[str, Any] | tuple[str, ...]) -> None:
