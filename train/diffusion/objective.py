@@ -131,9 +131,9 @@ class ObjectiveConfig:
             raise ValueError(
                 "ObjectiveConfig.weighting='min_snr' is defined for prediction 'epsilon' or 'v', not 'flow'"
             )
-        self._validate_loss_weights()
+        self._validate_detail_term()
 
-    def _validate_loss_weights(self) -> None:
+    def _validate_detail_term(self) -> None:
         """The detail term's weight and block size."""
         if not self.detail_weight >= 0.0:
             raise ValueError(f"ObjectiveConfig.detail_weight must be >= 0, got {self.detail_weight!r}")
