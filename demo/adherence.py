@@ -304,7 +304,7 @@ def stage1_adherence(export_dir: Path, per_class: int, seed: int = 0) -> tuple[d
 
 
 def held_out_adherence(
-    export_dir: Path, per_prompt: int, seed: int = 0, size: int = 128
+    export_dir: Path, per_prompt: int, seed: int = 0, size: int = synthetic.STAGE3_RESOLUTION
 ) -> tuple[dict, list[Image.Image]]:
     """The held-out prompts through ``PixArtAlphaPipeline`` at ``size`` px, ``per_prompt`` samples each."""
     return prompt_adherence(load_pixart(export_dir), held_out_prompts(), per_prompt, seed, size)
@@ -321,7 +321,7 @@ def prompt_adherence(
     prompts: list[tuple[str, Asked]],
     per_prompt: int,
     seed: int = 0,
-    size: int = 128,
+    size: int = synthetic.STAGE3_RESOLUTION,
 ) -> tuple[dict, list[Image.Image]]:
     """``prompts`` through ``pipe`` at ``size`` px, ``per_prompt`` samples each."""
     per_prompt_rate, scores, images = {}, [], []

@@ -1,7 +1,7 @@
 """``tristage demo --out DIR``: the whole offline pipeline on the synthetic shapes world.
 
 synthetic raw shards -> cache (frozen demo VAE + tiny T5) -> stage 1 (DiT) ->
-stage 2 (PixArt, re-parameterised from stage 1) -> stage 3 (128 px, 3 aspect
+stage 2 (PixArt, re-parameterised from stage 1) -> stage 3 (96 px, 3 aspect
 buckets, score filter) -> exports (DiTPipeline, PixArtAlphaPipeline) ->
 adherence report, sample grid and loss curves.
 """

@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import DiTPipeline, PixArtAlphaPipeline
 
+from tristage.demo import synthetic
 from tristage.demo.run import run_demo
 
 from .conftest import run_cli
@@ -102,4 +103,5 @@ def test_sample_defaults_to_the_trained_size(demo_dir, tmp_path):
 
     args = ["sample", str(demo_dir / "export"), "--prompt", "a red circle", "--steps", "2"]
     assert main([*args, "--out", str(tmp_path)]) == 0
-    assert Image.open(tmp_path / "000_00.png").size == (128, 128)  # stage 3 trains at 128 px (not 32 * 8)
+    size = synthetic.STAGE3_RESOLUTION  # what stage 3 trains at (not the nominal 32 latents * 4)
+    assert Image.open(tmp_path / "000_00.png").size == (size, size)

@@ -86,3 +86,17 @@ def test_stage2_captions_agree_with_what_the_classifier_reads(tmp_path: Path) ->
             continue
         assert reading.size in words and reading.position in text, (image_id, text, reading)
     assert abs(plain - n * synthetic.PLAIN_SHARE) < 0.15 * n, plain
+
+
+def test_stage3_images_are_the_demo_stage3_buckets() -> None:
+    """The stage-3 world is drawn at the resolution configs/demo/stage3.yaml trains at (and the report
+    samples at), each image exactly one of that resolution's aspect buckets (no resize, no crop)."""
+    from tristage.data.buckets import bucket_table, choose_bucket
+    from tristage.demo.run import CONFIGS
+    from tristage.train.config import load_config
+
+    data = load_config(CONFIGS / "stage3.yaml").data
+    assert data.resolution == synthetic.STAGE3_RESOLUTION and data.multi_aspect
+    table = bucket_table(data.resolution)
+    assert [choose_bucket(h, w, table) for h, w in synthetic.STAGE3_SIZES] == list(synthetic.STAGE3_SIZES)
+    assert synthetic.STAGE3_SIZES[0] == (synthetic.STAGE3_RESOLUTION, synthetic.STAGE3_RESOLUTION)

@@ -93,6 +93,6 @@ def keep_null_buffer(folder: Path, out: Path) -> None:
 
 def write_trained_size(cfg: Config, out: Path) -> None:
     """What `tristage sample` defaults to: the transformer's ``sample_size`` is not the trained size when
-    the pos-embed base was chosen apart from it (the demo's PixArt: 32 latents, trained at 64 / 128 px)."""
+    the pos-embed base was chosen apart from it (the demo's PixArt: 32 latents, trained at 64 / 96 px)."""
     record = {"resolution": cfg.data.resolution, "multi_aspect": cfg.data.multi_aspect}
     (out / TRAINING_SIZE).write_text(json.dumps(record))

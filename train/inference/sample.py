@@ -126,7 +126,7 @@ def size_of(pipe: DiffusionPipeline, args: argparse.Namespace) -> tuple[int, int
 def trained_size(pipe: DiffusionPipeline) -> int:
     """The export's record of the training resolution; for a foreign pipeline, the transformer's
     ``sample_size`` in pixels.  A tristage export needs the record: PixArt's ``sample_size`` also sets the
-    position-embedding base, so it may differ from the trained size (the demo: 32 latents, 128 px)."""
+    position-embedding base, so it may differ from the trained size (the demo: 32 latents, 96 px)."""
     record = Path(pipe.name_or_path or "") / TRAINING_SIZE
     if record.is_file():
         return int(json.loads(record.read_text())["resolution"])
