@@ -14,7 +14,16 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from tristage.demo.synthetic import BACKGROUNDS, COLOURS, SHAPES, Scene, render, sample_scene, shape_colour
+from tristage.demo.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    STAGE3_SIZES,
+    Scene,
+    render,
+    sample_scene,
+    shape_colour,
+)
 
 VAE_DIR = Path(__file__).resolve().parents[1] / "demo" / "assets" / "demo_vae"
 TOLERANCE = 20.0  # RGB units, Euclidean
@@ -104,7 +113,8 @@ def test_reconstructs_every_colour_shape_background_at_64px(vae: AutoencoderKL) 
     _check(vae, _all_scenes(64, 64, seed=0))
 
 
-@pytest.mark.parametrize("height,width", [(128, 128), (96, 160)])
+# The large sizes the VAE trained at (train_demo_vae.LARGE_SIZES) and the demo's stage-3 sizes.
+@pytest.mark.parametrize("height,width", [(128, 128), (96, 160), *STAGE3_SIZES])
 def test_reconstructs_every_colour_at_stage3_sizes(vae: AutoencoderKL, height: int, width: int) -> None:
     _check(vae, _few_scenes(height, width, seed=1))
 

@@ -107,7 +107,7 @@ Three more choices make a VAE this small learn the palette within minutes:
   image normalises to the same pattern whatever its colours);
 * a cheap warm-up on 32 px renders (a quarter of the cost of a 64 px step; the
   colour code does not depend on resolution), then alternating steps on 64 px
-  renders (with 64 px crops of the stage-3 sizes) and on whole stage-3 renders.
+  renders (with 64 px crops of ``LARGE_SIZES``) and on whole ``LARGE_SIZES`` renders.
 
 The saved weights are an EMA of the weights over the second phase (as the "ema"
 in ``sd-vae-ft-ema``).  After training, the std of the posterior means over a
@@ -139,7 +139,6 @@ from diffusers import AutoencoderKL
 from tristage.demo.synthetic import (
     BACKGROUNDS,
     COLOURS,
-    STAGE3_SIZES,
     render,
     sample_scene,
     text_combinations,
@@ -152,6 +151,10 @@ BLOCK_OUT_CHANNELS = (16, 32, 64)
 NORM_NUM_GROUPS = 2
 LATENT_CHANNELS = 4
 CROP = 64  # training patch size (whole 64 px images, or crops of the stage-3 sizes)
+# The larger renders (height, width): the stage-3 sizes when the committed weights were trained (the demo's
+# stage 3 has since moved to 96 px, synthetic.STAGE3_SIZES), fixed here so that the script still
+# reproduces those weights.  The VAE decodes both (test_demo_vae).
+LARGE_SIZES: tuple[tuple[int, int], ...] = ((128, 128), (96, 160), (160, 96))
 FACTOR = 2 ** (len(BLOCK_OUT_CHANNELS) - 1)  # 4 pixels per latent pixel
 
 # The latent code of each palette colour (before the scaling factor). The nine codes are the
@@ -242,7 +245,7 @@ class Batches:
     VAE must learn does not depend on resolution, and a step costs a quarter of a 64 px one).
     ``next(batch_size, "64")``: whole 64 px renders, or (``large_fraction`` of the items) random
     64 px crops of stage-3-sized renders, so the VAE sees the larger pixel scale too.
-    ``next(batch_size, "stage3")``: whole stage-3 renders of one size (cycling through the sizes),
+    ``next(batch_size, "stage3")``: whole renders of one of ``LARGE_SIZES`` (cycling through them),
     so GroupNorm and the mid-block attention also see whole large images with large shapes.
     """
 
@@ -250,7 +253,7 @@ class Batches:
         rng = random.Random(seed)
         self.tiny = render_pool(rng, n32, 32, 32)
         self.small = render_pool(rng, n64, 64, 64)
-        self.large = [render_pool(rng, n_large, h, w) for h, w in STAGE3_SIZES]
+        self.large = [render_pool(rng, n_large, h, w) for h, w in LARGE_SIZES]
         self.large_fraction = large_fraction
         self.gen = torch.Generator().manual_seed(seed)
         self.large_calls = 0
