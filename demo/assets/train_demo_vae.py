@@ -150,7 +150,7 @@ OUT_DIR = Path(__file__).resolve().parent / "demo_vae"
 BLOCK_OUT_CHANNELS = (16, 32, 64)
 NORM_NUM_GROUPS = 2
 LATENT_CHANNELS = 4
-CROP = 64  # training patch size (whole 64 px images, or crops of the stage-3 sizes)
+CROP = 64  # training patch size (whole 64 px images, or crops of LARGE_SIZES renders)
 # The larger renders (height, width): the stage-3 sizes when the committed weights were trained (the demo's
 # stage 3 has since moved to 96 px, synthetic.STAGE3_SIZES), fixed here so that the script still
 # reproduces those weights.  The VAE decodes both (test_demo_vae).
@@ -244,7 +244,7 @@ class Batches:
     ``next(batch_size, "32")``: whole 32 px renders (the cheap warm-up phase: the colour code the
     VAE must learn does not depend on resolution, and a step costs a quarter of a 64 px one).
     ``next(batch_size, "64")``: whole 64 px renders, or (``large_fraction`` of the items) random
-    64 px crops of stage-3-sized renders, so the VAE sees the larger pixel scale too.
+    64 px crops of ``LARGE_SIZES`` renders, so the VAE sees the larger pixel scale too.
     ``next(batch_size, "stage3")``: whole renders of one of ``LARGE_SIZES`` (cycling through them),
     so GroupNorm and the mid-block attention also see whole large images with large shapes.
     """
