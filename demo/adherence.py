@@ -18,8 +18,8 @@
    overlaps the ideal shape drawn in its box (IoU >= ``MIN_IOU``).
 6. **Size and position**: the area is the object's *coverage* (each pixel's fraction of the object's
    colour against the background, so anti-aliased edges count in part); the side follows from the
-   kind's area ratio (circle pi/4, square 1, triangle 1/2), "large" above ``0.45`` of the short image
-   side as in :func:`synthetic.caption`.  The centre is the coverage centroid (for a triangle moved up
+   kind's area ratio (circle pi/4, square 1, triangle 1/2), "large" above ``synthetic.LARGE_ABOVE``
+   of the short image side as in :func:`synthetic.caption`.  The centre is the coverage centroid (for a triangle moved up
    by side/6 to its bounding-box centre, where :class:`synthetic.Scene` puts it), placed in the 3 x 3
    grid of the caption's position words.
 """
@@ -49,7 +49,7 @@ MAX_FEATURE = 1.5  # largest distance to the nearest ideal in FEATURE_SCALE unit
 IDEAL_FEATURES = {"circle": (math.pi / 4, 0.5), "square": (1.0, 0.5), "triangle": (0.5, 2 / 3)}
 FEATURE_SCALE = (0.1, 0.05)
 MAX_ASPECT = 1.4  # longest / shortest side of the object's bounding box (every demo shape is 1.0)
-LARGE = 0.45  # side above which a shape is "large", as a share of the short image side (synthetic.caption)
+LARGE = synthetic.LARGE_ABOVE  # side above which a shape is "large", share of the short image side
 # synthetic.render's PIL shapes include their last pixel on the 4x canvas: sides come out ~1/3 px large.
 RENDER_BIAS = 0.35
 AREA_RATIO = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}  # area / side**2 of each kind

@@ -21,7 +21,7 @@ SIZES = ((64, 64), (128, 128), (96, 160), (160, 96))
 def truth(scene: synthetic.Scene) -> Asked:
     """What synthetic.caption would say about ``scene``."""
     row, col = min(int(3 * scene.cy / scene.height), 2), min(int(3 * scene.cx / scene.width), 2)
-    size = "large" if scene.side > 0.45 * min(scene.height, scene.width) else "small"
+    size = "large" if scene.side > synthetic.LARGE_ABOVE * min(scene.height, scene.width) else "small"
     return Asked(scene.colour, scene.shape, scene.background, size, synthetic.POSITIONS[(row, col)])
 
 
