@@ -19,9 +19,9 @@
 6. **Size and position**: the area is the object's *coverage* (each pixel's fraction of the object's
    colour against the background, so anti-aliased edges count in part); the side follows from the
    kind's area ratio (circle pi/4, square 1, triangle 1/2), "large" above ``synthetic.LARGE_ABOVE``
-   of the short image side as in :func:`synthetic.caption`.  The centre is the coverage centroid (for a triangle moved up
-   by side/6 to its bounding-box centre, where :class:`synthetic.Scene` puts it), placed in the 3 x 3
-   grid of the caption's position words.
+   of the short image side as in :func:`synthetic.caption`.  The centre is the coverage centroid (for
+   a triangle moved up by side/6 to its bounding-box centre, where :class:`synthetic.Scene` puts it),
+   placed in the 3 x 3 grid of the caption's position words.
 """
 
 from __future__ import annotations
