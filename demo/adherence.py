@@ -49,7 +49,6 @@ MAX_FEATURE = 1.5  # largest distance to the nearest ideal in FEATURE_SCALE unit
 IDEAL_FEATURES = {"circle": (math.pi / 4, 0.5), "square": (1.0, 0.5), "triangle": (0.5, 2 / 3)}
 FEATURE_SCALE = (0.1, 0.05)
 MAX_ASPECT = 1.4  # longest / shortest side of the object's bounding box (every demo shape is 1.0)
-LARGE = synthetic.LARGE_ABOVE  # side above which a shape is "large", share of the short image side
 # synthetic.render's PIL shapes include their last pixel on the 4x canvas: sides come out ~1/3 px large.
 RENDER_BIAS = 0.35
 AREA_RATIO = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}  # area / side**2 of each kind
@@ -186,9 +185,7 @@ def size_and_position(alpha: np.ndarray, kind: str) -> tuple[str, str]:
     cx, cy = float((alpha * x).sum()) / max(area, 1.0), float((alpha * y).sum()) / max(area, 1.0)
     if kind == "triangle":  # the area centroid sits side/6 below the bounding-box centre
         cy -= side / 6
-    row, col = min(int(3 * cy / height), 2), min(int(3 * cx / width), 2)
-    size = "large" if side > LARGE * min(height, width) else "small"
-    return size, synthetic.POSITIONS[(row, col)]
+    return synthetic.size_word(side, height, width), synthetic.position_phrase(cx, cy, height, width)
 
 
 def classify(image: Image.Image | np.ndarray) -> Reading:

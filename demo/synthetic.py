@@ -188,11 +188,19 @@ def caption(scene: Scene, rng: random.Random) -> str:
     core = core_phrase(scene.colour, scene.shape, scene.background)
     if not scene.placed:
         return rng.choice(_PLAIN_TEMPLATES).format(core=core)
-    row = min(int(3 * scene.cy / scene.height), 2)
-    col = min(int(3 * scene.cx / scene.width), 2)
-    size = "large" if scene.side > LARGE_ABOVE * min(scene.height, scene.width) else "small"
-    template = rng.choice(_PLACED_TEMPLATES)
-    return template.format(core=core, where=POSITIONS[(row, col)], size=size, shape=scene.shape)
+    where = position_phrase(scene.cx, scene.cy, scene.height, scene.width)
+    size = size_word(scene.side, scene.height, scene.width)
+    return rng.choice(_PLACED_TEMPLATES).format(core=core, where=where, size=size, shape=scene.shape)
+
+
+def size_word(side: float, height: int, width: int) -> str:
+    """The caption's size word for a shape of ``side`` pixels in a ``height`` x ``width`` image."""
+    return "large" if side > LARGE_ABOVE * min(height, width) else "small"
+
+
+def position_phrase(cx: float, cy: float, height: int, width: int) -> str:
+    """The caption's position phrase for a centre (``cx``, ``cy``): its cell of the 3 x 3 grid."""
+    return POSITIONS[(min(int(3 * cy / height), 2), min(int(3 * cx / width), 2))]
 
 
 def text_combinations() -> list[tuple[str, str, str]]:

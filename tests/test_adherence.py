@@ -20,9 +20,9 @@ SIZES = ((64, 64), (128, 128), (96, 160), (160, 96))
 
 def truth(scene: synthetic.Scene) -> Asked:
     """What synthetic.caption would say about ``scene``."""
-    row, col = min(int(3 * scene.cy / scene.height), 2), min(int(3 * scene.cx / scene.width), 2)
-    size = "large" if scene.side > synthetic.LARGE_ABOVE * min(scene.height, scene.width) else "small"
-    return Asked(scene.colour, scene.shape, scene.background, size, synthetic.POSITIONS[(row, col)])
+    size = synthetic.size_word(scene.side, scene.height, scene.width)
+    where = synthetic.position_phrase(scene.cx, scene.cy, scene.height, scene.width)
+    return Asked(scene.colour, scene.shape, scene.background, size, where)
 
 
 def scenes(n: int, seed: int) -> list[synthetic.Scene]:
