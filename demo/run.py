@@ -1,8 +1,8 @@
 """``tristage demo --out DIR``: the whole offline pipeline on the synthetic shapes world.
 
 synthetic raw shards -> cache (frozen demo VAE + tiny T5) -> stage 1 (DiT) ->
-stage 2 (PixArt, re-parameterised from stage 1) -> stage 3 (96 px, 3 aspect
-buckets, score filter) -> exports (DiTPipeline, PixArtAlphaPipeline) ->
+stage 2 (PixArt, re-parameterised from stage 1) -> stage 3 (96 px, square,
+score filter) -> exports (DiTPipeline, PixArtAlphaPipeline) ->
 adherence report, sample grid and loss curves.
 """
 
