@@ -19,8 +19,11 @@ SIZES = ((64, 64), (128, 128), (96, 160), (160, 96))
 
 
 def truth(scene: synthetic.Scene) -> Asked:
-    """What synthetic.caption would say about ``scene``."""
-    size = synthetic.size_word(scene.side, scene.height, scene.width)
+    """What synthetic.caption would say about ``scene`` (no size word for a side within 0.01 of the short
+    side of ``synthetic.LARGE_ABOVE``: the demo captions never use one, and either word is as right)."""
+    share = scene.side / min(scene.height, scene.width)
+    on_threshold = abs(share - synthetic.LARGE_ABOVE) < 0.01
+    size = None if on_threshold else synthetic.size_word(scene.side, scene.height, scene.width)
     where = synthetic.position_phrase(scene.cx, scene.cy, scene.height, scene.width)
     return Asked(scene.colour, scene.shape, scene.background, size, where)
 
