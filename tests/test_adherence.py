@@ -19,8 +19,9 @@ SIZES = ((64, 64), (128, 128), (96, 160), (160, 96))
 
 
 def truth(scene: synthetic.Scene) -> Asked:
-    """What synthetic.caption would say about ``scene`` (no size word for a side within 0.01 of the short
-    side of ``synthetic.LARGE_ABOVE``: the demo captions never use one, and either word is as right)."""
+    """What synthetic.caption would say about ``scene``; no size word where the side is within 0.01 of
+    ``synthetic.LARGE_ABOVE`` (shares of the short side): the demo captions never name such a side, and
+    either word is as right for it."""
     share = scene.side / min(scene.height, scene.width)
     on_threshold = abs(share - synthetic.LARGE_ABOVE) < 0.01
     size = None if on_threshold else synthetic.size_word(scene.side, scene.height, scene.width)

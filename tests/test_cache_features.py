@@ -45,8 +45,8 @@ STAGE1_IMAGES, STAGE1_PER_SHARD = 24, 12
 STAGE2_IMAGES = 10
 STAGE3_IMAGES = 24
 ODD_BUCKET = (64, 128)
-WIDE_BUCKET = (80, 112)  # the demo world is square; these images make the loader's buckets several
-WIDE_IMAGES = 8
+LANDSCAPE_BUCKET = (80, 112)  # the demo world is square: these images give the loader a second bucket
+LANDSCAPE_IMAGES = 8
 BAD_STAGE3 = {"bad_bytes": "undecodable_image", "tiny": "too_small", "wide": "aspect_ratio_out_of_range"}
 
 
@@ -166,14 +166,14 @@ def write_bad_stage3_files(raw: Path) -> None:
 
 @pytest.fixture(scope="module")
 def stage3(tmp_path_factory, encoders):
-    """Stage-3 cache: 96 px, score filter, square demo images plus 80 x 112 ones, plus three bad images."""
+    """Stage-3 cache: 96 px, score filter, square demo images, landscape 80 x 112 ones, three bad ones."""
     root = tmp_path_factory.mktemp("stage3")
     raw = synthetic.write_stage3(root / "raw", STAGE3_IMAGES)
     rng = random.Random(0)
-    for i in range(WIDE_IMAGES):
-        scene = synthetic.placed_scene(rng, "red", "circle", "white", *WIDE_BUCKET)
-        synthetic.render(scene).save(raw / "images" / f"wide{i}.png")
-    add_stage3_records(raw, [f"wide{i}" for i in range(WIDE_IMAGES)])
+    for i in range(LANDSCAPE_IMAGES):
+        scene = synthetic.placed_scene(rng, "red", "circle", "white", *LANDSCAPE_BUCKET)
+        synthetic.render(scene).save(raw / "images" / f"landscape{i}.png")
+    add_stage3_records(raw, [f"landscape{i}" for i in range(LANDSCAPE_IMAGES)])
     Image.new("RGB", (210, 120), (0, 0, 200)).save(raw / "images" / "odd.png")  # good, resized and cropped
     add_stage3_records(raw, ["odd"])
     records = [json.loads(line) for line in (raw / "metadata.jsonl").read_text().splitlines()]
@@ -221,7 +221,7 @@ def test_bad_images_are_skipped_and_counted_nothing_else_lost(stage3):
     assert len(keys) == len(set(keys)) == manifest["samples"] == len(good)
     assert set(keys) == good
     buckets = {tuple(m["bucket"]) for m, _ in shard_samples(cache_dir)}
-    assert buckets == set(synthetic.STAGE3_SIZES) | {WIDE_BUCKET, ODD_BUCKET}
+    assert buckets == set(synthetic.STAGE3_SIZES) | {LANDSCAPE_BUCKET, ODD_BUCKET}
 
 
 def test_stage3_placement_and_feature_shapes(stage3):
