@@ -314,7 +314,8 @@ def shape_colour(image: Image.Image | np.ndarray) -> str | None:
 
     The background is the median of the border pixels; shape pixels are those
     far (> 60 RGB units) from it.  Their median colour is matched to the nearest
-    palette entry.  This is the demo's adherence metric.
+    palette entry.  The VAE tests read colours with it; the demo's adherence report reads kind,
+    colour, background, size and position with ``demo/adherence.classify``.
     """
     arr = np.asarray(image, dtype=np.float32)[..., :3]
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
