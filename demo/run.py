@@ -39,7 +39,7 @@ class Scale:
     overrides: tuple[str, ...] = ()  # extra config overrides for every stage
 
 
-FULL = Scale(1800, 1920, 720, None, 8)
+FULL = Scale(1800, 1920, 1440, None, 8)  # stage 3: 1440, not 720 (configs/demo/stage3.yaml)
 FAST = Scale(144, 144, 72, (6, 6, 4), 2, ("data.batch_size=8", "checkpoint.every=3", "train.log_every=2"))
 
 
