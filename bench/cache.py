@@ -182,6 +182,7 @@ def write_encoders(root: Path, vae_channels: tuple[int, ...] = (16, 16, 32, 32))
 
 
 def extract_config(root: Path, enc: dict[str, Path], raw: Path, batch: int):
+    from tristage.demo.run import CONFIGS
     from tristage.train.config import load_config
 
     overrides = [
@@ -195,7 +196,7 @@ def extract_config(root: Path, enc: dict[str, Path], raw: Path, batch: int):
         f"encoders.tokenizer={enc['tokenizer']}",
         f"encoders.batch_size={batch}",
     ]
-    return load_config(Path(__file__).resolve().parents[1] / "configs/demo/stage2.yaml", overrides)
+    return load_config(CONFIGS / "stage2.yaml", overrides)
 
 
 def cache_pass(cfg, encoders) -> tuple[float, int]:

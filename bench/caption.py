@@ -27,11 +27,12 @@ import torch
 
 
 def bench_config(root: Path, args: argparse.Namespace, model: str):
+    from tristage.demo.run import CONFIGS
     from tristage.train.config import load_config
 
     raw, output = root / "raw", root / "out" / "captions.jsonl"
     return load_config(
-        Path(__file__).resolve().parents[1] / "configs" / "demo" / "stage2.yaml",
+        CONFIGS / "stage2.yaml",
         [
             f"data.source.paths=[{raw}/sa_*.tar]",
             f"data.source.captions={output}",  # as in the stage-2 config: the pass writes it

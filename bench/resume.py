@@ -32,6 +32,7 @@ def write_setup(root: Path) -> Path:
     from diffusers import AutoencoderKL
 
     from tristage.demo import synthetic
+    from tristage.demo.run import CONFIGS
     from tristage.train.config import load_config, save_config
     from tristage.train.families import cache_stage
 
@@ -60,7 +61,7 @@ def write_setup(root: Path) -> Path:
         "checkpoint.keep_last=2",
         "tracking.mode=disabled",
     ]
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/demo/stage1.yaml", overrides)
+    cfg = load_config(CONFIGS / "stage1.yaml", overrides)
     cache_stage(cfg, Accelerator(cpu=True))
     save_config(cfg, root / "stage.yaml")
     return root / "stage.yaml"

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import threading
 import time
@@ -69,8 +70,12 @@ class Captioner:
     def load(cls, cfg: CaptionConfig, device: torch.device) -> Captioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        dtype = resolve_dtype(cfg.dtype, device)
         try:
             processor = AutoProcessor.from_pretrained(cfg.model)
+            model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
+        except ImportError as err:  # e.g. Qwen2-VL's video processor without torchvision
+            raise CaptionError(missing_package(cfg.model, err)) from None
         except (OSError, ValueError) as err:  # not on disk and not reachable, or not a processor folder
             reason = str(err).splitlines()[0]
             raise CaptionError(f"caption.model: cannot load {cfg.model}: {reason}") from None
@@ -78,8 +83,6 @@ class Captioner:
             raise CaptionError(f"caption.model: {cfg.model} has no chat template in its processor")
         # Decoder-only batches: left padding makes every prompt end at the last column.
         processor.tokenizer.padding_side = "left"
-        dtype = resolve_dtype(cfg.dtype, device)
-        model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=dtype)
         return cls(model.to(device).eval().requires_grad_(False), processor, cfg, device, dtype)
 
     def prompt(self, hint: str | None) -> str:
@@ -108,6 +111,22 @@ class Captioner:
         out = self.model.generate(**batch, **self.generation_kwargs())  # (B, L_in + new)
         new = out[:, batch["input_ids"].shape[1] :]
         return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+
+# transformers names a missing package in prose ("... requires the Torchvision library ..."): its pip name
+PIP_NAMES = {"pil": "pillow", "vision": "pillow", "protobuf": "protobuf"}
+
+
+def missing_package(model: str, err: ImportError) -> str:
+    """One line naming ``caption.model`` and what to install for it."""
+    found = err.name or next(iter(re.findall(r"requires the (\S+) library", str(err))), None)
+    if found is None:
+        return f"caption.model: {model} cannot be loaded: {str(err).strip().splitlines()[0]}"
+    package = PIP_NAMES.get(found.lower(), found.lower())
+    return (
+        f"caption.model: {model} needs the package {package!r}, which is not installed: "
+        f"pip install 'tristage[caption]' (or pip install {package})"
+    )
 
 
 def part_path(parts: Path, unit: Unit) -> Path:

@@ -38,6 +38,7 @@ from PIL import Image
 
 from tristage.demo import synthetic
 from tristage.train.inference.grid import grid
+from tristage.train.inference.pipelines import load_exported
 
 FOREGROUND_DISTANCE = 60.0  # RGB units from the background: about half the closest palette/background pair
 MIN_OBJECT = 0.005  # share of the image a component needs to count as an object (smaller: a speck)
@@ -286,7 +287,7 @@ def seen_prompts() -> list[tuple[str, Asked]]:
 
 def stage1_adherence(export_dir: Path, per_class: int, seed: int = 0) -> tuple[dict, list[Image.Image]]:
     """Every class ``per_class`` times through ``DiTPipeline``: one shape of the class's kind and colour."""
-    pipe = DiTPipeline.from_pretrained(export_dir)
+    pipe = load_exported(export_dir, DiTPipeline)
     pipe.set_progress_bar_config(disable=True)
     names = [synthetic.class_name(i) for i in range(len(synthetic.CLASSES))]
     ids = [i for name in names for i in pipe.get_label_ids([name]) * per_class]
@@ -308,7 +309,7 @@ def held_out_adherence(
 
 
 def load_pixart(export_dir: Path) -> PixArtAlphaPipeline:
-    pipe = PixArtAlphaPipeline.from_pretrained(export_dir)
+    pipe = load_exported(export_dir, PixArtAlphaPipeline)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -333,6 +334,7 @@ def prompt_adherence(
             width=size,
             generator=g,
             use_resolution_binning=False,
+            clean_caption=False,  # the demo's captions are plain; True needs beautifulsoup4 and ftfy
         ).images
         prompt_scores = [score(classify(im), asked) for im in out]
         per_prompt_rate[prompt] = rates(prompt_scores)["all"]

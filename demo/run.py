@@ -24,7 +24,7 @@ from tristage.demo.encoders import demo_vae_path, write_demo_text_encoder
 from tristage.train.config import Config, load_config, save_config
 
 log = logging.getLogger("tristage.demo")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # stageN.yaml, shipped as package data
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class Scale:
     overrides: tuple[str, ...] = ()  # extra config overrides for every stage
 
 
-FULL = Scale(1800, 1920, 1440, None, 8)  # stage 3: 1440, not 720 (configs/demo/stage3.yaml)
+FULL = Scale(1800, 1920, 1440, None, 8)  # stage 3: 1440, not 720 (demo/configs/stage3.yaml)
 FAST = Scale(144, 144, 72, (6, 6, 4), 2, ("data.batch_size=8", "checkpoint.every=3", "train.log_every=2"))
 
 
@@ -62,7 +62,7 @@ def source_overrides(n: int, raw: Path) -> list[str]:
 
 
 def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale, vae: Path | None = None) -> Config:
-    """configs/demo/stageN.yaml with this run's paths filled in."""
+    """demo/configs/stageN.yaml with this run's paths filled in."""
     enc, raw = out / "encoders", data[f"stage{n}"]
     overrides = [
         f"run.dir={out / f'stage{n}'}",

@@ -274,7 +274,7 @@ def write_stage2(out: Path, n: int, size: int = 64, seed: int = 1, per_shard: in
     return out
 
 
-# Stage 3's base resolution (configs/demo/stage3.yaml data.resolution; the report samples at it) and the
+# Stage 3's base resolution (demo/configs/stage3.yaml data.resolution; the report samples at it) and the
 # (height, width) of its images.  96, not 128: sampled from the same stage-2 export, 96 px kept more of
 # stage 2's kinds (held-out 48 %, seen 52 %; 128 px: 31 / 40 %), and stage 3 took 65 s, not 90.
 # Square only, not three aspect buckets (96 x 96, 80 x 112, 112 x 80): diffusers' PixArt position table

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,22 +25,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``tristage ARGS`` as a user would (a fresh interpreter)."""
+TRISTAGE = Path(sys.executable).parent / "tristage"  # the venv's console script, as users run it
+
+
+@functools.cache
+def user_folder() -> Path:
+    """A working folder outside the checkout, so no test sees what ``python -m`` from the root would put
+    on ``sys.path``: the installed package is all a command gets."""
+    return Path(tempfile.mkdtemp(prefix="tristage-user-"))
+
+
+def tristage(*args: str) -> list[str]:
+    """The command line ``tristage ARGS`` through the installed executable."""
+    return [str(TRISTAGE), *args]
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``tristage ARGS`` as a user would: the console script, from a folder outside the checkout."""
     return subprocess.run(
-        [sys.executable, "-m", "tristage.train.cli", *args],
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        tristage(*args), cwd=cwd or user_folder(), env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
 def launch_2proc(*args: str) -> list[str]:
-    """``accelerate launch`` of ``tristage ARGS`` with 2 CPU processes (gloo)."""
+    """``accelerate launch`` of the ``tristage`` executable with 2 CPU processes (gloo)."""
     config = ROOT / "configs/accelerate/cpu_2proc.yaml"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    return [*launch, "-m", "tristage.train.cli", *args]
+    return [*launch, *tristage(*args)]
 
 
 def env_2proc(**extra: str) -> dict[str, str]:
@@ -46,15 +61,11 @@ def env_2proc(**extra: str) -> dict[str, str]:
     return {**bench_resume.env(), "ACCELERATE_USE_CPU": "true", **extra}
 
 
-def start_2proc(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``tristage ARGS`` on 2 processes (see :func:`finish`)."""
+def start_2proc(*args: str, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    """Start ``tristage ARGS`` on 2 processes (see :func:`finish`), from a folder outside the checkout."""
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
     return subprocess.Popen(
-        launch_2proc(*args),
-        cwd=ROOT,
-        env=env or env_2proc(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        launch_2proc(*args), cwd=user_folder(), env=env or env_2proc(), text=True, **streams
     )
 
 

@@ -6,13 +6,12 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import tristage, user_folder
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install 'tristage[dev]')")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
@@ -54,19 +53,9 @@ def server(tmp_path_factory):
     torch.set_num_threads(before)
     port, out = free_port(), root / "outputs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "tristage.train.cli",
-        "app",
-        str(export),
-        "--port",
-        str(port),
-        "--out",
-        str(out),
-    ]
+    cmd = tristage("app", str(export), "--port", str(port), "--out", str(out))
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=user_folder(), env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         try:

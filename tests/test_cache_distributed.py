@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from collections import Counter
@@ -29,10 +28,10 @@ from tristage.demo import synthetic
 from tristage.train.config import load_config
 from tristage.train.families import cache_stage
 
-from .conftest import ROOT, run_cli_2proc
+from .conftest import ROOT, run_cli_2proc, tristage, user_folder
 
 IMAGES, PER_SHARD = 20, 2  # 10 units: several per rank, and room to kill a pass part-way
-CONFIG = ROOT / "configs" / "demo" / "stage2.yaml"  # VAE + T5: both encoders run in every process
+CONFIG = ROOT / "demo" / "configs" / "stage2.yaml"  # VAE + T5: both encoders run in every process
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,7 @@ def keys(cache_dir: Path) -> Counter:
 
 
 def cache_cmd(world: dict, name: str) -> list[str]:
-    return ["-m", "tristage.train.cli", "cache", str(CONFIG), *world["overrides"](name)]
+    return tristage("cache", str(CONFIG), *world["overrides"](name))
 
 
 def test_two_processes_write_what_one_writes(world):
@@ -119,8 +118,8 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def test_killed_pass_resumes_every_sample_exactly_once(world):
     cache_dir = world["root"] / "killed" / "cache"
-    cmd = [sys.executable, *cache_cmd(world, "killed")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=bench_resume.env(), stderr=subprocess.PIPE, text=True)
+    cmd = cache_cmd(world, "killed")
+    proc = subprocess.Popen(cmd, cwd=user_folder(), env=bench_resume.env(), stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: any(cache_dir.glob("*.done.json")), proc)
         os.kill(proc.pid, signal.SIGKILL)

@@ -80,12 +80,12 @@ def encoders(tmp_path_factory) -> Iterator[dict[str, Path]]:
 def stage_config(
     n: int, raw: Path, cache_dir: Path, enc: dict[str, Path], extra: Sequence[str] = ()
 ) -> Config:
-    """configs/demo/stageN.yaml pointed at tmp paths (the override pattern of train.demo)."""
+    """demo/configs/stageN.yaml pointed at tmp paths (the override pattern of train.demo)."""
     return load_config(stage_yaml(n), stage_overrides(n, raw, cache_dir, enc, extra))
 
 
 def stage_yaml(n: int) -> Path:
-    return ROOT / "configs" / "demo" / f"stage{n}.yaml"
+    return ROOT / "demo" / "configs" / f"stage{n}.yaml"
 
 
 def stage_overrides(

@@ -6,6 +6,7 @@ feeds `tristage cache` and a short stage-2 run.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import multiprocessing
@@ -29,10 +30,10 @@ from tristage.train.config import load_config
 from tristage.train.families import cache_stage
 from tristage.train.training.trainer import Trainer
 
-from .conftest import ROOT, run_cli_2proc
+from .conftest import ROOT, run_cli, run_cli_2proc
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the subprocesses run one thread: same bits
-CONFIG = ROOT / "configs" / "demo" / "stage2.yaml"
+CONFIG = ROOT / "demo" / "configs" / "stage2.yaml"
 IMAGES, PER_SHARD = 6, 2  # 3 good units, plus one tar holding a corrupt image
 
 
@@ -219,6 +220,47 @@ def test_model_without_chat_template_is_refused(world, tmp_path, capsys):
     assert code == 2 and "has no chat template" in capsys.readouterr().err
     parts = parts_dir(world["root"] / "bad" / "captions.jsonl")
     assert not part_done(parts / "captions-00000.jsonl").exists()
+
+
+def write_tiny_qwen2vl(folder: Path) -> Path:
+    """A random Qwen2-VL saved as a hub folder is (config, weights, tokenizer, image processor): its
+    processor also loads ``Qwen2VLVideoProcessor``, which imports torchvision."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    from tristage.demo.captioner import build_tokenizer
+
+    tok = build_tokenizer()
+    marks = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": marks})
+    ids = dict(zip(("vision_start_token_id", "image_token_id", "video_token_id"), [0, 2, 3]))
+    ids = {key: tok.convert_tokens_to_ids(marks[i]) for key, i in ids.items()}
+    special = {f"{t}_token_id": getattr(tok, f"{t}_token_id") for t in ("bos", "eos", "pad")}
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    text.update(num_key_value_heads=1, vocab_size=len(tok), **special)
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 2, 4]}
+    vision = dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=8, spatial_merge_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(patch_size=8, merge_size=2).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
+def test_a_vlm_needing_a_missing_package_is_one_line(world, tmp_path):
+    """Qwen2-VL without torchvision: one line naming caption.model and the package, exit 2, nothing
+    captioned or written."""
+    model = write_tiny_qwen2vl(tmp_path / "qwen2vl")
+    result = run_cli("caption", str(CONFIG), *world["overrides"]("qwen", f"caption.model={model}"))
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "caption" in line]
+    assert lines == [
+        f"tristage caption: error: caption.model: {model} needs the package 'torchvision', which is not "
+        "installed: pip install 'tristage[caption]' (or pip install torchvision)"
+    ], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(parts_dir(world["root"] / "qwen" / "captions.jsonl").glob("*.done.json"))
+    assert not (world["root"] / "qwen" / "captions.jsonl").exists()
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ import sys
 
 from tristage.train.cli import build_parser
 
-from .conftest import ROOT
+from .conftest import tristage, user_folder
 
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 
@@ -17,16 +17,16 @@ HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 def test_building_the_parser_imports_nothing_heavy():
     code = "import sys, tristage.train.cli as c\nc.build_parser()\n"
     code += "print([m for m in sys.argv[1:] if m in sys.modules])"
-    out = subprocess.run([sys.executable, "-c", code, *HEAVY], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *HEAVY], cwd=user_folder(), capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
 
 def test_help_takes_well_under_a_second_of_cpu():
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(
-        [sys.executable, "-m", "tristage.train.cli", "--help"], cwd=ROOT, capture_output=True
-    )
+    out = subprocess.run(tristage("--help"), cwd=user_folder(), capture_output=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert out.returncode == 0 and b"usage: tristage" in out.stdout
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)

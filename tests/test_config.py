@@ -11,14 +11,15 @@ from tristage.train.config import Config, ConfigError, load_config, save_config
 
 from .conftest import ROOT
 
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+DEMO_CONFIGS = sorted((ROOT / "demo" / "configs").glob("*.yaml"))  # shipped in the package
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + DEMO_CONFIGS
 TRAINING_CONFIGS = [p for p in CONFIGS if "accelerate" not in p.parts]
 
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"stage1_imagenet.yaml", "stage2_sam_llava.yaml", "stage3_aesthetic.yaml"} <= names
-    assert len([p for p in CONFIGS if p.parent.name == "demo"]) == 3
+    assert [p.name for p in DEMO_CONFIGS] == ["stage1.yaml", "stage2.yaml", "stage3.yaml"]
 
 
 @pytest.mark.parametrize("path", TRAINING_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -35,7 +36,7 @@ def test_full_demo_takes_its_steps_from_the_demo_configs():
 
     assert FULL.steps is None and FAST.steps is not None
     for n in (1, 2, 3):
-        cfg = load_config(ROOT / "configs" / "demo" / f"stage{n}.yaml")
+        cfg = load_config(ROOT / "demo" / "configs" / f"stage{n}.yaml")
         assert cfg.validation.every == cfg.train.max_steps
 
 
@@ -60,7 +61,7 @@ def test_paper_settings_in_real_configs():
 
 def test_overrides_and_roundtrip(tmp_path):
     cfg = load_config(
-        ROOT / "configs/demo/stage1.yaml", ["train.max_steps=7", "run.dir=/x/y", "train.seed=3"]
+        ROOT / "demo/configs/stage1.yaml", ["train.max_steps=7", "run.dir=/x/y", "train.seed=3"]
     )
     assert (cfg.train.max_steps, cfg.run.dir, cfg.train.seed) == (7, "/x/y", 3)
     save_config(cfg, tmp_path / "c.yaml")
@@ -74,7 +75,7 @@ def test_overrides_and_roundtrip(tmp_path):
 )
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "configs/demo/stage1.yaml", [override])
+        load_config(ROOT / "demo/configs/stage1.yaml", [override])
     assert key in str(err.value) and "stage1.yaml" in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -90,7 +91,7 @@ def test_bad_override_names_key(override, key):
 )
 def test_data_choices_are_checked_where_declared(override, message):
     """data/config.py checks its own choices: any command's config load refuses a bad one."""
-    path = ROOT / "configs/demo/stage1.yaml"
+    path = ROOT / "demo/configs/stage1.yaml"
     with pytest.raises(ConfigError) as err:
         load_config(path, [override])
     assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
@@ -106,7 +107,7 @@ def test_encoder_dtype_choices_are_the_ones_the_cache_pass_knows():
 
 def test_unknown_key_in_yaml(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "configs/demo/stage1.yaml").read_text() + "\nextra_section: {a: 1}\n")
+    bad.write_text((ROOT / "demo/configs/stage1.yaml").read_text() + "\nextra_section: {a: 1}\n")
     with pytest.raises(ConfigError, match="extra_section"):
         load_config(bad)
 
@@ -114,14 +115,15 @@ def test_unknown_key_in_yaml(tmp_path):
 @pytest.mark.parametrize(
     "args, needle",
     [
-        (["train", "configs/demo/stage1.yaml", "optim.lrr=1"], "optim.lrr"),
-        (["train", "configs/demo/stage1.yaml", "train.seed=x"], "train.seed"),
-        (["train", "configs/demo/stage2.yaml", "init_from=/does/not/exist"], "init_from"),
-        (["cache", "configs/demo/stage1.yaml", "data.source.paths=[/nope/*.tar]"], "data.source.paths"),
+        (["train", "demo/configs/stage1.yaml", "optim.lrr=1"], "optim.lrr"),
+        (["train", "demo/configs/stage1.yaml", "train.seed=x"], "train.seed"),
+        (["train", "demo/configs/stage2.yaml", "init_from=/does/not/exist"], "init_from"),
+        (["cache", "demo/configs/stage1.yaml", "data.source.paths=[/nope/*.tar]"], "data.source.paths"),
         (["train", "configs/missing.yaml"], "missing.yaml"),
     ],
 )
 def test_cli_bad_config_exit_2_one_line(cli, tmp_path, args, needle):
+    args = [args[0], str(ROOT / args[1]), *args[2:]]  # the command runs from a folder outside the checkout
     result = cli(*args, f"run.dir={tmp_path / 'run'}") if "missing" not in args[1] else cli(*args)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -130,7 +132,7 @@ def test_cli_bad_config_exit_2_one_line(cli, tmp_path, args, needle):
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
-BASE = (ROOT / "configs/demo/stage1.yaml").read_text()
+BASE = (ROOT / "demo/configs/stage1.yaml").read_text()
 TRAIN_LINE = next(i for i, line in enumerate(BASE.splitlines(), 1) if "max_steps: 2000" in line)
 
 
@@ -164,7 +166,7 @@ def test_init_from_folder_without_a_model_is_one_line(capsys, tmp_path):
     (empty / "transformer").mkdir(parents=True)
     args = [
         "train",
-        str(ROOT / "configs/demo/stage2.yaml"),
+        str(ROOT / "demo/configs/stage2.yaml"),
         f"init_from={empty}",
         f"run.dir={tmp_path / 'run'}",
     ]

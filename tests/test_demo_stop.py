@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 
-from .conftest import ROOT
+from .conftest import tristage, user_folder
 
 
 def test_sigterm_in_stage1_stops_the_demo_there(tmp_path):
     out = tmp_path / "demo"
     demo = subprocess.Popen(
-        [sys.executable, "-m", "tristage.train.cli", "demo", "--fast", "--out", str(out)],
-        cwd=ROOT,
+        tristage("demo", "--fast", "--out", str(out)),
+        cwd=user_folder(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -8,7 +8,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from tristage.train.inference.export import export
 from tristage.train.training import checkpoint as ckpt
 from tristage.train.training import sharded
 
-from .conftest import ROOT, run_cli, run_cli_2proc
+from .conftest import run_cli, run_cli_2proc, start_2proc
 
 STEPS, EVERY = 6, 2
 CLIP = 0.05  # optim.grad_clip: below most of these steps' gradient norms, so the sharded clip is exercised
@@ -118,11 +117,8 @@ def test_fsdp_checkpoint_holds_each_rank_s_shards_only(runs, tmp_path):
 
 def launch_2proc(config: Path, run_dir: Path) -> subprocess.Popen:
     """``run_cli_2proc``, started in the background."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    cmd = [*launch, str(ROOT / "configs/accelerate/cpu_2proc.yaml"), "-m", "tristage.train.cli"]
-    cmd += ["train", str(config), *overrides(run_dir, "fsdp")]
-    env = {**bench_resume.env(), "ACCELERATE_USE_CPU": "true"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["train", str(config), *overrides(run_dir, "fsdp")]
+    return start_2proc(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def kill_all(proc: subprocess.Popen) -> None:

@@ -73,7 +73,7 @@ def test_save_and_from_pretrained_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("stage, family", [(1, "dit"), (2, "pixart"), (3, "pixart")])
 def test_demo_configs_build_their_family(stage, family):
-    cfg = load_config(ROOT / f"configs/demo/stage{stage}.yaml")
+    cfg = load_config(ROOT / f"demo/configs/stage{stage}.yaml")
     assert cfg.model.family == family
     model = family_of(family).build(cfg.model, cfg.model.in_channels * 2)
     assert type(model) is family_of(family).model_class

@@ -235,7 +235,7 @@ def test_bare_state_dict_without_sample_size_and_unknown_layouts_are_refused():
 
 def stage3_config(tmp_path: Path, init_from: Path, ms: bool = True):
     return load_config(
-        ROOT / "configs/demo/stage3.yaml",
+        ROOT / "demo/configs/stage3.yaml",
         [
             f"model.use_additional_conditions={str(ms).lower()}",
             f"model.sample_size={SAMPLE}",
@@ -373,7 +373,7 @@ def test_stage1_export_samples_like_our_dit(tmp_path):
     synsets = tmp_path / "synsets.txt"
     synsets.write_text("n001 red circle\nn002 blue square, cube\nn003 green triangle\n")
     cfg = load_config(
-        ROOT / "configs/demo/stage1.yaml",
+        ROOT / "demo/configs/stage1.yaml",
         [
             f"encoders.vae={tiny_vae(tmp_path / 'vae')}",
             f"data.source.synsets={synsets}",
@@ -431,7 +431,7 @@ def test_stage3_export_samples_like_our_pixart(tmp_path):
     tokenizer, text_encoder = write_demo_text_encoder(tmp_path / "encoders")
     pixart = tiny_pixart(caption_channels=64, seed=6)  # the demo T5 is 64 wide
     cfg = load_config(
-        ROOT / "configs/demo/stage3.yaml",
+        ROOT / "demo/configs/stage3.yaml",
         [
             f"encoders.vae={tiny_vae(tmp_path / 'vae')}",
             f"encoders.tokenizer={tokenizer}",

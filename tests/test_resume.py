@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tristage.train.config import load_config
 from tristage.train.training import checkpoint as ckpt
 from tristage.train.training.trainer import Trainer
 
-from .conftest import ROOT, run_cli, run_cli_2proc
+from .conftest import run_cli, run_cli_2proc, tristage, user_folder
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +42,8 @@ def test_killed_runs_resume_bit_identical(setup, tmp_path):
 
 def test_sigterm_saves_and_exits_0_then_resume_continues(setup, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tristage.train.cli",
-        "train",
-        str(setup),
-        f"run.dir={run_dir}",
-        "train.max_steps=100000",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=bench_resume.env(), stderr=subprocess.PIPE, text=True)
+    cmd = tristage("train", str(setup), f"run.dir={run_dir}", "train.max_steps=100000")
+    proc = subprocess.Popen(cmd, cwd=user_folder(), env=bench_resume.env(), stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while bench_resume.newest_step(run_dir) < 2 and time.time() < deadline:
         time.sleep(0.05)

@@ -89,7 +89,7 @@ def test_stage2_captions_agree_with_what_the_classifier_reads(tmp_path: Path) ->
 
 
 def test_stage3_images_are_the_demo_stage3_buckets() -> None:
-    """The stage-3 world is drawn at the resolution configs/demo/stage3.yaml trains at (and the report
+    """The stage-3 world is drawn at the resolution demo/configs/stage3.yaml trains at (and the report
     samples at), each image exactly one of that resolution's aspect buckets (no resize, no crop)."""
     from tristage.data.buckets import bucket_table, choose_bucket
     from tristage.demo.run import CONFIGS

@@ -116,12 +116,12 @@ def pixart_validation_config(tmp_path: Path, *overrides: str):
         "validation.steps=2",
     ]
     cfg = load_config(
-        ROOT / "configs/demo/stage3.yaml", [*base, "validation.prompts=[a red circle,a blue square]"]
+        ROOT / "demo/configs/stage3.yaml", [*base, "validation.prompts=[a red circle,a blue square]"]
     )
     (tmp_path / "cache").mkdir()
     encoders = Encoders.load(cfg.encoders, torch.device("cpu"))
     write_validation_prompts(cfg.validation.prompts, cfg.encoders, encoders, tmp_path / "cache")
-    return load_config(ROOT / "configs/demo/stage3.yaml", [*base, *overrides])
+    return load_config(ROOT / "demo/configs/stage3.yaml", [*base, *overrides])
 
 
 def test_pixart_validation_grid_from_the_cached_prompt_features(tmp_path, monkeypatch):

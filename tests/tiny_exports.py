@@ -24,7 +24,7 @@ def dit_export(root: Path) -> Path:
     synsets.parent.mkdir(parents=True, exist_ok=True)
     synsets.write_text(CLASSES)
     cfg = load_config(
-        ROOT / "configs/demo/stage1.yaml",
+        ROOT / "demo/configs/stage1.yaml",
         [
             f"encoders.vae={demo_vae_path()}",
             f"data.source.synsets={synsets}",
@@ -42,7 +42,7 @@ def pixart_export(root: Path) -> Path:
     torch.manual_seed(0)
     pixart = tiny_pixart(caption_channels=64, seed=6)
     cfg = load_config(
-        ROOT / "configs/demo/stage3.yaml",
+        ROOT / "demo/configs/stage3.yaml",
         [
             f"encoders.vae={demo_vae_path()}",
             f"encoders.tokenizer={tokenizer}",

@@ -124,10 +124,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     import importlib
 
-    importlib.import_module(f"bench.{BENCHES[args.which]}").main(args.rest)
+    importlib.import_module(f"tristage.bench.{BENCHES[args.which]}").main(args.rest)
 
 
-# `tristage bench NAME` -> bench/NAME.py
+# `tristage bench NAME` -> bench/NAME.py, installed as tristage.bench.NAME
 BENCHES = {"resume": "resume", "cache": "cache", "train": "train", "caption": "caption"}
 
 

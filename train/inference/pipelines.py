@@ -9,6 +9,8 @@ transformer as trained (ours), the frozen VAE and a DPM-Solver++ from the traini
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +20,7 @@ from tristage.train.conversion.dit_layouts import dit_to_diffusers
 from tristage.train.diffusion.objective import Objective, ObjectiveConfig
 
 if TYPE_CHECKING:  # the pipelines import transformers: loaded when one is built
-    from diffusers import AutoencoderKL, DiTPipeline, PixArtAlphaPipeline
+    from diffusers import AutoencoderKL, DiffusionPipeline, DiTPipeline, PixArtAlphaPipeline
 
 
 def scheduler_for(objective: ObjectiveConfig) -> DPMSolverMultistepScheduler:
@@ -46,3 +48,17 @@ def pixart_pipeline(
     return PixArtAlphaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
     )
+
+
+def load_exported(export_dir: str | Path, pipeline_class: type | None = None) -> DiffusionPipeline:
+    """An exported pipeline folder through ``from_pretrained``, as users load it.
+
+    A ``DiTPipeline``'s ``id2label`` is stored in ``model_index.json``, where JSON makes every key a
+    string; diffusers checks the loaded value against ``dict[int, str]`` and warns on each load, so the
+    labels are handed over with integer keys (the pipeline's own ``int(key)`` gives the same ids)."""
+    from diffusers import DiffusionPipeline
+
+    index = json.loads((Path(export_dir) / "model_index.json").read_text())
+    labels = index.get("id2label")
+    extra = {"id2label": {int(k): v for k, v in labels.items()}} if labels else {}
+    return (pipeline_class or DiffusionPipeline).from_pretrained(export_dir, **extra)

@@ -63,10 +63,10 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 def load_pipeline(export_dir: str, sampler: str = "dpm-solver++") -> DiffusionPipeline:
     if not (Path(export_dir) / "model_index.json").is_file():
         raise FileNotFoundError(f"{export_dir}: not a pipeline folder (model_index.json missing)")
-    from diffusers import DiffusionPipeline
+    from tristage.train.inference.pipelines import load_exported
 
     quiet_loading()
-    pipe = DiffusionPipeline.from_pretrained(export_dir)
+    pipe = load_exported(export_dir)
     set_sampler(pipe, sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -155,6 +155,7 @@ def generate(pipe: DiffusionPipeline, prompt: str, args: argparse.Namespace, hei
         width=width,
         generator=g,
         use_resolution_binning=False,
+        clean_caption=False,  # the prompt is used as typed (True needs beautifulsoup4 and ftfy)
     ).images
 
 

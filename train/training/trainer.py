@@ -163,8 +163,19 @@ class Trainer:
         summary = self._summary(first_step, window, finished, stop)
         if finished:
             self.checkpointer.write_final()
+        self._release_wrappers()
         self.accelerator.end_training()
         return summary
+
+    def _release_wrappers(self) -> None:
+        """Free the DDP wrapper on every rank while all are alive.  Its Reducer holds the process group
+        past ``end_training``; freed later, after a peer has exited, gloo's destructor can block forever
+        (seen on 2 CPU ranks: one rank exited, the other hung in ``~ProcessGroupGloo``)."""
+        self.accelerator.wait_for_everyone()
+        self.model = self._unwrapped()  # the trained module stays (FSDP: it is the sharded module itself)
+        self.optimizer = self.checkpointer.saved = None
+        self._raw = (None, None)
+        self.accelerator.free_memory()
 
     @property
     def state(self):
