@@ -1,14 +1,16 @@
 """The caching pass: frozen VAE + T5 over raw source units -> webdataset feature shards + manifest.
 
-Each source unit ``i`` becomes ``features-{i:05d}.tar``.  Units are dealt to
-processes round-robin (``i % world == rank``), so no two processes ever write
-the same file.  A shard is written under a temporary name, fsynced, renamed, and
-only then marked complete by ``features-{i:05d}.done.json`` (counts, skips, the
-writer's rank, the fingerprint and the raw files' stamps).  A rerun skips units that
-carry a done marker and first deletes the ``*.tmp-*`` leftovers of its own units, so
-a killed pass resumes with every sample exactly once.  A folder built under another
-config, or whose raw files changed, is refused in one line, or with ``--rebuild``
-re-encoded where stale (``data/cache_check.py``).  Rank 0 writes ``manifest.json`` last.
+Each source unit is placed in a shard ``features-{i:05d}.tar``: the shard that already holds its key
+(its name within the source), else a new one (``data/cache_check.py``).  Units are dealt to
+processes round-robin (``i % world == rank``), so no two processes ever write the same file.  A
+shard is written under a temporary name, fsynced, renamed (on an object store: written locally,
+then uploaded in one piece), and only then marked complete by ``features-{i:05d}.done.json``
+(counts, skips, the writer's rank, the fingerprint, the unit's key and content identity).  A rerun
+skips units that carry a done marker and first deletes the ``*.tmp-*`` leftovers of its own units,
+so a killed pass resumes with every sample exactly once.  A unit whose raw input changed is
+re-encoded; a folder built under another config is refused in one line, or with ``--rebuild``
+re-encoded.  A folder of the previous format is upgraded in place (``data/cache_migrate.py``).
+Rank 0 writes ``manifest.json`` last.  ``data.cache_dir`` may be an ``s3://`` or ``gs://`` URL.
 
 Per sample the shard holds ``KEY.feat.safetensors`` (VAE posterior mean and std,
 and, for text stages, the T5 features trimmed to the caption's real length) and
@@ -32,20 +34,29 @@ import torch
 import webdataset as wds
 from PIL import Image
 from safetensors.torch import save as st_save
-from safetensors.torch import save_file
 
+from tristage.data import storage
 from tristage.data.buckets import RatioOutOfRange, place
-from tristage.data.cache_check import complete_manifest, refusal, stale_units, stamp
+from tristage.data.cache_check import (
+    Stale,
+    complete_manifest,
+    identities,
+    read_markers,
+    refusal,
+    stale_units,
+)
+from tristage.data.cache_check import place as place_units
 from tristage.data.cache_format import (
     MANIFEST,
     NULL_CAPTION,
     SKIPPED,
     VALIDATION_PROMPTS,
     CacheError,
-    done_marker,
+    done_marker_name,
     sample_json,
     shard_name,
 )
+from tristage.data.cache_migrate import upgrade_legacy
 from tristage.data.config import DataConfig, EncoderConfig, SourceConfig
 from tristage.data.fingerprint import fingerprint
 from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source
@@ -138,11 +149,15 @@ def decode(item: RawItem, data: DataConfig, skips: Skips) -> tuple[Image.Image, 
 
 
 class ShardWriter:
-    """Writes one unit's feature shard atomically, batching encoder calls per bucket."""
+    """Writes one unit's feature shard atomically, batching encoder calls per bucket.
 
-    def __init__(self, enc: EncoderConfig, encoders: Encoders, path: Path):
-        self.enc, self.encoders, self.path = enc, encoders, path
-        self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    ``path`` is where the shard goes (a local path or URL); it is written under ``staging`` (the local
+    folder: beside it, or for a URL a local staging folder) and moved there whole by :meth:`close`."""
+
+    def __init__(self, enc: EncoderConfig, encoders: Encoders, path: str | Path, staging: Path | None = None):
+        self.enc, self.encoders, self.path = enc, encoders, str(path)
+        staging = Path(storage.parent(self.path)) if staging is None else staging
+        self.tmp = staging / f"{storage.basename(self.path)}.tmp-{os.getpid()}"
         # A whole-second mtime keeps members plain ustar: a float one makes tarfile add a 1 KiB pax
         # header to every member (2 KiB per sample) that every reader then has to parse.
         self.writer = wds.TarWriter(str(self.tmp), mtime=int(time.time()))
@@ -185,10 +200,9 @@ class ShardWriter:
         for bucket in list(self.pending):
             self._flush(bucket)
         self.writer.close()
-        _fsync(self.tmp)
-        os.replace(self.tmp, self.path)
+        storage.upload(self.tmp, self.path)  # fsync + rename, or one upload
         done = {"samples": self.written, "images": images, "rank": rank, "skips": skips.to_dict()}
-        _atomic_write(done_marker(self.path), json.dumps({**done, **(provenance or {})}))
+        storage.write_text(done_marker_name(self.path), json.dumps({**done, **(provenance or {})}))
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -196,19 +210,29 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+    storage.fsync(path)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
+def _atomic_write(path: str | Path, text: str) -> None:
+    storage.write_text(str(path), text)
 
 
-def shard_path(cache_dir: Path, unit: Unit) -> Path:
-    return cache_dir / shard_name(unit.index)
+def shard_path(cache_dir: str | Path, unit: Unit) -> str:
+    return storage.join(str(cache_dir), shard_name(unit.cache_index))
+
+
+def staging_dir(cache_dir: str) -> Path:
+    """Where shards are written before they move into ``cache_dir``: the folder itself when local; for
+    a URL a local folder named after it (so a rerun finds, and deletes, a killed pass's leftovers)."""
+    if storage.is_local(cache_dir):
+        return Path(cache_dir)
+    import tempfile
+
+    import xxhash
+
+    folder = Path(tempfile.gettempdir()) / "tristage-staging" / xxhash.xxh3_64_hexdigest(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def cache_unit(
@@ -217,15 +241,16 @@ def cache_unit(
     encoders: Encoders,
     source,
     unit: Unit,
-    cache_dir: Path,
+    cache_dir: str | Path,
     rank: int = 0,
-    fp: dict | None = None,
+    provenance: dict | None = None,
 ) -> int:
-    """Encode one unit into its shard; returns the number of images read."""
+    """Encode one unit into its shard; returns the number of images read.
+
+    ``provenance``: the fingerprint and the unit's key and content identity, taken before the read,
+    so a file that changes during it shows up as changed next time."""
     skips = Skips()
-    # Stamped before reading: a file that changes during the read shows up as changed next time.
-    provenance = {"fingerprint": fp, "source": stamp(source.unit_files(unit))}
-    writer = ShardWriter(enc, encoders, shard_path(cache_dir, unit))
+    writer = ShardWriter(enc, encoders, shard_path(cache_dir, unit), staging_dir(str(cache_dir)))
     seen = 0
     for item in source.read(unit, skips):
         seen += 1
@@ -236,31 +261,33 @@ def cache_unit(
     return seen
 
 
-def remove_stale_tmp(units: list[Unit], cache_dir: Path) -> int:
-    """Delete the ``*.tmp-*`` files a killed pass left for these units (only their owner calls this)."""
+def remove_stale_tmp(units: list[Unit], cache_dir: str) -> int:
+    """Delete the ``*.tmp-*`` files a killed pass left for these units (only their owner calls this).
+    On an object store nothing half-written is visible: only the local staging copies are."""
+    staging = staging_dir(cache_dir)
     stale = [
         tmp
         for unit in units
-        for final in (shard_path(cache_dir, unit), done_marker(shard_path(cache_dir, unit)))
-        for tmp in cache_dir.glob(f"{final.name}.tmp-*")
+        for final in (shard_name(unit.cache_index), done_marker_name(shard_name(unit.cache_index)))
+        for tmp in staging.glob(f"{final}.tmp-*")
     ]
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return len(stale)
 
 
-def write_null_caption(enc: EncoderConfig, encoders: Encoders, cache_dir: Path) -> None:
+def write_null_caption(enc: EncoderConfig, encoders: Encoders, cache_dir: str | Path) -> None:
     """T5("") -- the CFG null condition diffusers' PixArt pipeline uses -- for caption dropout."""
     if encoders.text_encoder is None:
         return
     (null,) = encoders.encode_text([""], enc.max_tokens)
     stored = encode_text_feature(null, enc.text_feature_dtype)
-    save_file({k: v.cpu().contiguous() for k, v in stored.items()}, cache_dir / NULL_CAPTION)
+    storage.write_bytes(storage.join(str(cache_dir), NULL_CAPTION), st_save(_cpu(stored)))
 
 
 @torch.no_grad()
 def write_validation_prompts(
-    prompts: Sequence[str], enc: EncoderConfig, encoders: Encoders, cache_dir: Path
+    prompts: Sequence[str], enc: EncoderConfig, encoders: Encoders, cache_dir: str
 ) -> None:
     """T5 features of ``prompts`` (``validation.prompts``) and of "" (the CFG null), padded to one length.
 
@@ -268,9 +295,9 @@ def write_validation_prompts(
     ever runs T5 for validation (T5-XXL on a CPU takes minutes while the other ranks wait).  The file
     names its prompts; the encoder that made it is the one this cache's fingerprint names.
     """
-    path = cache_dir / VALIDATION_PROMPTS
+    path = storage.join(cache_dir, VALIDATION_PROMPTS)
     if encoders.text_encoder is None or not prompts:
-        path.unlink(missing_ok=True)
+        storage.remove(path)
         return
     prompts = list(prompts)
     feats = encoders.encode_text([*prompts, ""], enc.max_tokens)  # each (L_i, C)
@@ -278,87 +305,104 @@ def write_validation_prompts(
     mask = torch.zeros(embeds.shape[:2], dtype=torch.long)  # (P + 1, L)
     for i, feat in enumerate(feats):
         embeds[i, : len(feat)], mask[i, : len(feat)] = feat.float(), 1
-    save_file(_cpu({"embeds": embeds, "mask": mask}), path, metadata={"prompts": json.dumps(prompts)})
+    tensors = _cpu({"embeds": embeds, "mask": mask})
+    storage.write_bytes(path, st_save(tensors, metadata={"prompts": json.dumps(prompts)}))
 
 
-def validation_prompts_current(prompts: Sequence[str], cache_dir: Path, fp: dict) -> bool:
+def validation_prompts_current(prompts: Sequence[str], cache_dir: str, fp: dict) -> bool:
     """Whether the stored validation features are these prompts (nothing to store: True)."""
     if fp["text_encoder"] == "none" or not prompts:
         return True
-    path = cache_dir / VALIDATION_PROMPTS
-    if not path.is_file():
+    path = storage.join(cache_dir, VALIDATION_PROMPTS)
+    if not storage.exists(path):
         return False
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as stored:
-        return json.loads(stored.metadata()["prompts"]) == list(prompts)
+    size = int.from_bytes(storage.read_bytes(path, 0, 8), "little")  # the safetensors header only
+    header = json.loads(storage.read_bytes(path, 8, 8 + size))
+    return json.loads(header["__metadata__"]["prompts"]) == list(prompts)
 
 
 def write_manifest(
-    source: SourceConfig, units: list[Unit], cache_dir: Path, fp: dict, scaling_factor: float
+    source: SourceConfig, units: list[Unit], cache_dir: str | Path, fp: dict, scaling_factor: float
 ) -> dict:
-    """Collect the done markers into ``manifest.json`` and ``skipped.json`` (rank 0, after all units)."""
+    """Collect the units' done markers into ``manifest.json`` and ``skipped.json`` (rank 0, after all
+    units): per shard its file, samples, unit key and content identity."""
+    cache_dir = str(cache_dir)
+    files = [shard_name(u.cache_index) for u in units]
+    markers = storage.read_many([storage.join(cache_dir, done_marker_name(f)) for f in files])
     skips, shards = Skips(), []
-    for unit in units:
-        shard = shard_path(cache_dir, unit)
-        done = json.loads(done_marker(shard).read_text())
+    for name in files:
+        done = json.loads(markers[storage.join(cache_dir, done_marker_name(name))])
         skips.merge(done["skips"])
-        shards.append({"file": shard.name, "samples": done["samples"]})
+        shards.append(
+            {"file": name, "samples": done["samples"], "unit": done.get("unit"), "input": done.get("input")}
+        )
     manifest = {
         "fingerprint": fp,
         "shards": shards,
         "samples": sum(s["samples"] for s in shards),
         "scaling_factor": scaling_factor,
         "class_names": {str(k): v for k, v in class_names(source).items()},
-        "null_caption": NULL_CAPTION if (cache_dir / NULL_CAPTION).exists() else None,
+        "null_caption": NULL_CAPTION if storage.exists(storage.join(cache_dir, NULL_CAPTION)) else None,
         "skipped": dict(skips.counts),
     }
-    _atomic_write(cache_dir / SKIPPED, json.dumps(skips.to_dict(), indent=1))
-    _atomic_write(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
+    storage.write_text(storage.join(cache_dir, SKIPPED), json.dumps(skips.to_dict(), indent=1))
+    storage.write_text(storage.join(cache_dir, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
 
 
 def own_units(units: list[Unit], rank: int, world: int) -> list[Unit]:
-    """Round-robin deal: unit ``i`` belongs to rank ``i % world``, so no two processes share a file."""
-    return [u for u in units if u.index % world == rank]
+    """Round-robin deal: shard ``i`` belongs to rank ``i % world``, so no two processes share a file."""
+    return [u for u in units if u.cache_index % world == rank]
 
 
-def pending_units(units: list[Unit], cache_dir: Path, rank: int, world: int) -> list[Unit]:
-    """This process's units that have no completeness marker yet."""
-    return [u for u in own_units(units, rank, world) if not done_marker(shard_path(cache_dir, u)).exists()]
-
-
-def check_existing(cache_dir: Path, units: list[Unit], source, fp: dict, rebuild: bool) -> list[Unit]:
-    """The done units that must be re-encoded; without ``rebuild`` any is a one-line error.
-
-    Features of another configuration, or of raw files that changed since, are never mixed in."""
-    stale, reasons = stale_units(cache_dir, units, source, fp)
-    if stale and not rebuild:
-        raise CacheError(refusal(reasons))
+def check_existing(stale: Stale, rebuild: bool) -> list[Unit]:
+    """The done units that must be re-encoded: those whose raw input changed, always; those of
+    another configuration only with ``rebuild`` (else a one-line error).  Features of another
+    configuration, or of raw files that changed since, are never mixed in."""
+    if stale.other_config and not rebuild:
+        raise CacheError(refusal([r for _, r in stale.other_config]))
+    reasons = [r for _, r in stale.other_config + stale.changed]
     for reason in reasons[:10]:
-        log.warning("cache --rebuild: re-encoding: %s", reason)
+        log.warning("cache: re-encoding %s", reason)
     if len(reasons) > 10:
-        log.warning("cache --rebuild: ... and %d more shards", len(reasons) - 10)
-    return stale
+        log.warning("cache: ... and %d more shards", len(reasons) - 10)
+    return stale.units
 
 
-def forget(units: list[Unit], cache_dir: Path, drop_manifest: bool) -> None:
-    """Delete these units' shards and done markers (their owner calls this), and the manifest."""
+def forget(units: list[Unit], cache_dir: str, drop_manifest: bool) -> None:
+    """Delete these units' done markers, then their shards (their owner calls this), and the manifest."""
     for unit in units:
-        done_marker(shard_path(cache_dir, unit)).unlink(missing_ok=True)
-        shard_path(cache_dir, unit).unlink(missing_ok=True)
+        storage.remove(done_marker_name(shard_path(cache_dir, unit)))
+        storage.remove(shard_path(cache_dir, unit))
     if drop_manifest:  # a half-rebuilt folder must not pass for a complete cache
-        (cache_dir / MANIFEST).unlink(missing_ok=True)
+        storage.remove(storage.join(cache_dir, MANIFEST))
 
 
-def existing_cache(
-    cache_dir: Path, units: list[Unit], source, fp: dict, prompts: Sequence[str], rebuild: bool
-) -> tuple[list[Unit], dict | None]:
-    """(stale units to re-encode, the manifest if the folder already holds this whole cache, else None);
-    the same answer on every rank."""
-    stale = check_existing(cache_dir, units, source, fp, rebuild)
+@dataclass
+class Plan:
+    """What a cache pass finds in its folder before it writes anything (the same on every rank)."""
+
+    units: list[Unit]  # every unit of the source, placed in its shard
+    idents: dict[str, dict]  # unit key -> content identity
+    stale: list[Unit]  # done units to re-encode
+    done: dict | None  # the manifest, when the folder already holds this whole cache
+
+
+def survey(cache_dir: str, source, fp: dict, prompts: Sequence[str], rebuild: bool) -> Plan:
+    """Place the source's units in shards and decide what is stale, before any encoder loads (a
+    requeued job on a complete cache costs a listing and a few reads, not a VAE/T5 load)."""
+    units = source.units()
+    markers = upgrade_legacy(cache_dir, units, source, fp, read_markers(cache_dir), rebuild)
+    placed = place_units(units, markers)
+    idents = identities(source, placed)
+    stale = check_existing(stale_units(cache_dir, placed, markers, idents, fp), rebuild)
+    removed = len({m.get("unit") for m in markers.values()} - {u.key for u in placed} - {None})
+    if removed:
+        log.warning(
+            "cache: %d cached units are no longer in the source; kept, left out of the manifest", removed
+        )
     current = not stale and validation_prompts_current(prompts, cache_dir, fp)
-    return stale, complete_manifest(cache_dir, units) if current else None
+    return Plan(placed, idents, stale, complete_manifest(cache_dir, placed, markers) if current else None)
 
 
 def run_cache(
@@ -367,40 +411,48 @@ def run_cache(
     """The whole pass for one stage's data and encoders, under an ``accelerate`` process group.
 
     ``enc.text_encoder`` None caches no text (class-conditional); ``prompts`` (``validation.prompts``)
-    get their T5 features stored once, for the validation grids.  A complete cache is recognised
-    before any encoder loads (a requeued job costs a few stats, not a VAE/T5 load)."""
-    cache_dir = Path(data.cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    get their T5 features stored once, for the validation grids."""
+    cache_dir = str(data.cache_dir)
+    storage.makedirs(cache_dir)
     source = open_source(data.source)
-    units = source.units()
     fp = fingerprint(data, enc)
-    stale, done = existing_cache(cache_dir, units, source, fp, prompts, rebuild)
-    if done is not None:
+    plan = survey(cache_dir, source, fp, prompts, rebuild)
+    if plan.done is not None:
         if accelerator.is_main_process:
-            log.warning("cache: %s is complete (%d samples), nothing to encode", cache_dir, done["samples"])
-        return done if accelerator.is_main_process else None
-    rank, world = accelerator.process_index, accelerator.num_processes
-    accelerator.wait_for_everyone()  # every rank has read the folder before any file is removed
-    forget(
-        own_units(stale, rank, world), cache_dir, drop_manifest=bool(stale) and accelerator.is_main_process
-    )
-    remove_stale_tmp(own_units(units, rank, world), cache_dir)
-    accelerator.wait_for_everyone()
-    fresh = [u for u in units if not done_marker(shard_path(cache_dir, u)).exists()]
-    accelerator.wait_for_everyone()  # every rank has listed `fresh` before any unit is written
-    todo = [u for u in fresh if u.index % world == rank]
+            log.warning(
+                "cache: %s is complete (%d samples), nothing to encode", cache_dir, plan.done["samples"]
+            )
+        return plan.done if accelerator.is_main_process else None
+    fresh = clear_for_encoding(plan, cache_dir, accelerator)
+    todo = own_units(fresh, accelerator.process_index, accelerator.num_processes)
     # Only rank 0 needs the encoders without units of its own (null caption, scaling factor).
     encoders = Encoders.load(enc, accelerator.device) if todo or accelerator.is_main_process else None
     start = time.perf_counter()
-    encode_units(data, enc, encoders, source, todo, cache_dir, accelerator, fp)
+    encode_units(data, enc, encoders, source, todo, cache_dir, accelerator, (fp, plan.idents))
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
     write_null_caption(enc, encoders, cache_dir)
     write_validation_prompts(prompts, enc, encoders, cache_dir)
-    manifest = write_manifest(data.source, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
+    manifest = write_manifest(
+        data.source, plan.units, cache_dir, fp, float(encoders.vae.config.scaling_factor)
+    )
     log_summary(manifest, fresh, cache_dir, time.perf_counter() - start)
     return manifest
+
+
+def clear_for_encoding(plan: Plan, cache_dir: str, accelerator) -> list[Unit]:
+    """Delete this rank's stale shards and temporary leftovers; the units left to encode (all ranks)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    accelerator.wait_for_everyone()  # every rank has read the folder before any file is removed
+    drop_manifest = bool(plan.stale) and accelerator.is_main_process
+    forget(own_units(plan.stale, rank, world), cache_dir, drop_manifest)
+    remove_stale_tmp(own_units(plan.units, rank, world), cache_dir)
+    accelerator.wait_for_everyone()
+    held = set(storage.names(cache_dir, "features-*.done.json"))
+    fresh = [u for u in plan.units if done_marker_name(shard_name(u.cache_index)) not in held]
+    accelerator.wait_for_everyone()  # every rank has listed `fresh` before any unit is written
+    return fresh
 
 
 def encode_units(
@@ -409,32 +461,38 @@ def encode_units(
     encoders: Encoders | None,
     source,
     todo: list[Unit],
-    cache_dir: Path,
+    cache_dir: str,
     accelerator,
-    fp: dict,
+    recorded: tuple[dict, dict],
 ) -> None:
-    """This process's units, with a rank-0 progress bar: shards done, ETA, and images/s."""
+    """This process's units, with a rank-0 progress bar: shards done, ETA, and images/s.
+    ``recorded``: (fingerprint, unit key -> content identity), written into each done marker."""
     from tqdm.auto import tqdm
 
+    fp, idents = recorded
     bar = tqdm(total=len(todo), unit="shard", disable=not accelerator.is_main_process, desc="cache")
     images, start = 0, time.perf_counter()
     for unit in todo:
-        images += cache_unit(data, enc, encoders, source, unit, cache_dir, accelerator.process_index, fp)
+        provenance = {"fingerprint": fp, "unit": unit.key, "input": idents[unit.key]}
+        images += cache_unit(
+            data, enc, encoders, source, unit, cache_dir, accelerator.process_index, provenance
+        )
         bar.set_postfix_str(f"{images / max(time.perf_counter() - start, 1e-9):.1f} img/s", refresh=False)
         bar.update(1)
     bar.close()
 
 
-def log_summary(manifest: dict, fresh: list[Unit], cache_dir: Path, seconds: float) -> None:
+def log_summary(manifest: dict, fresh: list[Unit], cache_dir: str, seconds: float) -> None:
     """Rank 0's end-of-pass line: samples, skips by reason, the skip report, overall images/s."""
-    images = sum(json.loads(done_marker(shard_path(cache_dir, u)).read_text())["images"] for u in fresh)
+    markers = storage.read_many([done_marker_name(shard_path(cache_dir, u)) for u in fresh])
+    images = sum(json.loads(m)["images"] for m in markers.values())
     skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
     log.warning(
         "cache: %d samples in %d shards; skipped %s (report: %s); %d images read in %.1fs, %.1f images/s",
         manifest["samples"],
         len(manifest["shards"]),
         skipped,
-        cache_dir / "skipped.json",
+        storage.join(cache_dir, SKIPPED),
         images,
         seconds,
         images / max(seconds, 1e-9),

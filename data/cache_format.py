@@ -4,10 +4,12 @@ reader and the zero-copy tensor views.  Written by ``data/cache.py``, read by ``
 
 A cache folder holds::
 
-    manifest.json                  fingerprint, shard list and counts, scaling factor (written last)
+    manifest.json                  fingerprint, shard list (file, samples, unit key, unit identity),
+                                   counts, scaling factor (written last)
     features-NNNNN.tar             one webdataset shard per raw source unit
-    features-NNNNN.done.json       a shard's completeness marker: counts, skips, the fingerprint
-                                   and the raw files' (size, mtime, hash) it was read from
+    features-NNNNN.done.json       a shard's completeness marker, written after the shard: counts,
+                                   skips, the fingerprint, the unit's key (its name within the
+                                   source) and its content identity (``data/identity.py``)
     null_caption.safetensors       T5("") for caption dropout (text stages)
     validation_prompts.safetensors T5 features of validation.prompts and "" (text stages)
     skipped.json                   every skipped raw item, by reason
@@ -38,7 +40,10 @@ MANIFEST = "manifest.json"
 NULL_CAPTION = "null_caption.safetensors"
 SKIPPED = "skipped.json"
 VALIDATION_PROMPTS = "validation_prompts.safetensors"  # T5 features of validation.prompts and of ""
-FORMAT = "tristage-features-v2"  # v2: per-sample checksums; part of the fingerprint
+# v2: per-sample checksums; v3: units recorded by key and content identity (shards are as in v2, so a
+# v2 folder is upgraded in place by ``tristage cache``: data/cache_migrate.py).  Part of the fingerprint.
+FORMAT = "tristage-features-v3"
+LEGACY_FORMATS = ("tristage-features-v2",)  # upgraded in place, never re-encoded
 CHECKSUM = "checksum"  # the json field holding a sample's digest
 
 _ST_DTYPES = {
@@ -60,7 +65,12 @@ def shard_name(index: int) -> str:
 
 def done_marker(shard: Path) -> Path:
     """The completeness marker of a shard (written after the shard's atomic rename)."""
-    return shard.with_name(shard.name.replace(".tar", ".done.json"))
+    return shard.with_name(done_marker_name(shard.name))
+
+
+def done_marker_name(shard: str) -> str:
+    """``features-NNNNN.tar`` -> ``features-NNNNN.done.json`` (also of a full path or URL)."""
+    return shard.replace(".tar", ".done.json")
 
 
 def sample_json(meta: dict, feat: bytes) -> bytes:

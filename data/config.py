@@ -26,7 +26,9 @@ TEXT_FEATURE_DTYPES = ("bfloat16", "float16", "float32", "float8_e4m3fn")
 @dataclass
 class SourceConfig:
     kind: str = MISSING  # raw reader, a key of data.sources.SOURCES: imagenet_wds, imagenet_folders, ...
-    paths: list[str] = field(default_factory=list)  # shard globs, tar files or folders to read
+    paths: list[str] = field(
+        default_factory=list
+    )  # shard globs, tar files or folders; s3:// gs:// pipe: for tars
     captions: str | None = None  # id -> caption (JSON/JSONL/tar/ID.txt dir): sam_llava; wds: over its own
     metadata: str | None = None  # aesthetic_folder: JSONL or parquet with file, caption, aesthetic_score
     synsets: str | None = None  # imagenet: "synset name" lines; line order = class index
@@ -36,7 +38,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     source: SourceConfig = field(default_factory=SourceConfig)  # where the raw images come from
-    cache_dir: str = MISSING  # feature shards + manifest written by `tristage cache`
+    cache_dir: str = MISSING  # feature shards + manifest of `tristage cache`: a folder, s3:// or gs:// URL
     resolution: int = 256  # base pixel resolution of the bucket table
     multi_aspect: bool = False  # bucket by aspect ratio (PixArt tables) instead of a square crop
     batch_size: int = 32  # per-process micro-batch (global batch = batch_size * processes * train.grad_accum)
@@ -44,10 +46,14 @@ class DataConfig:
     cond_dropout: float = 0.1  # caption/class dropout for classifier-free guidance
     null_caption: str = "t5_empty"  # dropped captions become t5_empty (T5("")) | buffer (the official null)
     on_damaged: str = "stop"  # a cached sample failing its checksum: "stop" the run, or "skip" and count it
+    remote_cache_dir: str | None = None  # local folder for copies of s3:// / gs:// shards (null: TMPDIR)
+    remote_cache_gb: float = 50.0  # per-process size cap of that folder; least recently used shards go first
 
     def __post_init__(self) -> None:
         check_choice("data.null_caption", self.null_caption, NULL_CAPTIONS)
         check_choice("data.on_damaged", self.on_damaged, ON_DAMAGED)
+        if not self.remote_cache_gb > 0:
+            raise ConfigError(f"key 'data.remote_cache_gb': must be > 0, got {self.remote_cache_gb}")
 
 
 @dataclass

@@ -17,6 +17,9 @@ of B sees exactly the rows, draws and noise of one process with one batch of K x
 
 The position (epoch, global batches consumed) is exposed through ``state_dict`` so the trainer can
 checkpoint and resume it exactly; it moves by whole global batches.
+
+The cache may sit on an object store (``data.cache_dir: s3://...``): its shards are then read through
+a bounded local read-ahead copy (``data/remote_cache.py``), with the same bytes and checksums.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import logging
 import queue
 import random
+import tempfile
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -32,8 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+import xxhash
+from safetensors.torch import load as st_load
 
+from tristage.data import storage
+from tristage.data.cache_check import training_shards
 from tristage.data.cache_format import (
     MANIFEST,
     CacheError,
@@ -42,7 +49,10 @@ from tristage.data.cache_format import (
     shard_samples,
     spend_readonly_buffer_warning,
 )
+from tristage.data.cache_migrate import UPGRADE_HINT, is_legacy
+from tristage.data.config import DataConfig
 from tristage.data.fingerprint import first_difference
+from tristage.data.remote_cache import ShardCache
 from tristage.data.text_codec import decode_into, decoded_dtype
 
 log = logging.getLogger(__name__)
@@ -99,10 +109,15 @@ def sample_latents(batch: dict, device: torch.device) -> tuple[torch.Tensor, tor
 
 def open_manifest(cache_dir: str | Path, expected: dict[str, str] | None) -> dict:
     """Read and check ``manifest.json``: fingerprint, shard files present and non-empty."""
-    path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
+    path = storage.join(str(cache_dir), MANIFEST)
+    if not storage.exists(path):
         raise CacheError(f"{path}: no feature-cache manifest; run `tristage cache CONFIG` first")
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(storage.read_text(path))
+    if is_legacy(manifest["fingerprint"]):
+        raise CacheError(
+            f"{path}: cache in the previous format ({manifest['fingerprint']['cache_format']}: raw files "
+            f"recorded by path); {UPGRADE_HINT}"
+        )
     if expected is not None:
         diff = first_difference(expected, manifest["fingerprint"])
         if diff is not None:
@@ -113,10 +128,21 @@ def open_manifest(cache_dir: str | Path, expected: dict[str, str] | None) -> dic
             )
     if not manifest["shards"] or manifest["samples"] == 0:
         raise CacheError(f"{path}: the cache lists no samples")
+    held = set(storage.names(str(cache_dir), "features-*.tar"))  # one listing, not a request per shard
     for shard in manifest["shards"]:
-        if not (Path(cache_dir) / shard["file"]).is_file():
-            raise CacheError(f"{Path(cache_dir) / shard['file']}: shard listed in the manifest is missing")
+        if shard["file"] not in held:
+            raise CacheError(
+                f"{storage.join(str(cache_dir), shard['file'])}: shard listed in the manifest is missing"
+            )
     return manifest
+
+
+def remote_shards(cache_dir: str, rank: int, data: DataConfig | None) -> ShardCache:
+    """This process's read-ahead copies of a remote cache's shards (``data.remote_cache_dir``)."""
+    data = data or DataConfig(cache_dir=cache_dir)
+    root = Path(data.remote_cache_dir or Path(tempfile.gettempdir()) / "tristage-remote-cache")
+    folder = root / xxhash.xxh3_64_hexdigest(cache_dir) / f"rank{rank}"
+    return ShardCache(folder, int(data.remote_cache_gb * 2**30), storage.sizes(cache_dir, "features-*.tar"))
 
 
 class FeatureLoader:
@@ -128,21 +154,32 @@ class FeatureLoader:
         spec: LoaderSpec,
         expected: dict[str, str] | None = None,
         null_buffer: torch.Tensor | None = None,
+        data: DataConfig | None = None,
     ):
         """``null_buffer`` (tokens, C): caption dropout uses its first L rows for a caption of L tokens,
-        under that caption's mask (PixArt-alpha's ``token_drop``), instead of the cached T5("")."""
+        under that caption's mask (PixArt-alpha's ``token_drop``), instead of the cached T5("").
+
+        ``data``: the run's data section; with it the cache is checked against the raw source (units
+        missing, changed or removed: ``data.cache_check.training_shards``) and a remote cache is read
+        through ``data.remote_cache_dir``."""
         if spec.global_batch % (spec.world * spec.micro_batches):
             raise ValueError(
                 f"global batch {spec.global_batch} is not divisible by {spec.world} processes "
                 f"x {spec.micro_batches} micro-batches"
             )
-        self.dir, self.spec = Path(cache_dir), spec
+        self.dir, self.spec = str(cache_dir), spec
         self.manifest = open_manifest(cache_dir, expected)
-        self.shards = [str(self.dir / s["file"]) for s in self.manifest["shards"]]
-        self.shard_samples = {str(self.dir / s["file"]): int(s["samples"]) for s in self.manifest["shards"]}
+        listed = self.manifest["shards"]
+        if data is not None:
+            keep = set(training_shards(self.manifest, self.dir, data.source, warn=spec.rank == 0))
+            listed = [s for s in listed if s["file"] in keep]
+        self.shards = [storage.join(self.dir, s["file"]) for s in listed]
+        self.shard_samples = {storage.join(self.dir, s["file"]): int(s["samples"]) for s in listed}
         self.scaling_factor = float(self.manifest["scaling_factor"])
         null = self.manifest.get("null_caption")
-        self.null_text = load_file(self.dir / null) if null else None  # stored tensors of T5("")
+        # stored tensors of T5("")
+        self.null_text = st_load(storage.read_bytes(storage.join(self.dir, null))) if null else None
+        self.remote = remote_shards(self.dir, spec.rank, data) if storage.is_remote(self.dir) else None
         self.null_buffer = null_buffer
         self.epoch, self.next_index = 0, 0
         self.dropped: dict[int, int] = {}  # epoch -> samples left in under-full buckets
@@ -161,13 +198,16 @@ class FeatureLoader:
         rng = random.Random(self.spec.seed * 1_000_003 + epoch)
         order = self.shards[:]
         rng.shuffle(order)
-        for shard in order:
-            yield from self._read_shard(shard)
+        for i, shard in enumerate(order):
+            local = shard if self.remote is None else self.remote.local(shard, order[i + 1 :])
+            yield from self._read_shard(shard, local)
 
-    def _read_shard(self, shard: str) -> Iterator[dict]:
+    def _read_shard(self, shard: str, local: str) -> Iterator[dict]:
+        """The samples of ``shard`` (read from ``local``, its local copy for a remote cache)."""
         read = 0
         # Every rank reads the whole global stream by design (see the module docstring).
-        for sample in shard_samples(shard):
+        for sample in shard_samples(local):
+            sample["__url__"] = shard
             if "json" not in sample or "feat.safetensors" not in sample:
                 raise CacheError(f"{shard}: sample {sample.get('__key__')!r} lacks json or features")
             try:

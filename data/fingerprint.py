@@ -2,7 +2,9 @@
 
 The cache pass stores it in ``manifest.json``; the trainer recomputes it from
 its own config and refuses a cache that disagrees, naming the first differing
-field.  Weight digests hash every byte of each weight file (xxh3-128, ~20 GB/s, so
+field.  The source enters by its kind and options, never by the spelling of its paths: the raw
+files themselves are recorded per unit by content (``data/identity.py``).
+Weight digests hash every byte of each weight file (xxh3-128, ~20 GB/s, so
 the disk is the limit), and are kept in a small per-machine file keyed by (path,
 size, mtime): a T5-XXL costs one full read per machine, and every later check a
 stat.  Any re-download, fine-tune, swap or in-place edit of the encoder changes
@@ -29,6 +31,9 @@ from tristage.data.cache_format import FORMAT
 from tristage.data.config import DataConfig, EncoderConfig
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")
+# data.source keys that say where the raw files are, not what they are: they stay out of the fingerprint.
+# The files they name enter by content, per unit (data/identity.py), so a moved dataset keeps its cache.
+SOURCE_PATHS = ("paths", "captions", "metadata", "synsets")
 _CHUNK = 8 << 20
 
 
@@ -131,7 +136,7 @@ def fingerprint(data: DataConfig, enc: EncoderConfig) -> dict[str, str]:
         "max_tokens": str(enc.max_tokens) if text else "none",
         "feature_dtype": enc.feature_dtype,
         "text_feature_dtype": enc.text_feature_dtype if text else "none",
-        "source": repr(sorted(asdict(data.source).items())),
+        "source": repr(sorted((k, v) for k, v in asdict(data.source).items() if k not in SOURCE_PATHS)),
         "tristage_version": tristage_version(),
         "cache_format": FORMAT,
     }

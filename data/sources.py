@@ -1,10 +1,14 @@
 """Readers for raw image sources.
 
-A source is split into *units* (one input tar, or a fixed-size chunk of files).
-The cache pass turns unit ``i`` into feature shard ``i``, so units are the grain
-of multi-process splitting and of resume.  ``unit_files(unit)`` lists the files a
-unit's features depend on (its tar, or its images, plus a shared caption, metadata
-or synsets file); the cache records their size, mtime and hash to notice a changed source.
+A source is split into *units* (one input tar, or a fixed-size chunk of files), the grain of
+multi-process splitting and of resume: the cache pass turns each unit into one feature shard.  A unit
+is known by its *key*, its name within the source: a tar's path relative to the root of the glob that
+matched it (``imagenet-000001.tar`` for ``/any/mount/imagenet-*.tar``), never the spelling of that
+root, so a moved or re-mounted dataset keeps its cache.  ``unit_inputs(unit)`` names the files a
+unit's features depend on (its tar, plus a shared caption, metadata or synsets file) and
+``unit_members(unit)`` the images of a folder chunk; ``data/identity.py`` turns them into the unit's
+content identity.  Paths may be local, object-store URLs (``s3://``, ``gs://``: ``data/storage.py``)
+or webdataset ``pipe:`` commands for the tar kinds.
 Readers yield encoded image bytes plus labels/captions/scores and never decode
 images themselves: decoding (and its failures) belongs to the cache pass.  Every
 item a reader cannot use is counted in :class:`Skips` under a reason, never
@@ -13,16 +17,21 @@ silently dropped.
 
 from __future__ import annotations
 
-import glob
+import io
 import json
+import os
+import shutil
 import tarfile
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
 
+from tristage.data import storage
 from tristage.data.config import SourceConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -65,8 +74,15 @@ class Skips:
 class Unit:
     """A resumable piece of a source: a tar file, or a chunk of listed files."""
 
-    index: int
-    name: str  # the tar path, or "<folder>[start:end]"
+    index: int  # position in the source's listing (what read() and unit_inputs() go by)
+    name: str  # what the reader opens: the tar path, URL or pipe command, or "<folder>[start:end]"
+    key: str = ""  # the name within the source (relative to its root): the cache's identity of the unit
+    shard: int | None = None  # the feature shard it is cached in, once the cache pass placed it
+
+    @property
+    def cache_index(self) -> int:
+        """The shard number: as placed by the cache pass, else the listing position."""
+        return self.index if self.shard is None else self.shard
 
 
 class SourceError(ValueError):
@@ -75,22 +91,85 @@ class SourceError(ValueError):
 
 def expand(patterns: list[str]) -> list[str]:
     """Expand globs and brace-free paths in order; raise naming a pattern that matches nothing."""
-    files: list[str] = []
+    return [path for path, _ in expand_named(patterns, unique=False)]
+
+
+def expand_named(patterns: list[str], unique: bool = True) -> list[tuple[str, str]]:
+    """(path, name within the source) of every match, in order; raise naming a pattern that matches
+    nothing, or two matches that share a name.
+
+    The name is the path relative to the pattern's root: its leading folders up to the first glob
+    character (a plain path's root is its folder).  A ``pipe:`` command is its own name; webdataset's
+    brace notation expands it (``pipe:curl -s URL/shard-{000..099}.tar`` is 100 units)."""
+    found: list[tuple[str, str]] = []
     for pattern in patterns:
-        matched = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        if not matched or not all(Path(m).exists() for m in matched):
+        if storage.is_pipe(pattern):
+            from braceexpand import braceexpand
+
+            found.extend((command, command) for command in braceexpand(pattern))
+            continue
+        matched = storage.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
+        if not matched or not all(storage.exists(m) for m in matched):
             raise SourceError(f"source path matches nothing: {pattern}")
-        files.extend(matched)
-    return files
+        root = glob_root(pattern)
+        found.extend((m, relative_name(m, root)) for m in matched)
+    seen: dict[str, str] = {}
+    for path, name in found if unique else ():
+        if seen.setdefault(name, path) != path:
+            raise SourceError(
+                f"data.source.paths: {seen[name]} and {path} share the name {name!r} within "
+                "their roots; give the files distinct names"
+            )
+    return found
+
+
+def glob_root(pattern: str) -> str:
+    """The folder a pattern's names are relative to: its leading parts without a glob character."""
+    parts = pattern.rstrip("/").split("/")
+    fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts) - 1)
+    return "/".join(parts[:fixed]) or ("/" if pattern.startswith("/") else ".")
+
+
+def relative_name(path: str, root: str) -> str:
+    if storage.is_remote(path):
+        return path[len(root) :].lstrip("/") if path.startswith(root) else storage.basename(path)
+    return os.path.relpath(path, root)
+
+
+@contextmanager
+def staged(path: str) -> Iterator[str]:
+    """A local file holding the tar ``path``: itself when local; an object (``s3://``...) or a ``pipe:``
+    command's output is copied to a temporary file under ``TMPDIR`` first, one unit at a time per
+    process, and deleted after.  The whole unit is read anyway, and a local copy can be checked
+    for a clean end (:func:`_ends_cleanly`), which a stream cannot."""
+    if storage.is_local(path):
+        yield path
+        return
+    fd, tmp = tempfile.mkstemp(prefix="tristage-unit-", suffix=".tar")
+    os.close(fd)
+    try:
+        if storage.is_pipe(path):
+            with wds.gopen(path, "rb") as stream, open(tmp, "wb") as out:
+                shutil.copyfileobj(stream, out, 8 << 20)
+        else:
+            storage.download(path, Path(tmp))
+        yield tmp
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _tar_samples(path: str, skips: Skips) -> Iterator[dict]:
     """Samples of one tar via webdataset; a truncated or corrupt tar is counted, not fatal."""
+    with staged(path) as local:
+        yield from _local_tar_samples(local, path, skips)
+
+
+def _local_tar_samples(path: str, name: str, skips: Skips) -> Iterator[dict]:
     failed: list[Exception] = []
 
     def handler(exn: Exception) -> bool:
         failed.append(exn)
-        skips.add("corrupt_tar", f"{path}: {type(exn).__name__}")
+        skips.add("corrupt_tar", f"{name}: {type(exn).__name__}")
         return False  # stop this tar, keep what was read
 
     # The cache pass deals whole units to processes, so each opened tar is read whole by its owner.
@@ -98,7 +177,7 @@ def _tar_samples(path: str, skips: Skips) -> Iterator[dict]:
         [path], shardshuffle=False, handler=handler, empty_check=False, nodesplitter=_own
     )
     if not failed and not _ends_cleanly(path):
-        skips.add("corrupt_tar", f"{path}: truncated or damaged header")
+        skips.add("corrupt_tar", f"{name}: truncated or damaged header")
 
 
 def _ends_cleanly(path: str) -> bool:
@@ -168,21 +247,45 @@ def _sample_json(sample: dict, key: str, skips: Skips) -> dict | None:
     return data
 
 
+def local_folders(cfg: SourceConfig) -> list[str]:
+    """The folders of a folder kind; those read files one by one, so they stay on a local or shared
+    filesystem (object storage holds webdataset tars: kinds imagenet_wds, sam_llava, wds, aesthetic_wds)."""
+    for i, path in enumerate(cfg.paths):
+        if not storage.is_local(path):
+            raise SourceError(
+                f"data.source.paths[{i}]: {cfg.kind} reads local folders, not {path}; "
+                "on object storage use webdataset tars (imagenet_wds, sam_llava, wds, aesthetic_wds)"
+            )
+    return expand(cfg.paths)
+
+
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-class ImageNetWds:
-    """ImageNet as webdataset tars: ``KEY.{jpg,png}`` + ``KEY.cls`` (class index)."""
+class TarUnits:
+    """Sources whose units are tar files (local paths, object-store URLs or ``pipe:`` commands), each
+    known by its name within the source, plus an optional shared captions file."""
+
+    captions_path: str | None = None
 
     def __init__(self, cfg: SourceConfig):
-        self.tars = expand(cfg.paths)
+        self.tars = expand_named(cfg.paths)
 
     def units(self) -> list[Unit]:
-        return [Unit(i, t) for i, t in enumerate(self.tars)]
+        return [Unit(i, path, key) for i, (path, key) in enumerate(self.tars)]
 
-    def unit_files(self, unit: Unit) -> list[str]:
-        return [unit.name]
+    def unit_inputs(self, unit: Unit) -> dict[str, str]:
+        """Identity name -> path of the files this unit's features depend on."""
+        return {unit.key: unit.name, **({"captions": self.captions_path} if self.captions_path else {})}
+
+    def unit_members(self, unit: Unit) -> dict[str, str]:
+        """A folder chunk's images (none: a tar is one file)."""
+        return {}
+
+
+class ImageNetWds(TarUnits):
+    """ImageNet as webdataset tars: ``KEY.{jpg,png}`` + ``KEY.cls`` (class index)."""
 
     def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
         for sample in _tar_samples(unit.name, skips):
@@ -198,21 +301,21 @@ class ImageNetWds:
 
 
 def _captions_json(path: str) -> dict[str, str]:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = json.loads(storage.read_text(path))
     if isinstance(data, dict):
         return {str(k): v for k, v in data.items()}
     return {str(r["id"]): r["caption"] for r in data}
 
 
 def _captions_jsonl(path: str) -> dict[str, str]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = storage.read_text(path).splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     return {str(r["id"]): r["caption"] for r in records}
 
 
 def _captions_tar(path: str) -> dict[str, bytes]:
     """A tar of per-id ``ID.txt`` files (SAM-LLaVA-Captions10M); text is decoded per item when used."""
-    with tarfile.open(path, "r:*") as tar:
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(path)), mode="r:*") as tar:
         members = [m for m in tar if m.isfile() and m.name.endswith(".txt")]
         return {Path(m.name).stem: tar.extractfile(m).read() for m in members}
 
@@ -221,11 +324,11 @@ class CaptionFolder:
     """A folder of per-id ``ID.txt`` files, read lazily (millions of files: no listing up front)."""
 
     def __init__(self, root: str):
-        self.root = Path(root)
+        self.root = root
 
     def get(self, key: str) -> bytes | None:
-        path = self.root / f"{key}.txt"
-        return path.read_bytes() if path.is_file() else None
+        path = storage.join(self.root, f"{key}.txt")
+        return storage.read_bytes(path) if storage.exists(path) else None
 
 
 CAPTION_FORMATS: dict[str, Callable[[str], dict]] = {
@@ -244,7 +347,7 @@ def load_captions(path: str) -> dict[str, str | bytes] | CaptionFolder:
     ``ID.txt`` files, or a folder of ``ID.txt`` files.  Per-id text files stay
     bytes until used, so one non-UTF-8 caption is a counted skip, not a crash.
     """
-    if Path(path).is_dir():
+    if storage.is_dir(path):
         return CaptionFolder(path)
     suffix = ".tar.gz" if path.endswith(".tar.gz") else Path(path).suffix
     try:
@@ -254,24 +357,18 @@ def load_captions(path: str) -> dict[str, str | bytes] | CaptionFolder:
         raise SourceError(f"{path}: unreadable caption file ({type(err).__name__}: {err})") from None
 
 
-class SamLlava:
+class SamLlava(TarUnits):
     """SA-1B tars (``sa_N.jpg`` + ``sa_N.json``) joined by image id with LLaVA captions (any form
     :func:`load_captions` reads).  With ``need_captions=False`` (the caption pass, which writes
     that file) every image is read, with its caption when one exists."""
 
     def __init__(self, cfg: SourceConfig, need_captions: bool = True):
-        self.tars = expand(cfg.paths)
+        super().__init__(cfg)
         self.need_captions = need_captions
         if cfg.captions is None and need_captions:
             raise SourceError("data.source.captions: sam_llava needs a caption file")
         self.captions_path = expand([cfg.captions])[0] if cfg.captions is not None else None
         self.captions = {} if self.captions_path is None else load_captions(self.captions_path)
-
-    def units(self) -> list[Unit]:
-        return [Unit(i, t) for i, t in enumerate(self.tars)]
-
-    def unit_files(self, unit: Unit) -> list[str]:
-        return [unit.name, *([self.captions_path] if self.captions_path else [])]
 
     def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
         for sample in _tar_samples(unit.name, skips):
@@ -328,7 +425,7 @@ class AestheticFolder:
     CHUNK = 1000  # files per unit
 
     def __init__(self, cfg: SourceConfig, need_captions: bool = True):
-        self.roots = expand(cfg.paths)
+        self.roots = local_folders(cfg)
         self.need_captions = need_captions  # False: images without a caption are read too
         if cfg.metadata is None:
             raise SourceError("data.source.metadata: aesthetic_folder needs a metadata JSONL or parquet")
@@ -339,14 +436,17 @@ class AestheticFolder:
 
     def units(self) -> list[Unit]:
         return [
-            Unit(i, f"{self.meta_path}[{s}:{e}]")
+            Unit(i, f"{self.meta_path}[{s}:{e}]", f"records[{s}:{e}]")
             for i, (s, e) in enumerate(_chunks(len(self.records), self.CHUNK))
         ]
 
-    def unit_files(self, unit: Unit) -> list[str]:
+    def unit_inputs(self, unit: Unit) -> dict[str, str]:
+        return {"metadata": self.meta_path}
+
+    def unit_members(self, unit: Unit) -> dict[str, str]:
         chunk = self.records[unit.index * self.CHUNK : (unit.index + 1) * self.CHUNK]
-        found = (self._find(r.get("file") or "") for r in chunk)
-        return [self.meta_path, *(str(f) for f in found if f is not None)]
+        found = ((r.get("file") or "", self._find(r.get("file") or "")) for r in chunk)
+        return {name: str(path) for name, path in found if path is not None}
 
     def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
         start = unit.index * self.CHUNK
@@ -382,7 +482,7 @@ class ImageNetFolders:
     CHUNK = 1000  # files per unit
 
     def __init__(self, cfg: SourceConfig):
-        self.roots = [Path(r) for r in expand(cfg.paths)]
+        self.roots = [Path(r) for r in local_folders(cfg)]
         folders = [d for root in self.roots for d in sorted(root.iterdir()) if d.is_dir()]
         self.index = _synset_index(cfg.synsets, folders)
         self.synsets = [cfg.synsets] if cfg.synsets else []
@@ -390,11 +490,15 @@ class ImageNetFolders:
 
     def units(self) -> list[Unit]:
         root = self.roots[0]
-        return [Unit(i, f"{root}[{s}:{e}]") for i, (s, e) in enumerate(_chunks(len(self.files), self.CHUNK))]
+        chunks = enumerate(_chunks(len(self.files), self.CHUNK))
+        return [Unit(i, f"{root}[{s}:{e}]", f"files[{s}:{e}]") for i, (s, e) in chunks]
 
-    def unit_files(self, unit: Unit) -> list[str]:
+    def unit_inputs(self, unit: Unit) -> dict[str, str]:
+        return {"synsets": self.synsets[0]} if self.synsets else {}
+
+    def unit_members(self, unit: Unit) -> dict[str, str]:
         chunk = self.files[unit.index * self.CHUNK : (unit.index + 1) * self.CHUNK]
-        return [*self.synsets, *(str(f) for f, _ in chunk)]
+        return {f"{synset}/{path.name}": str(path) for path, synset in chunk}
 
     def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
         start = unit.index * self.CHUNK
@@ -412,27 +516,21 @@ def _synset_index(synsets: str | None, folders: list[Path]) -> dict[str, int]:
     """Synset id -> class index: line order of the synsets file, else sorted folder names."""
     if synsets is None:
         return {name: i for i, name in enumerate(sorted({d.name for d in folders}))}
-    lines = Path(synsets).read_text(encoding="utf-8").splitlines()
+    lines = storage.read_text(synsets).splitlines()
     return {line.split()[0]: i for i, line in enumerate(lines) if line.strip()}
 
 
-class Wds:
+class Wds(TarUnits):
     """Generic captioned webdataset tars: ``KEY.{jpg,png,..}`` + ``KEY.txt``, or ``KEY.json`` whose
     ``caption`` (or ``text``) field holds the caption; ``need_captions=False`` reads uncaptioned
     images too.  A ``captions`` file (e.g. ``tristage caption``'s JSONL) replaces the tars' own
     captions, joined by sample key."""
 
     def __init__(self, cfg: SourceConfig, need_captions: bool = True):
-        self.tars = expand(cfg.paths)
+        super().__init__(cfg)
         self.need_captions = need_captions
         self.captions_path = expand([cfg.captions])[0] if cfg.captions is not None else None
         self.captions = None if self.captions_path is None else load_captions(self.captions_path)
-
-    def units(self) -> list[Unit]:
-        return [Unit(i, t) for i, t in enumerate(self.tars)]
-
-    def unit_files(self, unit: Unit) -> list[str]:
-        return [unit.name, *([self.captions_path] if self.captions_path else [])]
 
     def read(self, unit: Unit, skips: Skips) -> Iterator[RawItem]:
         for sample in _tar_samples(unit.name, skips):
@@ -506,9 +604,22 @@ def open_source(cfg: SourceConfig, need_captions: bool = True) -> Source:
     return SOURCES[cfg.kind](cfg, need_captions=False)
 
 
+def listing(cfg: SourceConfig) -> Source | TarUnits:
+    """The units and inputs of a source, to check a cache against: tar kinds are listed without
+    reading their captions file (millions of captions are no start-up cost); folder kinds need
+    their metadata to know their units."""
+    if cfg.kind not in SOURCES:
+        raise SourceError(f"data.source.kind: unknown source {cfg.kind!r}; known: {', '.join(SOURCES)}")
+    if not issubclass(SOURCES[cfg.kind], TarUnits):
+        return open_source(cfg)
+    tars = TarUnits(cfg)
+    tars.captions_path = expand([cfg.captions])[0] if cfg.captions is not None else None
+    return tars
+
+
 def class_names(cfg: SourceConfig) -> dict[int, str]:
     """Class index -> human label from the synsets file ("nXXXX label words" per line)."""
     if cfg.synsets is None:
         return {}
-    lines = Path(cfg.synsets).read_text(encoding="utf-8").splitlines()
+    lines = storage.read_text(cfg.synsets).splitlines()
     return {i: (line.split(maxsplit=1) + [line])[1].strip() for i, line in enumerate(lines) if line.strip()}

@@ -18,6 +18,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from tristage.data.caption import CaptionError
     from tristage.data.features import CacheError
     from tristage.data.sources import SourceError
+    from tristage.data.storage import StorageError
     from tristage.train.config import ConfigError
     from tristage.train.inference.app import AppError
     from tristage.train.inference.evaluate import EvalError
@@ -29,6 +30,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         CaptionError,
         CacheError,
         SourceError,
+        StorageError,
         CheckpointError,
         SampleError,
         EvalError,

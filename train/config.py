@@ -16,6 +16,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tristage.data import storage
 from tristage.data.config import CaptionConfig, ConfigError, DataConfig, EncoderConfig, check_choice
 from tristage.train.diffusion.objective import ObjectiveConfig
 from tristage.train.training.lr_schedules import LR_SCHEDULES
@@ -267,11 +268,10 @@ def check_cache_paths(cfg: Config, path: str) -> None:
 
 
 def check_source_paths(cfg: Config, path: str, skip: str | None = None) -> None:
-    """Every raw source path must match something (``skip``: a path written, not read, by this pass)."""
-    import glob
-
+    """Every raw source path must match something (``skip``: a path written, not read, by this pass).
+    Local paths, object-store URLs (``s3://``, ``gs://``) alike; a ``pipe:`` command is run only when read."""
     for i, pattern in enumerate(cfg.data.source.paths):
-        if not glob.glob(pattern):
+        if not storage.is_pipe(pattern) and not storage.glob(pattern):
             raise ConfigError(f"{path}: key 'data.source.paths[{i}]': matches nothing: {pattern}")
     if not cfg.data.source.paths:
         raise ConfigError(f"{path}: key 'data.source.paths': no source paths given")
@@ -300,8 +300,8 @@ def _looks_local(name: str) -> bool:
 
 
 def require_exists(cfg_path: str, key: str, value: str | None) -> None:
-    """One-line error when the path behind ``key`` is missing."""
-    if value is None or not Path(value).exists():
+    """One-line error when the path (or URL) behind ``key`` is missing."""
+    if value is None or not storage.exists(value):
         raise ConfigError(f"{cfg_path}: key '{key}': path does not exist: {value}")
 
 

@@ -134,7 +134,8 @@ class Trainer:
             micro_batches=self.cfg.train.grad_accum,
         )
         expected = fingerprint(self.cfg.data, feature_encoders(self.cfg))  # what the cache must hold
-        return FeatureLoader(self.cfg.data.cache_dir, spec, expected=expected)
+        # data: the cache is checked against the raw source (units missing, changed, removed) before step 1
+        return FeatureLoader(self.cfg.data.cache_dir, spec, expected=expected, data=self.cfg.data)
 
     # -- the run -------------------------------------------------------------------
     def train(self) -> dict:
