@@ -398,8 +398,9 @@ def survey(cache_dir: str, source, fp: dict, prompts: Sequence[str], rebuild: bo
     stale = check_existing(stale_units(cache_dir, placed, markers, idents, fp), rebuild)
     removed = len({m.get("unit") for m in markers.values()} - {u.key for u in placed} - {None})
     if removed:
+        what = "unit is" if removed == 1 else "units are"
         log.warning(
-            "cache: %d cached units are no longer in the source; kept, left out of the manifest", removed
+            "cache: %d cached %s no longer in the source; kept, left out of the manifest", removed, what
         )
     current = not stale and validation_prompts_current(prompts, cache_dir, fp)
     return Plan(placed, idents, stale, complete_manifest(cache_dir, placed, markers) if current else None)

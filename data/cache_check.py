@@ -174,10 +174,12 @@ def training_shards(manifest: dict, cache_dir: str, source_cfg, warn: bool) -> l
     keys = {u.key for u in units}
     removed = len(held.keys() - keys)
     if removed and warn:
+        what = "unit is" if removed == 1 else "units are"
         log.warning(
-            "%s: %d cached units are no longer in the source; training on the other %d",
+            "%s: %d cached %s no longer in the source; training on the other %d",
             where,
             removed,
+            what,
             len(units),
         )
     return [s["file"] for s in shards if s["unit"] in keys]
@@ -196,7 +198,11 @@ def refuse_missing_or_changed(where: str, source, units: list[Unit], held: dict[
     changed = [(u.key, c) for u in units if (c := identity_change(held[u.key]["input"], idents[u.key]))]
     if changed:
         (key, change), more = changed[0], f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        named = change if change.startswith(key) else f"{key}: {change}"
+        what = (
+            "cached unit no longer matches its" if len(changed) == 1 else "cached units no longer match their"
+        )
         raise CacheError(
-            f"{where}: {len(changed)} cached units no longer match their raw source ({key}: "
-            f"{change}{more}); run `tristage cache CONFIG` to re-encode them"
+            f"{where}: {len(changed)} {what} raw source ({named}{more}); "
+            "run `tristage cache CONFIG` to re-encode them"
         )
