@@ -23,7 +23,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from tristage.train.inference.app import AppError
     from tristage.train.inference.evaluate import EvalError
     from tristage.train.inference.sample import SampleError
-    from tristage.train.training.checkpoint import CheckpointError
+    from tristage.train.training.checkpoint_files import CheckpointError
 
     return (
         ConfigError,
@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from tristage.train.config import check_train_options, check_train_paths, load_config
-    from tristage.train.training.checkpoint import complete_checkpoints
+    from tristage.train.training.checkpoint_files import complete_checkpoints
     from tristage.train.training.trainer import run_train
 
     cfg = load_config(args.config, args.overrides)

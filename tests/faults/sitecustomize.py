@@ -32,16 +32,16 @@ def _delay_start(seconds: float) -> None:
 
 
 def _fail_save(step: int) -> None:
-    from tristage.train.training import checkpoint
+    from tristage.train.training import checkpoint_files
 
-    real = checkpoint.write_rank_files
+    real = checkpoint_files.write_rank_files
 
     def failing(tmp, rank):
         if tmp.name.endswith(f"step_{step:07d}"):
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(tmp))
         return real(tmp, rank)
 
-    checkpoint.write_rank_files = failing
+    checkpoint_files.write_rank_files = failing
 
 
 _fault = _parse(os.environ.get("TRISTAGE_TEST_FAULT", ""))
