@@ -27,7 +27,7 @@ from tristage.train.cli import main as cli_main
 from tristage.train.config import load_config
 from tristage.train.families import cache_stage, feature_encoders
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STAGE1 = ROOT / "demo" / "configs" / "stage1.yaml"
