@@ -230,7 +230,7 @@ def staging_dir(cache_dir: str) -> Path:
 
     import xxhash
 
-    folder = Path(tempfile.gettempdir()) / "tristage-staging" / xxhash.xxh3_64_hexdigest(cache_dir)
+    folder = Path(tempfile.gettempdir()) / "tristage-staging" / xxhash.xxh3_64_hexdigest(cache_dir.encode())
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -26,7 +26,7 @@ import logging
 import os
 import queue
 import re
-import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from tristage.data.cache import _atomic_write, _fsync, open_rgb, own_units
+from tristage.data import storage
+from tristage.data.cache import _atomic_write, open_rgb, own_units
 from tristage.data.config import CaptionConfig, SourceConfig
 from tristage.data.sources import Skips, Unit, open_source
 
@@ -129,20 +130,22 @@ def missing_package(model: str, err: ImportError) -> str:
     )
 
 
-def part_path(parts: Path, unit: Unit) -> Path:
-    return parts / f"captions-{unit.index:05d}.jsonl"
+def part_path(parts: str, unit: Unit) -> str:
+    return storage.join(parts, f"captions-{unit.index:05d}.jsonl")
 
 
-def part_done(part: Path) -> Path:
-    return part.with_suffix(".done.json")
+def part_done(part: str) -> str:
+    return part.removesuffix(".jsonl") + ".done.json"
 
 
-def parts_dir(output: str | Path) -> Path:
-    return Path(f"{output}.parts")
+def parts_dir(output: str | Path) -> str:
+    return f"{output}.parts"
 
 
-def manifest_path(output: str | Path) -> Path:
-    return Path(output).with_suffix(".manifest.json")
+def manifest_path(output: str | Path) -> str:
+    """``captions.jsonl`` -> ``captions.manifest.json`` (beside it, also on an object store)."""
+    folder, name = storage.parent(str(output)), storage.basename(str(output))
+    return storage.join(folder, f"{name.rsplit('.', 1)[0] if '.' in name else name}.manifest.json")
 
 
 def decoded(items: Iterable, skips: Skips) -> Iterator[tuple[int, str, object, str | None]]:
@@ -209,7 +212,7 @@ def unit_batches(captioner: Captioner, source, unit: Unit, skips: Skips, counter
         yield rows, captioner.inputs([r[2] for r in rows], [r[3] for r in rows])
 
 
-def caption_unit(captioner: Captioner, source, unit: Unit, parts: Path, rank: int, bar) -> int:
+def caption_unit(captioner: Captioner, source, unit: Unit, parts: str, rank: int, bar) -> int:
     """Caption one unit into its part file (atomic, then its done marker); returns images read."""
     skips, counter, lines = Skips(), [0], []
     if captioner.cfg.do_sample:
@@ -228,12 +231,15 @@ def caption_unit(captioner: Captioner, source, unit: Unit, parts: Path, rank: in
     return counter[0]
 
 
-def remove_stale_tmp(units: list[Unit], parts: Path) -> None:
-    """Delete the ``*.tmp-*`` files a killed pass left for these units (only their owner calls this)."""
+def remove_stale_tmp(units: list[Unit], parts: str) -> None:
+    """Delete the ``*.tmp-*`` files a killed pass left for these units (only their owner calls this).
+    An object store has none: a part is one upload, whole or absent."""
+    if not storage.is_local(parts):
+        return
     for unit in units:
-        part = part_path(parts, unit)
-        for final in (part, part_done(part)):
-            for tmp in parts.glob(f"{final.name}.tmp-*"):
+        part = Path(part_path(parts, unit))
+        for final in (part, Path(part_done(str(part)))):
+            for tmp in Path(parts).glob(f"{final.name}.tmp-*"):
                 tmp.unlink(missing_ok=True)
 
 
@@ -244,40 +250,40 @@ def settings_of(cfg: CaptionConfig, source_cfg: SourceConfig, dtype: torch.dtype
     return {**settings, "data.source.kind": source_cfg.kind, "data.source.paths": list(source_cfg.paths)}
 
 
-def check_settings(parts: Path, settings: dict) -> None:
+def check_settings(parts: str, settings: dict) -> None:
     """Refuse to mix captions made with other settings into existing parts (one line naming the key).
     Without a finished part there is nothing to mix with (a run that failed to start, e.g. a mistyped
     model id, can be rerun with other settings)."""
-    path = parts / SETTINGS
-    if not path.exists() or not any(parts.glob("*.done.json")):
+    path = storage.join(parts, SETTINGS)
+    if not storage.exists(path) or not storage.names(parts, "*.done.json"):
         return
-    old = json.loads(path.read_text())
+    old = json.loads(storage.read_text(path))
     for key in sorted(set(old) | set(settings)):
         if old.get(key) != settings.get(key):
             raise CaptionError(f"{path}: parts were made with a different {key}; use another caption.output")
 
 
-def assemble(units: list[Unit], parts: Path, output: Path) -> tuple[int, Skips, int]:
-    """Concatenate the parts in unit order into ``output`` (atomically): (captions, skips, images)."""
+def assemble(units: list[Unit], parts: str, output: str) -> tuple[int, Skips, int]:
+    """Concatenate the parts in unit order into ``output`` (atomically: a local temporary file, renamed
+    or uploaded whole): (captions, skips, images)."""
     skips, captions, images = Skips(), 0, 0
-    tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+    folder = Path(storage.parent(output)) if storage.is_local(output) else Path(tempfile.gettempdir())
+    tmp = folder / f"{storage.basename(output)}.tmp-{os.getpid()}"
+    dones = storage.read_many([part_done(part_path(parts, u)) for u in units])
     with open(tmp, "wb") as out:
         for unit in units:
-            part = part_path(parts, unit)
-            done = json.loads(part_done(part).read_text())
+            done = json.loads(dones[part_done(part_path(parts, unit))])
             skips.merge(done["skips"])
             captions, images = captions + done["captions"], images + done["images"]
-            with open(part, "rb") as fh:
-                shutil.copyfileobj(fh, out)
-    _fsync(tmp)
-    os.replace(tmp, output)
+            out.write(storage.read_bytes(part_path(parts, unit)))
+    storage.upload(tmp, output)
     return captions, skips, images
 
 
-def write_manifest(output: Path, settings: dict, model_class: str, counts: tuple, units: int) -> dict:
+def write_manifest(output: str, settings: dict, model_class: str, counts: tuple, units: int) -> dict:
     captions, skips, images = counts
     manifest = {
-        "output": output.name,
+        "output": storage.basename(output),
         "model_class": model_class,
         "settings": settings,
         "units": units,
@@ -292,20 +298,21 @@ def write_manifest(output: Path, settings: dict, model_class: str, counts: tuple
 
 def run_caption(cfg: CaptionConfig, source_cfg: SourceConfig, accelerator) -> dict | None:
     """The whole pass under an ``accelerate`` process group; rank 0 returns the manifest."""
-    output = Path(cfg.output)
+    output = str(cfg.output)
     parts = parts_dir(output)
-    parts.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(parts)
     source = open_images(source_cfg, cfg.output)
     units = source.units()
     rank, world = accelerator.process_index, accelerator.num_processes
     settings = settings_of(cfg, source_cfg, resolve_dtype(cfg.dtype, accelerator.device))
     check_settings(parts, settings)
     remove_stale_tmp(own_units(units, rank, world), parts)
-    fresh = [u for u in units if not part_done(part_path(parts, u)).exists()]
+    held = set(storage.names(parts, "*.done.json"))
+    fresh = [u for u in units if storage.basename(part_done(part_path(parts, u))) not in held]
     accelerator.wait_for_everyone()  # every rank checked the settings and listed `fresh` before writes
     captioner = Captioner.load(cfg, accelerator.device)
     if accelerator.is_main_process:
-        _atomic_write(parts / SETTINGS, json.dumps(settings, indent=1))  # equal to any older one
+        _atomic_write(storage.join(parts, SETTINGS), json.dumps(settings, indent=1))  # equal to any older one
     start = time.perf_counter()
     caption_units(captioner, source, own_units(fresh, rank, world), parts, accelerator)
     accelerator.wait_for_everyone()
@@ -326,7 +333,7 @@ def open_images(source_cfg: SourceConfig, output: str):
     return open_source(replace(source_cfg, captions=None) if own else source_cfg, need_captions=False)
 
 
-def caption_units(captioner: Captioner, source, todo: list[Unit], parts: Path, accelerator) -> None:
+def caption_units(captioner: Captioner, source, todo: list[Unit], parts: str, accelerator) -> None:
     """This process's units, with a rank-0 progress bar counting images (its rate is images/s)."""
     from tqdm.auto import tqdm
 
@@ -336,9 +343,10 @@ def caption_units(captioner: Captioner, source, todo: list[Unit], parts: Path, a
     bar.close()
 
 
-def log_summary(manifest: dict, fresh: list[Unit], parts: Path, output: Path, seconds: float) -> None:
+def log_summary(manifest: dict, fresh: list[Unit], parts: str, output: str, seconds: float) -> None:
     """Rank 0's end-of-pass line: captions, skips by reason, images captioned now and images/s."""
-    images = sum(json.loads(part_done(part_path(parts, u)).read_text())["images"] for u in fresh)
+    dones = storage.read_many([part_done(part_path(parts, u)) for u in fresh])
+    images = sum(json.loads(done)["images"] for done in dones.values())
     skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
     log.warning(
         "caption: %d captions from %d units in %s; skipped %s (examples: %s); "

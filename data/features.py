@@ -141,7 +141,7 @@ def remote_shards(cache_dir: str, rank: int, data: DataConfig | None) -> ShardCa
     """This process's read-ahead copies of a remote cache's shards (``data.remote_cache_dir``)."""
     data = data or DataConfig(cache_dir=cache_dir)
     root = Path(data.remote_cache_dir or Path(tempfile.gettempdir()) / "tristage-remote-cache")
-    folder = root / xxhash.xxh3_64_hexdigest(cache_dir) / f"rank{rank}"
+    folder = root / xxhash.xxh3_64_hexdigest(cache_dir.encode()) / f"rank{rank}"
     return ShardCache(folder, int(data.remote_cache_gb * 2**30), storage.sizes(cache_dir, "features-*.tar"))
 
 

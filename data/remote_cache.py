@@ -34,8 +34,8 @@ class ShardCache:
         biggest = max(sizes.items(), key=lambda kv: kv[1], default=("", 0))
         if biggest[1] > cap_bytes:
             raise CacheError(
-                f"{biggest[0]}: a {biggest[1] / 2**30:.3f} GiB shard does not fit data.remote_cache_gb "
-                f"({cap_bytes / 2**30:.3f} GiB); raise it"
+                f"{biggest[0]}: a {biggest[1] / 2**20:.2f} MiB shard does not fit data.remote_cache_gb "
+                f"({cap_bytes / 2**20:.2f} MiB); raise it"
             )
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ class ShardCache:
         return used + need <= self.cap
 
     def _fetch(self, url: str) -> Path:
-        local = self.folder / f"{xxhash.xxh3_64_hexdigest(url)}-{storage.basename(url)}"
+        local = self.folder / f"{xxhash.xxh3_64_hexdigest(url.encode())}-{storage.basename(url)}"
         storage.download(url, local)
         return local
 

@@ -275,3 +275,28 @@ def content_identity(path: str) -> list:
         h.update(read_bytes(path, 0, DIGEST_SPAN))
         h.update(read_bytes(path, total - DIGEST_SPAN, total))
     return [total, h.hexdigest()]
+
+
+@_remote
+def upload_tree(local: Path, url: str, last: str | None = None) -> None:
+    """Upload every file under ``local`` to ``url`` (same relative names); the file named ``last``
+    (a completeness marker) goes after all the others, so the marker's presence means all is there."""
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    fs, root = _filesystem(url)
+    for path in sorted(files, key=lambda p: p.name == last):
+        fs.put_file(str(path), f"{root}/{path.relative_to(local).as_posix()}")
+
+
+@_remote
+def download_tree(url: str, local: Path) -> None:
+    """Copy every object under ``url`` into ``local`` (through a temporary folder renamed at the end)."""
+    import shutil
+
+    fs, root = _filesystem(url)
+    tmp = local.with_name(f".tmp-{local.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for key in fs.find(root):
+        target = tmp / key[len(root) :].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(key, str(target))
+    os.replace(tmp, local)

@@ -50,3 +50,24 @@ if _fault and os.environ.get("RANK") == _fault["rank"]:
         _delay_start(float(_fault["delay_start"]))
     if "fail_save_step" in _fault:
         _fail_save(int(_fault["fail_save_step"]))
+
+
+def _kill_in_unit(n: int) -> None:
+    """SIGKILL this rank while it closes its n-th cache unit (the shard written, not yet moved into place)."""
+    import signal
+
+    from tristage.data import cache
+
+    real, closed = cache.ShardWriter.close, [0]
+
+    def close(self, *args, **kwargs):
+        closed[0] += 1
+        if closed[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, *args, **kwargs)
+
+    cache.ShardWriter.close = close
+
+
+if _fault and os.environ.get("RANK") == _fault["rank"] and "kill_in_unit" in _fault:
+    _kill_in_unit(int(_fault["kill_in_unit"]))

@@ -109,7 +109,7 @@ def _killed_run(cfg) -> None:
 
 def test_sigkill_then_rerun_gives_the_same_file(world):
     cfg = load_config(CONFIG, world["overrides"]("killed"))
-    parts = parts_dir(cfg.caption.output)
+    parts = Path(parts_dir(cfg.caption.output))
     child = multiprocessing.get_context("fork").Process(target=_killed_run, args=(cfg,))
     child.start()
     deadline = time.time() + 60
@@ -134,7 +134,7 @@ def test_two_processes_equal_one(world):
     assert result.returncode == 0, result.stderr[-3000:]
     out = world["root"] / "two" / "captions.jsonl"
     assert out.read_bytes() == Path(world["cfg"].caption.output).read_bytes()
-    ranks = {p.name: json.loads(p.read_text())["rank"] for p in parts_dir(out).glob("*.done.json")}
+    ranks = {p.name: json.loads(p.read_text())["rank"] for p in Path(parts_dir(out)).glob("*.done.json")}
     assert ranks == {f"captions-{i:05d}.done.json": i % 2 for i in range(4)}  # each unit by its owner
     assert "caption: 7 captions from 4 units" in result.stderr and "undecodable_image=1" in result.stderr
 
@@ -174,7 +174,7 @@ def test_sampling_is_seeded_per_unit(world):
     cfg = load_config(CONFIG, world["overrides"]("sampled", "caption.do_sample=true"))
     run_caption(cfg.caption, cfg.data.source, Accelerator())
     first = Path(cfg.caption.output).read_bytes()
-    part_done(parts_dir(cfg.caption.output) / "captions-00001.jsonl").unlink()  # redo one unit
+    Path(part_done(f"{parts_dir(cfg.caption.output)}/captions-00001.jsonl")).unlink()  # redo one unit
     run_caption(cfg.caption, cfg.data.source, Accelerator())
     assert Path(cfg.caption.output).read_bytes() == first
     assert first != Path(world["cfg"].caption.output).read_bytes()  # sampled, not greedy
@@ -219,7 +219,7 @@ def test_model_without_chat_template_is_refused(world, tmp_path, capsys):
     code = cli.main(["caption", str(CONFIG), *world["overrides"]("bad", f"caption.model={model}")])
     assert code == 2 and "has no chat template" in capsys.readouterr().err
     parts = parts_dir(world["root"] / "bad" / "captions.jsonl")
-    assert not part_done(parts / "captions-00000.jsonl").exists()
+    assert not Path(part_done(f"{parts}/captions-00000.jsonl")).exists()
 
 
 def write_tiny_qwen2vl(folder: Path) -> Path:
@@ -259,7 +259,7 @@ def test_a_vlm_needing_a_missing_package_is_one_line(world, tmp_path):
         "installed: pip install 'tristage[caption]' (or pip install torchvision)"
     ], result.stderr
     assert "Traceback" not in result.stderr
-    assert not list(parts_dir(world["root"] / "qwen" / "captions.jsonl").glob("*.done.json"))
+    assert not list(Path(parts_dir(world["root"] / "qwen" / "captions.jsonl")).glob("*.done.json"))
     assert not (world["root"] / "qwen" / "captions.jsonl").exists()
 
 

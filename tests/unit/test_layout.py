@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
 def test_readme_map_names_every_module():
     """The README's "Where things live" map stays true: every module of the role folders is named in it,
     and every file it names exists."""

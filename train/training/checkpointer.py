@@ -39,6 +39,7 @@ from tristage.train.training import dcp, null_caption
 from tristage.train.training.ema import EMA
 from tristage.train.training.fsdp import is_sharded_setting
 from tristage.train.training.nonfinite import DeviceGuard, SyncGuard
+from tristage.train.training.remote_run import RunMirror
 from tristage.train.training.validation import whole_ema_model
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,9 @@ class Saved:
 class Checkpointer:
     """Finds, loads and saves the full state of one stage run; writes its ``final/`` folder."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator):
-        self.cfg, self.accelerator = cfg, accelerator
+    def __init__(self, cfg: Config, accelerator: Accelerator, mirror: RunMirror | None = None):
+        """``mirror``: the object store a remote ``run.dir`` is mirrored to (``remote_run.py``)."""
+        self.cfg, self.accelerator, self.mirror = cfg, accelerator, mirror
         self.root = Path(cfg.run.dir) / "checkpoints"
         self.state = ckpt.TrainState(version=tristage_version())
         self.saved: Saved | None = None
@@ -71,6 +73,10 @@ class Checkpointer:
     # -- resume ----------------------------------------------------------------------------------
     def find(self) -> Path | None:
         """The checkpoint to resume from per ``resume`` (read once and kept for :meth:`load`), or None."""
+        if self.mirror is not None and self.cfg.resume != "none":
+            if self.accelerator.is_local_main_process:
+                self.mirror.pull_latest(self.root)  # a fresh node: the newest checkpoint of the object store
+            self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             ckpt.cleanup(self.root)  # temp folders of saves a crash cut short (no save is in flight yet)
         mode = self.cfg.resume
@@ -161,6 +167,8 @@ class Checkpointer:
     def _commit(self, tmp: Path, final: Path) -> None:
         ckpt.commit(tmp, final)
         ckpt.rotate(self.root, self.cfg.checkpoint.keep_last)
+        if self.mirror is not None:  # uploaded marker last; remote rotation follows the local one
+            self.mirror.push_checkpoint(final, [p for _, p in ckpt.complete_checkpoints(self.root)])
 
     def _attempt(self, write, *args) -> Exception | None:
         """Run this rank's part of a save; whatever goes wrong, every rank must reach the agreement."""
@@ -203,6 +211,8 @@ class Checkpointer:
                     null_caption.save_buffer(self.saved.loader.null_buffer, final)
                 save_config(self.cfg, final / "config.yaml")
                 (final / ckpt.MARKER).write_text("ok\n")
+                if self.mirror is not None:
+                    self.mirror.push_outputs()
         self.accelerator.wait_for_everyone()
 
     def _info(self, message: str) -> None:

@@ -50,6 +50,7 @@ from tristage.train.training.ema import EMA
 from tristage.train.training.lr_schedules import lr_lambda
 from tristage.train.training.metrics import Window
 from tristage.train.training.nonfinite import GUARDS, Report
+from tristage.train.training.remote_run import RunMirror
 from tristage.train.training.stops import NONFINITE, Stops
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Trainer:
 
     def __init__(self, cfg: Config):
         check_train_options(cfg, f"{cfg.run.name} config")
+        cfg, self.mirror = RunMirror.localised(cfg)  # run.dir on s3:// / gs://: a local folder mirrored
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         mode = tracking.mode_of(cfg)
@@ -75,7 +77,9 @@ class Trainer:
         self.sharded = False  # train.parallelism fsdp*: the model's parameters are DTensor shards
         self._optimizer()
         self.loader = self._loader()
-        self.checkpointer = Checkpointer(cfg, self.accelerator)  # owns everything saved, and the state
+        self.checkpointer = Checkpointer(
+            cfg, self.accelerator, self.mirror
+        )  # owns everything saved, and the state
         self.ema: EMA | None = None
         self.stops = Stops(self.accelerator, cfg.train.max_time)  # stop reasons every rank agrees on
         self._raw: tuple = (None, None)  # (wrapped model, unwrapped model), see _unwrapped
