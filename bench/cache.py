@@ -14,6 +14,15 @@
   preprocessed batches, on a small random VAE and the demo T5.
 * ``bytes_per_sample_256``: shard bytes per sample of a shard written by the cache's
   own :class:`ShardWriter` with 256 px moments and an 80-token T5-XXL caption.
+* ``remote_loader_vs_local`` (``--remote``): :class:`FeatureLoader` samples/s over one epoch of the
+  same cache read from a loopback S3 server (moto's server, in a child process on 127.0.0.1, reached
+  through the standard AWS environment) through the bounded read-ahead copy
+  (``data/remote_cache.py``, capped at half the cache, so shards are evicted and every one is
+  downloaded during the epoch), divided by the same loader on the local folder.
+* ``validate_seconds_*`` (``--remote`` too): the time to check an existing 4-unit cache against its
+  moved raw source (``tristage train``'s start-up check: manifest, source listing, unit identities),
+  for 4 x 64 and 4 x 1024 samples; ``validate_large_vs_small`` near 1 shows it does not grow with the
+  samples (a unit's identity reads at most 2 MiB of it).
 
 Everything is synthetic, in a temp dir, on CPU.  The last line printed is the JSON result.
 """
@@ -21,9 +30,12 @@ Everything is synthetic, in a temp dir, on CPU.  The last line printed is the JS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -80,7 +92,7 @@ def write_fake_cache(
         writer.close(Skips(), per_shard, 0)
     write_null_caption(cfg.encoders, encoders, cache_dir)
     write_manifest(cfg.data.source, units, cache_dir, {"bench": "synthetic"}, 0.18215)
-    return [shard_path(cache_dir, u) for u in units]
+    return [Path(shard_path(cache_dir, u)) for u in units]
 
 
 def _meta(key: str) -> dict:
@@ -115,16 +127,18 @@ def raw_read(shards: list[Path], samples: int) -> float:
     return samples / (time.perf_counter() - start)
 
 
-def loader_read(cache_dir: Path, samples: int, batch: int) -> float:
-    """Samples/s of FeatureLoader batches over one epoch (one process, the whole batch decoded)."""
+def loader_read(cache_dir: Path | str, samples: int, batch: int, data=None) -> float:
+    """Samples/s of FeatureLoader batches over ``samples`` (one process, the whole batch decoded);
+    ``data``: a DataConfig (a remote cache's read-ahead folder and cap).  The clock starts before the
+    loader is built, so a remote cache's first download counts."""
     from tristage.data.features import FeatureLoader, LoaderSpec
 
     spec = LoaderSpec(
         batch, rank=0, world=1, seed=0, shuffle_buffer=4 * batch, cond_dropout=0.1, null_label=0
     )
-    loader = FeatureLoader(cache_dir, spec)
-    it = iter(loader)
     start = time.perf_counter()
+    loader = FeatureLoader(cache_dir, spec, data=data)
+    it = iter(loader)
     try:
         for _ in range(samples // batch):
             next(it)
@@ -265,6 +279,121 @@ def extract_vs_bare(root: Path, images: int, per_shard: int, batch: int, repeats
     }
 
 
+# -- remote shards vs local ------------------------------------------------------------------------
+@contextlib.contextmanager
+def loopback_s3() -> Iterator[str]:
+    """moto's S3 server in a child process on 127.0.0.1; yields a bucket URL.  The AWS variables point
+    s3fs at it for this process, the standard way (nothing tristage-specific)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    aws = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in aws}
+    os.environ.update(aws)
+    try:
+        import fsspec
+
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        for _ in range(200):  # the server's start-up
+            try:
+                fs.mkdir("bench")
+                break
+            except Exception:  # not listening yet
+                time.sleep(0.05)
+        yield "s3://bench"
+    finally:
+        server.terminate()
+        server.wait()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def remote_vs_local(root: Path, shards: int, per_shard: int, batch: int, repeats: int) -> dict:
+    import fsspec
+
+    from tristage.data.config import DataConfig
+
+    files = write_fake_cache(root / "local", shards, per_shard)
+    samples = shards * per_shard
+    with loopback_s3() as bucket:
+        fsspec.filesystem("s3").put(f"{root / 'local'}/", f"{bucket[5:]}/cache/", recursive=True)
+        half = sum(f.stat().st_size for f in files) / 2 / 2**30
+        data = DataConfig(
+            cache_dir=f"{bucket}/cache", remote_cache_dir=str(root / "copies"), remote_cache_gb=half
+        )
+        local, remote, download = 0.0, 0.0, 0.0
+        for _ in range(repeats):  # interleaved, best of each; two epochs each (the read-ahead's steady state)
+            local = max(local, loader_read(root / "local", 2 * samples, batch))
+            remote = max(remote, loader_read(f"{bucket}/cache", 2 * samples, batch, data))
+            download = max(download, s3_read(f"{bucket}/cache", files, root / "dl"))
+    per_sample = sum(f.stat().st_size for f in files) / samples
+    return {
+        "local_loader_samples_per_s": local,
+        "remote_loader_samples_per_s": remote,
+        "remote_loader_vs_local": remote / local,
+        "remote_loader_vs_s3_download": remote * per_sample / 1e6 / download,
+        "local_loader_mb_per_s": local * per_sample / 1e6,  # the bytes the loader consumes
+        "s3_download_mb_per_s": download,  # the server's bare rate, one object after another: the bound
+    }
+
+
+def s3_read(url: str, files: list[Path], folder: Path) -> float:
+    """MB/s of plain sequential downloads of the shards (fsspec), the remote loader's ceiling."""
+    from tristage.data import storage
+
+    folder.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    for f in files:
+        storage.download(f"{url}/{f.name}", folder / f.name)
+    return sum(f.stat().st_size for f in files) / 1e6 / (time.perf_counter() - start)
+
+
+def validate_seconds(root: Path, per_unit: int, repeats: int) -> float:
+    """Seconds to check a 4-unit stage-1 cache against its raw source after the folder moved."""
+    from accelerate import Accelerator
+
+    from tristage.data.cache_check import training_shards
+    from tristage.data.features import open_manifest
+    from tristage.data.fingerprint import fingerprint
+    from tristage.demo import synthetic
+    from tristage.demo.encoders import demo_vae_path
+    from tristage.demo.run import CONFIGS
+    from tristage.train.config import load_config
+    from tristage.train.families import cache_stage, feature_encoders
+
+    raw = synthetic.write_stage1(root / "raw", 4 * per_unit, size=64, per_shard=per_unit)
+    args = [f"data.cache_dir={root / 'cache'}", f"encoders.vae={demo_vae_path()}", f"run.dir={root / 'run'}"]
+    cache_stage(load_config(CONFIGS / "stage1.yaml", [*args, *_stage1_source(raw)]), Accelerator())
+    moved = raw.rename(root / "moved")
+    cfg = load_config(CONFIGS / "stage1.yaml", [*args, *_stage1_source(moved)])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        manifest = open_manifest(cfg.data.cache_dir, fingerprint(cfg.data, feature_encoders(cfg)))
+        assert len(training_shards(manifest, cfg.data.cache_dir, cfg.data.source, warn=False)) == 4
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _stage1_source(raw: Path) -> list[str]:
+    return [f"data.source.paths=[{raw}/imagenet-*.tar]", f"data.source.synsets={raw / 'synsets.txt'}"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="tristage bench cache", description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=4, help="loader bench: feature shards")
@@ -274,11 +403,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--encode-batch", type=int, default=16, help="extraction bench: encoder batch")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats; best of each side")
     parser.add_argument(
+        "--remote", action="store_true", help="only the loopback-S3 loader ratio and the validation time"
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads, the same for both sides of each ratio"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # shared CPUs: more threads than free cores only adds noise
     result: dict = {}
+    if args.remote:
+        return remote_main(args)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         # text_feature_dtype=float8_e4m3fn (per-token scaled); bf16 T5 alone is 655,360 bytes
@@ -306,3 +440,29 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def remote_main(args: argparse.Namespace) -> dict:
+    """``--remote``: loader throughput from a loopback S3 server against local disk, and the time to
+    validate a 4-unit cache after a path change at two sample counts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        result = remote_vs_local(root / "remote", args.shards, args.per_shard, args.batch, args.repeats)
+        print(
+            f"loader from loopback S3 {result['remote_loader_samples_per_s']:.0f} samples/s vs local "
+            f"{result['local_loader_samples_per_s']:.0f} samples/s: {result['remote_loader_vs_local']:.3f} "
+            f"(local loader {result['local_loader_mb_per_s']:.0f} MB/s, bare S3 download "
+            f"{result['s3_download_mb_per_s']:.0f} MB/s)"
+        )
+        # 4 x 1024 samples: tars past the 2 MiB the identity digest reads of a file (storage.DIGEST_SPAN)
+        small = validate_seconds(root / "v64", 64, args.repeats)
+        large = validate_seconds(root / "v1024", 1024, args.repeats)
+        result.update(
+            validate_seconds_4x64=small, validate_seconds_4x1024=large, validate_large_vs_small=large / small
+        )
+        print(
+            f"validate a moved 4-unit cache: {small * 1e3:.1f} ms (4 x 64 samples), "
+            f"{large * 1e3:.1f} ms (4 x 1024)"
+        )
+    print(json.dumps(result), flush=True)
+    return result

@@ -157,6 +157,8 @@ def training_shards(manifest: dict, cache_dir: str, source_cfg, warn: bool) -> l
     source that cannot be listed here (a machine that holds only the cache) is one warning, and the
     cache is used as recorded."""
     where, shards = storage.join(cache_dir, MANIFEST), manifest["shards"]
+    if not source_cfg.paths:  # no source configured (a benchmark, a loader on a bare cache): nothing to check
+        return [s["file"] for s in shards]
     try:
         source = listing(source_cfg)
         units = source.units()

@@ -194,12 +194,20 @@ class FeatureLoader:
         self.epoch, self.next_index = int(state["epoch"]), int(state["next_index"])
 
     # -- the global stream ----------------------------------------------------------
-    def _samples(self, epoch: int) -> Iterator[dict]:
+    def _order(self, epoch: int) -> list[str]:
         rng = random.Random(self.spec.seed * 1_000_003 + epoch)
         order = self.shards[:]
         rng.shuffle(order)
+        return order
+
+    def _samples(self, epoch: int) -> Iterator[dict]:
+        order = self._order(epoch)
         for i, shard in enumerate(order):
-            local = shard if self.remote is None else self.remote.local(shard, order[i + 1 :])
+            if self.remote is None:
+                yield from self._read_shard(shard, shard)
+                continue
+            # read-ahead runs on into the next epoch's first shards
+            local = self.remote.local(shard, order[i + 1 :] + self._order(epoch + 1))
             yield from self._read_shard(shard, local)
 
     def _read_shard(self, shard: str, local: str) -> Iterator[dict]:

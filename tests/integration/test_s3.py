@@ -61,7 +61,7 @@ def s3(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for key, value in aws.items():
             mp.setenv(key, value)
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
         fs.mkdir(BUCKET)
         yield SimpleNamespace(fs=fs, url=f"s3://{BUCKET}", home=home, aws=aws)
     server.stop()
@@ -179,10 +179,12 @@ def test_sigkill_during_a_remote_cache_pass_then_rerun_gives_the_same_manifest(s
 
 
 def test_credentials_from_the_aws_files_and_one_line_naming_the_bucket(s3, local, tmp_path, monkeypatch):
-    """The AWS credentials file works alone; a wrong key, or none, is one line naming the bucket."""
+    """The AWS credentials file works alone (on a local cache uploaded as it is: complete, nothing to
+    encode); a wrong key, or none, is one line naming the bucket."""
     import moto.settings
 
-    args = overrides(f"{s3.url}/raw", f"{s3.url}/cache", str(tmp_path / "run"))
+    s3.fs.put(f"{local.root / 'cache'}/", f"{BUCKET}/uploaded/", recursive=True)  # a local cache, copied up
+    args = overrides(f"{s3.url}/raw", f"{s3.url}/uploaded", str(tmp_path / "run"))
     bare = {
         k: v for k, v in one_thread_env().items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     }
