@@ -33,6 +33,7 @@ import webdataset as wds
 
 from tristage.data import storage
 from tristage.data.config import SourceConfig
+from tristage.errors import SourceError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -83,10 +84,6 @@ class Unit:
     def cache_index(self) -> int:
         """The shard number: as placed by the cache pass, else the listing position."""
         return self.index if self.shard is None else self.shard
-
-
-class SourceError(ValueError):
-    """A source that cannot be read at all (missing files, bad metadata); names the path."""
 
 
 def expand(patterns: list[str]) -> list[str]:

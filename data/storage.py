@@ -24,12 +24,12 @@ from typing import TypeVar
 
 import xxhash
 
+from tristage.errors import StorageError  # credentials or permissions refused: one line naming the bucket
+
 T = TypeVar("T")
 DIGEST_SPAN = 1 << 20  # bytes hashed at each end of a file for its content identity
 
 
-class StorageError(ValueError):
-    """Object storage that cannot be reached as configured (credentials, permissions); names the bucket."""
 
 
 def is_remote(path: str) -> bool:

@@ -4,7 +4,8 @@ Python's ``site`` module imports ``sitecustomize`` at interpreter start-up from 
 ``sys.path`` that has one; the tests put this folder on ``PYTHONPATH`` of the processes they launch
 and say what to inject in ``TRISTAGE_TEST_FAULT``, e.g. ``rank=1,delay_start=3`` (that rank's
 tracker start-up takes 3 s longer) or ``rank=1,fail_save_step=4`` (that rank's checkpoint files
-cannot be written at step 4: ENOSPC).  The real functions run otherwise; the launcher process (no
+cannot be written at step 4: ENOSPC) or ``rank=0,key_error_step=2`` (a bug: a ``KeyError``
+inside step 2).  The real functions run otherwise; the launcher process (no
 ``RANK``) and the other ranks are untouched.
 """
 
@@ -44,12 +45,18 @@ def _fail_save(step: int) -> None:
     checkpoint_files.write_rank_files = failing
 
 
-_fault = _parse(os.environ.get("TRISTAGE_TEST_FAULT", ""))
-if _fault and os.environ.get("RANK") == _fault["rank"]:
-    if "delay_start" in _fault:
-        _delay_start(float(_fault["delay_start"]))
-    if "fail_save_step" in _fault:
-        _fail_save(int(_fault["fail_save_step"]))
+def _bug_in_step(step: int) -> None:
+    """An internal bug: a ``KeyError`` raised inside the trainer's step ``step`` (1-based)."""
+    from tristage.train.training.trainer import Trainer
+
+    real = Trainer._step
+
+    def buggy(self, *args, **kwargs):
+        if self.state.step + 1 == step:
+            raise KeyError("injected bug")
+        return real(self, *args, **kwargs)
+
+    Trainer._step = buggy
 
 
 def _kill_in_unit(n: int) -> None:
@@ -69,5 +76,13 @@ def _kill_in_unit(n: int) -> None:
     cache.ShardWriter.close = close
 
 
-if _fault and os.environ.get("RANK") == _fault["rank"] and "kill_in_unit" in _fault:
-    _kill_in_unit(int(_fault["kill_in_unit"]))
+_fault = _parse(os.environ.get("TRISTAGE_TEST_FAULT", ""))
+if _fault and os.environ.get("RANK", "0") == _fault["rank"]:  # a plain (1-process) run is rank 0
+    if "delay_start" in _fault:
+        _delay_start(float(_fault["delay_start"]))
+    if "fail_save_step" in _fault:
+        _fail_save(int(_fault["fail_save_step"]))
+    if "key_error_step" in _fault:
+        _bug_in_step(int(_fault["key_error_step"]))
+    if "kill_in_unit" in _fault:
+        _kill_in_unit(int(_fault["kill_in_unit"]))

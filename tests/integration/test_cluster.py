@@ -32,9 +32,10 @@ STEPS = 4  # optimizer steps of the grad-accum runs
 LAUNCH_TIMEOUT = 240  # s; a hang fails the test instead of blocking the suite
 FAULTS = str(ROOT / "tests" / "faults")
 
-# One rerun: 1 CI run in 3 saw the max_time test's launch never exit (an intermittent hang at shutdown,
-# root cause still open: 1 hang in 28 local runs since, not caught under py-spy); a second hang in a
-# row still fails, and a hang's failure message now carries every process's stacks (conftest.finish).
+# One rerun: the max_time test's launch sometimes never exited.  Caught under py-spy: one rank had
+# exited and the other hung in ~ProcessGroupGloo, freeing the DDP wrapper after end_training; the
+# Trainer now frees it on every rank before (Trainer._release_wrappers).  The rerun stays as a net; a
+# second hang in a row still fails, with every process's stacks in the message (conftest.finish).
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.flaky(reruns=1)]
 
 

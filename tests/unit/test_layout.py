@@ -190,3 +190,36 @@ def test_the_length_check_counts_a_long_function(tmp_path):
     (tmp_path / "probe.py").write_text(f"def f():\n{body}\n\n\ndef g():\n    return 1\n")
     found = long_functions([tmp_path / "probe.py"], tmp_path)
     assert found == [f"probe.py::f ({MAX_FUNCTION_LINES + 1} lines)"]
+
+
+def test_the_cli_catches_only_tristage_errors():
+    """One error base (issue 39 item 1): the CLI turns ``TristageError`` into one line and exit 2, and
+    catches nothing else, so a bug's ``KeyError`` or ``FileNotFoundError`` keeps its traceback."""
+    tree = ast.parse((ROOT / "train" / "cli.py").read_text())
+    caught = [ast.unparse(node.type) for node in ast.walk(tree) if isinstance(node, ast.ExceptHandler)]
+    assert caught == ["TristageError"]
+
+
+def test_every_error_class_derives_from_the_one_base():
+    """Every ``*Error`` class the package defines is a ``TristageError``: a user's mistake in any domain
+    reaches the CLI's one handler."""
+    import importlib
+    import inspect
+
+    from tristage.errors import TristageError
+
+    strays = []
+    for folder in ("train", "data", "demo", "bench", "tristage"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if "assets" in path.parts or path.name == "__init__.py":
+                continue
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts if parts[0] == "tristage" else ("tristage", *parts))
+            module = importlib.import_module(name)
+            strays += [
+                f"{name}.{cls.__name__}"
+                for cls in vars(module).values()
+                if inspect.isclass(cls) and cls.__module__ == name and cls.__name__.endswith("Error")
+                and not issubclass(cls, TristageError)
+            ]
+    assert strays == []

@@ -48,6 +48,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tristage.errors import CheckpointError
 from tristage.train.training import dcp
 
 MARKER = "COMPLETE"
@@ -59,10 +60,6 @@ STEP_NAME = re.compile(r"step_\d+")
 # (safetensors' Rust writer), RuntimeError (torch.save's "PytorchStreamWriter failed writing file").
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the path."""
 
 
 class CheckpointWriteError(CheckpointError, OSError):

@@ -24,10 +24,12 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from tristage.errors import CheckpointError
+
 FOLDER = "sharded"  # the DCP folder inside a checkpoint directory
 
 
-class ShardedCheckpointError(ValueError):
+class ShardedCheckpointError(CheckpointError):
     """A sharded checkpoint folder that cannot be used; the message names the path."""
 
 
