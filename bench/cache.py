@@ -394,7 +394,7 @@ def _stage1_source(raw: Path) -> list[str]:
     return [f"data.source.paths=[{raw}/imagenet-*.tar]", f"data.source.synsets={raw / 'synsets.txt'}"]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tristage bench cache", description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=4, help="loader bench: feature shards")
     parser.add_argument("--per-shard", type=int, default=64, help="loader bench: samples per shard")
@@ -408,7 +408,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads, the same for both sides of each ratio"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = arguments().parse_args(argv)
     torch.set_num_threads(args.threads)  # shared CPUs: more threads than free cores only adds noise
     result: dict = {}
     if args.remote:
