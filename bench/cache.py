@@ -21,8 +21,8 @@
   downloaded during the epoch), divided by the same loader on the local folder.
 * ``validate_seconds_*`` (``--remote`` too): the time to check an existing 4-unit cache against its
   moved raw source (``tristage train``'s start-up check: manifest, source listing, unit identities),
-  for 4 x 64 and 4 x 1024 samples; ``validate_large_vs_small`` near 1 shows it does not grow with the
-  samples (a unit's identity reads at most 2 MiB of it).
+  for 4 x 512 and 4 x 2048 samples; ``validate_large_vs_small`` near 1 shows it does not grow with
+  the samples (a unit's identity reads at most 2 MiB of it).
 
 Everything is synthetic, in a temp dir, on CPU.  The last line printed is the JSON result.
 """
@@ -458,15 +458,16 @@ def remote_main(args: argparse.Namespace) -> dict:
             f"(local loader {result['local_loader_mb_per_s']:.0f} MB/s, bare S3 download "
             f"{result['s3_download_mb_per_s']:.0f} MB/s)"
         )
-        # 4 x 1024 samples: tars past the 2 MiB the identity digest reads of a file (storage.DIGEST_SPAN)
-        small = validate_seconds(root / "v64", 64, args.repeats)
-        large = validate_seconds(root / "v1024", 1024, args.repeats)
+        # Both past 2 MiB per tar (512 samples of 64 px: ~2.3 MB), what a unit's identity reads at most
+        # (storage.DIGEST_SPAN at each end): the check must cost the same for 4x the samples.
+        small = validate_seconds(root / "v512", 512, args.repeats)
+        large = validate_seconds(root / "v2048", 2048, args.repeats)
         result.update(
-            validate_seconds_4x64=small, validate_seconds_4x1024=large, validate_large_vs_small=large / small
+            validate_seconds_4x512=small, validate_seconds_4x2048=large, validate_large_vs_small=large / small
         )
         print(
-            f"validate a moved 4-unit cache: {small * 1e3:.1f} ms (4 x 64 samples), "
-            f"{large * 1e3:.1f} ms (4 x 1024)"
+            f"validate a moved 4-unit cache: {small * 1e3:.1f} ms (4 x 512 samples), "
+            f"{large * 1e3:.1f} ms (4 x 2048)"
         )
     print(json.dumps(result), flush=True)
     return result
