@@ -88,11 +88,7 @@ def overrides(raw: str, cache_dir: str, run_dir: str, *extra: str) -> list[str]:
 
 
 def cli(*args: str, env: dict | None = None):
-    import time
-
-    t = time.time()
     done = run_cli(*args, env=env or one_thread_env())
-    print("TIMING", args[0], time.time() - t, flush=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
