@@ -262,3 +262,21 @@ def test_previous_format_with_a_changed_raw_file_is_one_line_then_rebuild(world,
     manifest = cache(str(raw), cache_dir, rebuild=True)
     assert {n for n in rewritten(before, cache_dir) if n.endswith(".tar")} == {"features-00003.tar"}
     assert manifest["samples"] == UNITS * PER_UNIT
+
+
+def test_pipe_units_are_known_by_their_command(world, caplog):
+    """webdataset's ``pipe:`` sources (braces expanded): one unit per command, named by it; the trainer
+    takes them as recorded (a command's output is not looked at before it is read)."""
+    caplog.set_level(logging.WARNING)
+    raw = world / "raw"
+    command = f"pipe:cat {raw}/imagenet-{{00000..{UNITS - 1:05d}}}.tar"
+    cfg = load_config(
+        STAGE1,
+        [*overrides(str(raw), world / "piped", world / "run"), f"data.source.paths=[{command!r}]"],
+    )
+    manifest = cache_stage(cfg, Accelerator())
+    assert manifest["samples"] == UNITS * PER_UNIT
+    assert [s["unit"] for s in manifest["shards"]] == [
+        f"pipe:cat {raw}/imagenet-{i:05d}.tar" for i in range(UNITS)
+    ]
+    assert len(FeatureLoader(world / "piped", spec(), data=cfg.data).shards) == UNITS

@@ -219,7 +219,9 @@ def test_every_error_class_derives_from_the_one_base():
             strays += [
                 f"{name}.{cls.__name__}"
                 for cls in vars(module).values()
-                if inspect.isclass(cls) and cls.__module__ == name and cls.__name__.endswith("Error")
+                if inspect.isclass(cls)
+                and cls.__module__ == name
+                and cls.__name__.endswith("Error")
                 and not issubclass(cls, TristageError)
             ]
     assert strays == []
