@@ -30,8 +30,6 @@ T = TypeVar("T")
 DIGEST_SPAN = 1 << 20  # bytes hashed at each end of a file for its content identity
 
 
-
-
 def is_remote(path: str) -> bool:
     """A URL that fsspec opens (``s3://b/k``, ``gs://b/k``), not a local path."""
     return "://" in str(path) and not str(path).startswith("file://")
@@ -165,6 +163,17 @@ def names(folder: str, pattern: str) -> list[str]:
         return sorted(p.name for p in Path(folder).glob(pattern))
     fs, p = _filesystem(join(folder, pattern))
     return sorted(basename(m) for m in fs.glob(p))
+
+
+@_remote
+def files(folder: str) -> list[str]:
+    """The files directly in ``folder`` (not its sub-folders), as full paths or URLs."""
+    if not is_remote(folder):
+        return sorted(str(p) for p in Path(folder).iterdir() if p.is_file())
+    fs, p = _filesystem(folder)
+    if not fs.exists(p):
+        return []
+    return sorted(fs.unstrip_protocol(e["name"]) for e in fs.ls(p, detail=True) if e["type"] == "file")
 
 
 @_remote

@@ -73,9 +73,9 @@ class Checkpointer:
     # -- resume ----------------------------------------------------------------------------------
     def find(self) -> Path | None:
         """The checkpoint to resume from per ``resume`` (read once and kept for :meth:`load`), or None."""
-        if self.mirror is not None and self.cfg.resume != "none":
+        if self.mirror is not None:  # the local folder made a copy of the object store's run
             if self.accelerator.is_local_main_process:
-                self.mirror.pull_latest(self.root)  # a fresh node: the newest checkpoint of the object store
+                self.mirror.sync_down(resume=self.cfg.resume != "none")
             self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             ckpt.cleanup(self.root)  # temp folders of saves a crash cut short (no save is in flight yet)

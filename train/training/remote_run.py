@@ -6,9 +6,11 @@ The trainer works in a local folder (``TMPDIR/tristage-runs/<hash of the URL>``)
 The mirror then uploads each committed checkpoint to ``run.dir/checkpoints/step_N/``, every file
 first and ``COMPLETE`` last -- an object store has no rename, so a remote checkpoint counts only once
 its marker object exists -- and deletes the remote ones that rotation dropped locally.  At start-up
-the newest remote checkpoint with its marker is downloaded when the local folder lacks it (another
-machine, a requeued job on a fresh node); it is then verified like any local one.  ``final/``, the
-metrics and the resolved config are uploaded when the run finishes.
+the local folder is made to hold what the object store holds: files and checkpoints the store lacks
+(an earlier run's under the same URL) are deleted, its metrics and config are fetched, and its
+newest checkpoint with its marker is downloaded when the local folder lacks it (another machine, a
+requeued job on a fresh node); it is then verified like any local one.  ``final/``, the metrics and
+the resolved config are uploaded when the run finishes.
 
 The upload runs on the main process after the commit; the processes of other nodes write their
 RNG files into their own working folder, so a multi-node run keeps that folder on a filesystem the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -60,15 +63,21 @@ class RunMirror:
         names = [storage.basename(storage.parent(m)) for m in found]
         return sorted((n for n in names if STEP.fullmatch(n)), key=lambda n: int(n[5:]), reverse=True)
 
-    def pull_latest(self, root: Path) -> None:
-        """Download the newest remote checkpoint into ``root`` unless a local one is as new."""
+    def sync_down(self, resume: bool) -> None:
+        """Make the local working folder hold what the object store holds: drop what it does not have
+        (an earlier run's files under the same URL), fetch its top-level files (``metrics.jsonl`` goes
+        on where it left off) and, for a resume, its newest checkpoint unless already here."""
         remote = self.remote_steps()
-        local = [p.name for p in root.glob("step_*") if (p / ckpt.MARKER).is_file()]
-        if not remote or max([int(n[5:]) for n in local], default=-1) >= int(remote[0][5:]):
-            return
-        root.mkdir(parents=True, exist_ok=True)
-        storage.download_tree(storage.join(self.remote_root, remote[0]), root / remote[0])
-        log.warning("downloaded checkpoint %s from %s", remote[0], self.remote_root)
+        root = self.local / "checkpoints"
+        for path in [*self.local.iterdir(), *(root.iterdir() if root.is_dir() else [])]:
+            if path != root and not (path.parent == root and path.name in remote):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        for url in storage.files(self.url):
+            storage.download(url, self.local / storage.basename(url))
+        if resume and remote and not (root / remote[0] / ckpt.MARKER).is_file():
+            root.mkdir(parents=True, exist_ok=True)
+            storage.download_tree(storage.join(self.remote_root, remote[0]), root / remote[0])
+            log.warning("downloaded checkpoint %s from %s", remote[0], self.remote_root)
 
     def push_checkpoint(self, step_dir: Path, kept: list[Path]) -> None:
         """Upload a committed checkpoint (marker last), then delete remote ones not in ``kept``."""
