@@ -213,3 +213,22 @@ def test_credentials_from_the_aws_files_and_one_line_naming_the_bucket(s3, local
             f"provided does not exist in our records.); {hint}"
         ],
     )
+
+
+def test_two_processes_train_from_s3_and_warn_once_for_a_removed_unit(s3, local, tmp_path):
+    """A local cache uploaded as it is, its source on s3:// less one tar: two processes read the remote
+    shards through their own read-ahead copies, one warning names the removed unit, both train."""
+    for name in ["synsets.txt", *(f"imagenet-{i:05d}.tar" for i in range(UNITS) if i != 2)]:
+        s3.fs.copy(f"{BUCKET}/raw/{name}", f"{BUCKET}/less/{name}")
+    s3.fs.put(f"{local.root / 'cache'}/", f"{BUCKET}/shared/", recursive=True)
+    args = overrides(
+        f"{s3.url}/less", f"{s3.url}/shared", str(tmp_path / "run"), "data.batch_size=2", "train.max_steps=2"
+    )
+    done = finish(
+        start_2proc("train", str(STAGE1), *args, f"data.remote_cache_dir={tmp_path / 'copies'}"), 600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = f"{s3.url}/shared/manifest.json: 1 cached unit is no longer in the source; training on the other 3"
+    assert done.stderr.count(line) == 1
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
