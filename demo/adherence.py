@@ -38,7 +38,7 @@ from PIL import Image
 
 from tristage.demo import synthetic
 from tristage.train.inference.grid import grid
-from tristage.train.inference.pipelines import load_exported
+from tristage.train.models.pipelines import load_exported
 
 FOREGROUND_DISTANCE = 60.0  # RGB units from the background: about half the closest palette/background pair
 MIN_OBJECT = 0.005  # share of the image a component needs to count as an object (smaller: a speck)

@@ -110,7 +110,7 @@ def test_pixart_export_with_a_null_buffer_samples_with_it(exports, tmp_path):
     import torch
 
     from tristage.train.inference.sample import load_pipeline
-    from tristage.train.training.null_caption import save_buffer
+    from tristage.train.models.null_caption import save_buffer
 
     export = tmp_path / "export"
     shutil.copytree(exports["pixart"], export)

@@ -599,7 +599,7 @@ def test_trainer_keeps_the_buffer_through_resume_final_and_export(stage2, tmp_pa
     from tristage.train.conversion.init_from import load_initial_weights
     from tristage.train.families import family_of
     from tristage.train.inference.export import export
-    from tristage.train.training.null_caption import BUFFER_FILE, load_buffer
+    from tristage.train.models.null_caption import BUFFER_FILE, load_buffer
     from tristage.train.training.trainer import Trainer
 
     cfg = copy.deepcopy(stage2[0])

@@ -147,7 +147,7 @@ def pipeline_constructions(path: Path) -> list[str]:
 
 
 def test_export_and_validation_share_one_pipeline_builder():
-    """Only ``train/inference/pipelines.py`` builds a pipeline from parts: export and validation both
+    """Only ``train/models/pipelines.py`` builds a pipeline from parts: export and validation both
     take it from the family's spec, so a grid shows the model a user loads."""
     from tristage.train.families import FAMILIES
 
@@ -157,8 +157,8 @@ def test_export_and_validation_share_one_pipeline_builder():
         for p in (ROOT / folder).rglob("*.py")
         for hit in pipeline_constructions(p)
     ]
-    assert found and {hit.split(":")[0] for hit in found} == {"train/inference/pipelines.py"}
-    assert {spec.pipeline.__module__ for spec in FAMILIES.values()} == {"tristage.train.inference.pipelines"}
+    assert found and {hit.split(":")[0] for hit in found} == {"train/models/pipelines.py"}
+    assert {spec.pipeline.__module__ for spec in FAMILIES.values()} == {"tristage.train.models.pipelines"}
 
 
 MAX_FUNCTION_LINES = 40  # issue 16: "no function runs past ~40 lines"

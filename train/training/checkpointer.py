@@ -34,8 +34,9 @@ from accelerate import Accelerator
 from tristage.data.features import FeatureLoader
 from tristage.data.fingerprint import tristage_version
 from tristage.train.config import Config, save_config, to_yaml
+from tristage.train.models import null_caption
 from tristage.train.training import checkpoint_files as ckpt
-from tristage.train.training import dcp, null_caption
+from tristage.train.training import dcp
 from tristage.train.training.ema import EMA
 from tristage.train.training.fsdp import is_sharded_setting
 from tristage.train.training.nonfinite import DeviceGuard, SyncGuard

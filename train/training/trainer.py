@@ -43,8 +43,9 @@ from tristage.train.config import Config, check_train_options, save_config
 from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.diffusion.objective import Objective
 from tristage.train.families import family_of, feature_encoders
+from tristage.train.models import null_caption
 from tristage.train.models.speed import build_for_training
-from tristage.train.training import fsdp, null_caption, tracking, validation
+from tristage.train.training import fsdp, tracking, validation
 from tristage.train.training.checkpointer import Checkpointer, Saved
 from tristage.train.training.ema import EMA
 from tristage.train.training.lr_schedules import lr_lambda
