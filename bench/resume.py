@@ -22,49 +22,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-STEPS = 24  # optimizer steps of the benchmark stage
-EVERY = 2  # checkpoint interval
-
-
-def write_setup(root: Path) -> Path:
-    """A tiny stage-1 world: raw shards, a tiny random VAE, the cache, and a config file."""
-    from accelerate import Accelerator
-    from diffusers import AutoencoderKL
-
-    from tristage.demo import synthetic
-    from tristage.demo.run import CONFIGS
-    from tristage.train.config import load_config, save_config
-    from tristage.train.families import cache_stage
-
-    raw = synthetic.write_stage1(root / "raw", n=18 * 12, per_shard=72)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8,
-        latent_channels=4,
-    )
-    vae.save_pretrained(root / "vae")
-    overrides = [
-        f"run.dir={root / 'ref'}",
-        f"data.cache_dir={root / 'cache'}",
-        f"data.source.paths=[{raw}/imagenet-*.tar]",
-        f"data.source.synsets={raw / 'synsets.txt'}",
-        f"encoders.vae={root / 'vae'}",
-        "model.size=tiny",
-        "model.sample_size=8",  # 64 px / this VAE's factor 8
-        "data.batch_size=8",
-        "data.shuffle_buffer=32",
-        f"train.max_steps={STEPS}",
-        "train.log_every=4",
-        f"checkpoint.every={EVERY}",
-        "checkpoint.keep_last=2",
-        "tracking.mode=disabled",
-    ]
-    cfg = load_config(CONFIGS / "stage1.yaml", overrides)
-    cache_stage(cfg, Accelerator(cpu=True))
-    save_config(cfg, root / "stage.yaml")
-    return root / "stage.yaml"
+from tristage.demo.tiny_run import EVERY, STEPS, write_tiny_stage1
 
 
 def train_cmd(config: Path, run_dir: Path) -> list[str]:
@@ -137,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
-        config = write_setup(root)
+        config = write_tiny_stage1(root)
         run_to_end(config, root / "ref")
         reference = fingerprint_weights(root / "ref")
         rng = random.Random(args.seed)

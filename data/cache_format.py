@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import xxhash
 
+from tristage.errors import CacheError
+
 MANIFEST = "manifest.json"
 NULL_CAPTION = "null_caption.safetensors"
 SKIPPED = "skipped.json"
@@ -48,10 +50,6 @@ _ST_DTYPES = {
     "I64": torch.int64,
     "F8_E4M3": torch.float8_e4m3fn,
 }
-
-
-class CacheError(ValueError):
-    """A feature cache that cannot be used; the message names the file or shard."""
 
 
 def shard_name(index: int) -> str:

@@ -38,15 +38,12 @@ import torch
 from tristage.data.cache import _atomic_write, _fsync, open_rgb, own_units
 from tristage.data.config import CaptionConfig, SourceConfig
 from tristage.data.sources import Skips, Unit, open_source
+from tristage.errors import CaptionError
 
 SETTINGS = "settings.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 log = logging.getLogger(__name__)
-
-
-class CaptionError(ValueError):
-    """A caption pass that cannot run as configured; the message names the key or file."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -11,10 +11,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-
-class ConfigError(ValueError):
-    """A bad configuration; the message is one line naming the file and the key."""
-
+from tristage.errors import ConfigError
 
 NULL_CAPTIONS = ("t5_empty", "buffer")  # data.null_caption (train/training/null_caption.py)
 ON_DAMAGED = ("stop", "skip")  # data.on_damaged (data/features.py FeatureLoader._intact_rows)

@@ -24,6 +24,7 @@ from pathlib import Path
 import webdataset as wds
 
 from tristage.data.config import SourceConfig
+from tristage.errors import SourceError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -67,10 +68,6 @@ class Unit:
 
     index: int
     name: str  # the tar path, or "<folder>[start:end]"
-
-
-class SourceError(ValueError):
-    """A source that cannot be read at all (missing files, bad metadata); names the path."""
 
 
 def expand(patterns: list[str]) -> list[str]:

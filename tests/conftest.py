@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tristage.bench import resume as bench_resume
+from tristage.train.training.checkpoint_files import MARKER, STEP_NAME
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -56,9 +56,20 @@ def launch_2proc(*args: str) -> list[str]:
     return [*launch, *tristage(*args)]
 
 
+def one_thread_env(**extra: str) -> dict[str, str]:
+    """A launched process's environment: one thread (the same numerics in every process), offline."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
 def env_2proc(**extra: str) -> dict[str, str]:
     """The launched processes' environment: one thread each, offline, CPU."""
-    return {**bench_resume.env(), "ACCELERATE_USE_CPU": "true", **extra}
+    return one_thread_env(ACCELERATE_USE_CPU="true", **extra)
+
+
+def newest_step(run_dir: Path) -> int:
+    """The newest checkpoint step whose marker is written (-1: none), read while a run may rotate them."""
+    names = [p.name for p in (run_dir / "checkpoints").glob("step_*") if (p / MARKER).exists()]
+    return max((int(n.split("_")[1]) for n in names if STEP_NAME.fullmatch(n)), default=-1)
 
 
 def start_2proc(*args: str, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
@@ -135,3 +146,11 @@ def one_thread():
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test in ``tests/integration/`` starts processes, so it is ``slow``: the quick command
+    ``./test.sh -m "not slow"`` runs ``tests/unit/`` only (less the unit tests marked slow themselves)."""
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.slow)

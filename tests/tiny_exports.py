@@ -12,7 +12,7 @@ from tristage.train.inference.export import export
 from tristage.train.models.dit import build_dit
 from tristage.train.models.sizes import SIZES
 
-from .test_pixart_interop import ROOT, SAMPLE, SCALE, finish_run, perturb, tiny_pixart
+from .unit.test_pixart_interop import ROOT, SAMPLE, SCALE, finish_run, perturb, tiny_pixart
 
 CLASSES = "n001 red circle\nn002 blue square, cube\nn003 green triangle\n"
 

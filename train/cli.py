@@ -1,7 +1,8 @@
 """``tristage`` command line: caption, cache, train, export, convert, sample, eval, app, demo.
 
-Bad input (config keys, paths, caches, checkpoints) ends with one line on
-stderr naming the file or key, and exit code 2 -- no traceback.
+Bad input (config keys, paths, caches, checkpoints) ends with one line on stderr naming the file or
+key, and exit code 2 -- no traceback: every such error is a ``tristage.errors.TristageError``.  Any
+other exception is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -11,31 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-
-def user_errors() -> tuple[type[Exception], ...]:
-    """The exceptions that mean bad input (one line, exit 2).  Imported only once a command runs, so that
-    ``tristage --help`` never loads torch or diffusers (the modules defining them do)."""
-    from tristage.data.caption import CaptionError
-    from tristage.data.features import CacheError
-    from tristage.data.sources import SourceError
-    from tristage.train.config import ConfigError
-    from tristage.train.inference.app import AppError
-    from tristage.train.inference.evaluate import EvalError
-    from tristage.train.inference.sample import SampleError
-    from tristage.train.training.checkpoint import CheckpointError
-
-    return (
-        ConfigError,
-        CaptionError,
-        CacheError,
-        SourceError,
-        CheckpointError,
-        SampleError,
-        EvalError,
-        AppError,
-        FileNotFoundError,
-        KeyError,
-    )
+from tristage.errors import TristageError
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
@@ -65,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from tristage.train.config import check_train_options, check_train_paths, load_config
-    from tristage.train.training.checkpoint import complete_checkpoints
+    from tristage.train.training.checkpoint_files import complete_checkpoints
     from tristage.train.training.trainer import run_train
 
     cfg = load_config(args.config, args.overrides)
@@ -229,9 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except user_errors() as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"tristage {args.command}: error: {message}", file=sys.stderr)
+    except TristageError as err:  # the user's input or environment: one line; anything else is a bug
+        print(f"tristage {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -18,8 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tristage.data.config import CaptionConfig, ConfigError, DataConfig, EncoderConfig, check_choice
 from tristage.train.diffusion.objective import ObjectiveConfig
+from tristage.train.training.fsdp import PARALLELISMS, is_sharded_setting
 from tristage.train.training.lr_schedules import LR_SCHEDULES
-from tristage.train.training.sharding import PARALLELISMS, is_sharded_setting
 
 
 @dataclass
@@ -72,7 +72,7 @@ class TrainConfig:
     nonfinite_check: str = "step"  # NaN guard: "step" (host sync per step) or "log" (sync-free; nonfinite.py)
     compile: bool = False  # torch.compile each transformer block (slow first steps, faster after)
     allow_tf32: bool = True  # TF32 matmuls and convolutions on CUDA (Ampere and newer)
-    parallelism: str = "ddp"  # ddp | fsdp (weights, grads, AdamW, EMA sharded) | fsdp_grad_op (sharding.py)
+    parallelism: str = "ddp"  # ddp | fsdp (weights, grads, AdamW, EMA sharded) | fsdp_grad_op (fsdp.py)
 
     def __post_init__(self) -> None:
         # YAML reads an unquoted `no` (accelerate's word, e.g. `train.mixed_precision=no`) as false, and

@@ -4,7 +4,8 @@ Python's ``site`` module imports ``sitecustomize`` at interpreter start-up from 
 ``sys.path`` that has one; the tests put this folder on ``PYTHONPATH`` of the processes they launch
 and say what to inject in ``TRISTAGE_TEST_FAULT``, e.g. ``rank=1,delay_start=3`` (that rank's
 tracker start-up takes 3 s longer) or ``rank=1,fail_save_step=4`` (that rank's checkpoint files
-cannot be written at step 4: ENOSPC).  The real functions run otherwise; the launcher process (no
+cannot be written at step 4: ENOSPC) or ``rank=0,key_error_step=2`` (a bug: a ``KeyError``
+inside step 2).  The real functions run otherwise; the launcher process (no
 ``RANK``) and the other ranks are untouched.
 """
 
@@ -32,21 +33,37 @@ def _delay_start(seconds: float) -> None:
 
 
 def _fail_save(step: int) -> None:
-    from tristage.train.training import checkpoint
+    from tristage.train.training import checkpoint_files
 
-    real = checkpoint.write_rank_files
+    real = checkpoint_files.write_rank_files
 
     def failing(tmp, rank):
         if tmp.name.endswith(f"step_{step:07d}"):
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(tmp))
         return real(tmp, rank)
 
-    checkpoint.write_rank_files = failing
+    checkpoint_files.write_rank_files = failing
+
+
+def _bug_in_step(step: int) -> None:
+    """An internal bug: a ``KeyError`` raised inside the trainer's step ``step`` (1-based)."""
+    from tristage.train.training.trainer import Trainer
+
+    real = Trainer._step
+
+    def buggy(self, *args, **kwargs):
+        if self.state.step + 1 == step:
+            raise KeyError("injected bug")
+        return real(self, *args, **kwargs)
+
+    Trainer._step = buggy
 
 
 _fault = _parse(os.environ.get("TRISTAGE_TEST_FAULT", ""))
-if _fault and os.environ.get("RANK") == _fault["rank"]:
+if _fault and os.environ.get("RANK", "0") == _fault["rank"]:  # a plain (1-process) run is rank 0
     if "delay_start" in _fault:
         _delay_start(float(_fault["delay_start"]))
     if "fail_save_step" in _fault:
         _fail_save(int(_fault["fail_save_step"]))
+    if "key_error_step" in _fault:
+        _bug_in_step(int(_fault["key_error_step"]))

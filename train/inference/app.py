@@ -17,6 +17,8 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tristage.errors import AppError
+
 # Styles: (prompt template, negative prompt).  The README's style table lists the same entries.
 STYLES: dict[str, tuple[str, str]] = {
     "No style": ("{prompt}", ""),
@@ -61,10 +63,6 @@ STYLES: dict[str, tuple[str, str]] = {
     ),
 }
 MAX_IMAGES, MAX_STEPS, MAX_GUIDANCE = 8, 100, 20.0
-
-
-class AppError(ValueError):
-    """Bad input from the page; shown to the user as a message."""
 
 
 @dataclass

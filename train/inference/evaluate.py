@@ -26,11 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tristage.errors import EvalError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-class EvalError(ValueError):
-    """Bad evaluation input (missing reference, too few images, no extractor); one line for the user."""
 
 
 # -- images ---------------------------------------------------------------------------------------
@@ -274,7 +272,7 @@ def adherence(export_dir: Path, per_prompt: int, seed: int = 0) -> dict:
 
     index = export_dir / "model_index.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{export_dir}: not a pipeline folder (model_index.json missing)")
+        raise EvalError(f"{export_dir}: not a pipeline folder (model_index.json missing)")
     if json.loads(index.read_text())["_class_name"] == "DiTPipeline":
         report, _ = demo_adherence.stage1_adherence(export_dir, per_prompt, seed)
     else:

@@ -28,6 +28,7 @@ from diffusers import AutoencoderKL
 
 from tristage.data.cache_format import MANIFEST
 from tristage.data.sources import class_names
+from tristage.errors import CheckpointError
 from tristage.train.config import Config, load_config
 from tristage.train.conversion.init_from import model_folder, source_class
 from tristage.train.families import Family, family_of
@@ -62,7 +63,7 @@ def export(run_dir: str | Path, out: str | Path) -> Path:
     """Write the pipeline folder for the finished run in ``run_dir`` (its ``final/``)."""
     final = Path(run_dir) / "final"
     if not (final / "config.yaml").is_file():
-        raise FileNotFoundError(f"{final}: no finished stage here (final/config.yaml missing)")
+        raise CheckpointError(f"{final}: no finished stage here (final/config.yaml missing)")
     cfg = load_config(final / "config.yaml")
     folder, family = model_folder(final), family_of(cfg.model.family)
     source_class(folder)  # a final/ without its model: the one-line "holds no model" error

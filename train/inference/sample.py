@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tristage.errors import SampleError
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
@@ -19,10 +21,6 @@ SAMPLERS = {
     "iddpm": "DDPMScheduler",
 }
 TRAINING_SIZE = "training.json"  # written into an export by train/inference/export.py: the trained size
-
-
-class SampleError(ValueError):
-    """Bad sampling input (no prompt, unknown class label, bad number); one line for the user."""
 
 
 # The export's DPM-Solver++ config carries algorithm_type="dpmsolver++", which SA-Solver rejects; it takes
@@ -62,7 +60,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_pipeline(export_dir: str, sampler: str = "dpm-solver++") -> DiffusionPipeline:
     if not (Path(export_dir) / "model_index.json").is_file():
-        raise FileNotFoundError(f"{export_dir}: not a pipeline folder (model_index.json missing)")
+        raise SampleError(f"{export_dir}: not a pipeline folder (model_index.json missing)")
     from tristage.train.inference.pipelines import load_exported
 
     quiet_loading()

@@ -5,7 +5,7 @@ guard's count and the train state (step, samples seen, tracker run id).  The Tra
 :meth:`Checkpointer.find` before accelerate's ``prepare`` (a resume makes ``init_from`` moot),
 :meth:`~Checkpointer.load` after it, :meth:`~Checkpointer.save` at step boundaries and
 :meth:`~Checkpointer.write_final` at the end.  The rules for files -- temp dir, fsync, rename,
-``COMPLETE`` written last, rotation, "latest" -- live in ``checkpoint.py``.
+``COMPLETE`` written last, rotation, "latest" -- live in ``checkpoint_files.py``.
 
 A resume reads each file once per rank: :meth:`find` reads (and so verifies) the checkpoint it picks
 and :meth:`load` restores from those same tensors.
@@ -17,7 +17,7 @@ all skip the save (``checkpoint.on_error: continue``) or all raise a one-line :c
 naming the failing ranks, and no rank is left waiting alone at a barrier.
 
 Under ``train.parallelism: fsdp | fsdp_grad_op`` the weights, AdamW state and EMA go to a
-torch.distributed.checkpoint folder instead (``sharded.py``): each rank writes its own shards, in a
+torch.distributed.checkpoint folder instead (``dcp.py``): each rank writes its own shards, in a
 second collective phase entered only once every rank's other files are written.
 """
 
@@ -34,11 +34,11 @@ from accelerate import Accelerator
 from tristage.data.features import FeatureLoader
 from tristage.data.fingerprint import tristage_version
 from tristage.train.config import Config, save_config, to_yaml
-from tristage.train.training import checkpoint as ckpt
-from tristage.train.training import null_caption, sharded
+from tristage.train.training import checkpoint_files as ckpt
+from tristage.train.training import dcp, null_caption
 from tristage.train.training.ema import EMA
+from tristage.train.training.fsdp import is_sharded_setting
 from tristage.train.training.nonfinite import DeviceGuard, SyncGuard
-from tristage.train.training.sharding import is_sharded_setting
 from tristage.train.training.validation import whole_ema_model
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class Checkpointer:
         self.state = contents.state
         model = self.accelerator.unwrap_model(saved.model)
         if contents.model is None:  # sharded: every rank reads its part, re-sharded to this layout
-            sharded.load(path, model, saved.optimizer, saved.ema.state_dict())
+            dcp.load(path, model, saved.optimizer, saved.ema.state_dict())
         else:
             model.load_state_dict(contents.model)
             saved.ema.load_state_dict(contents.ema)
@@ -156,7 +156,7 @@ class Checkpointer:
     def _write_shards(self, tmp: Path) -> None:
         """Every rank its shards of weights, AdamW state and EMA (``sharded/``; no rank gathers them)."""
         model = self.accelerator.unwrap_model(self.saved.model)
-        sharded.save(tmp, model, self.saved.optimizer, self.saved.ema.state_dict())
+        dcp.save(tmp, model, self.saved.optimizer, self.saved.ema.state_dict())
 
     def _commit(self, tmp: Path, final: Path) -> None:
         ckpt.commit(tmp, final)

@@ -44,7 +44,7 @@ from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.diffusion.objective import Objective
 from tristage.train.families import family_of, feature_encoders
 from tristage.train.models.speed import build_for_training
-from tristage.train.training import null_caption, sharding, tracking, validation
+from tristage.train.training import fsdp, null_caption, tracking, validation
 from tristage.train.training.checkpointer import Checkpointer, Saved
 from tristage.train.training.ema import EMA
 from tristage.train.training.lr_schedules import lr_lambda
@@ -212,7 +212,7 @@ class Trainer:
         and let accelerate wrap only the optimizer (README "Scale and speed")."""
         device, bf16 = self.accelerator.device, self.cfg.train.mixed_precision == "bf16"
         self.model.to(device)
-        self.sharded = sharding.shard(self.model, self.cfg.train.parallelism, device, bf16)
+        self.sharded = fsdp.shard(self.model, self.cfg.train.parallelism, device, bf16)
         if not self.sharded:
             self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
             return
@@ -289,7 +289,7 @@ class Trainer:
         params, clip = list(self.model.parameters()), self.cfg.optim.grad_clip
         clip = math.inf if clip is None else clip
         if self.sharded:
-            return sharding.clip_grad_norm(params, clip)
+            return fsdp.clip_grad_norm(params, clip)
         return self.accelerator.clip_grad_norm_(params, clip)
 
     def _update(self, gate: torch.Tensor | None) -> None:

@@ -22,7 +22,7 @@ from tristage.train.config import Config
 from tristage.train.families import Family, family_of
 from tristage.train.inference.grid import grid
 from tristage.train.inference.pipelines import scheduler_for
-from tristage.train.training import sharding
+from tristage.train.training import fsdp
 
 
 @dataclass
@@ -161,15 +161,15 @@ def whole_ema_model(model: torch.nn.Module, ema, is_main: bool, device: torch.de
     part in gathering the EMA, one tensor at a time, into a plain copy on the main process (built from
     the model's config), so sampling and ``save_pretrained`` see ordinary tensors and no rank waits on
     a collective the others never enter."""
-    if not sharding.is_sharded(model):
+    if not fsdp.is_sharded(model):
         if not is_main:
             yield None
             return
         with ema_weights(model, ema):
             yield model
         return
-    weights = sharding.gather_full(ema.state_dict(), is_main)
-    yield sharding.whole_copy(model, weights).to(device).eval() if is_main else None
+    weights = fsdp.gather_full(ema.state_dict(), is_main)
+    yield fsdp.whole_copy(model, weights).to(device).eval() if is_main else None
 
 
 def _cuda_devices(model: torch.nn.Module) -> list[int]:

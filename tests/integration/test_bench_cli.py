@@ -1,0 +1,42 @@
+"""The benchmark CLIs' contract: the last stdout line is one JSON object with the named figures."""
+
+from __future__ import annotations
+
+import json
+
+from ..conftest import run_cli
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_bench_cache_prints_the_three_figures():
+    args = "--shards 2 --per-shard 8 --batch 4 --images 4 --encode-batch 2 --repeats 1".split()
+    result = run_cli("bench", "cache", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = last_json(result.stdout)
+    assert figures["loader_vs_raw_read"] > 0 and figures["extract_vs_bare"] > 0
+    # fp8 T5 rows (80 x 4096 + per-token scales) plus 256 px moments and the tar/metadata overhead
+    assert 80 * 4096 < figures["bytes_per_sample_256"] < 350_000
+    assert figures["bytes_per_sample_256_bf16"] > 2 * 80 * 4096
+
+
+def test_bench_train_prints_overhead_and_throughput():
+    args = "--steps 4 --repeats 1 --resolution 64 --window 2 --batch 2 --grad-accum 2".split()
+    result = run_cli("bench", "train", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = last_json(result.stdout)
+    assert figures["img_per_s"] > 0 and figures["bare_img_per_s"] > 0
+    assert "overhead_vs_bare" in figures and figures["steps"] == 4 and figures["grad_accum"] == 2
+
+
+def test_bench_caption_prints_the_ratio(capsys):
+    from tristage.bench import caption
+
+    args = "--images 4 --per-unit 2 --image-px 64 --batch 2 --max-new-tokens 4 --width 64 --layers 1"
+    caption.main([*args.split(), "--repeats", "1", "--image-side", "32"])
+    figures = last_json(capsys.readouterr().out)
+    assert figures["captions"] == 4 and figures["new_tokens_per_caption"] <= 4
+    assert figures["captions_per_s"] > 0 and figures["bare_captions_per_s"] > 0
+    assert figures["caption_vs_bare"] > 0 and figures["clock"] == "process_cpu"
