@@ -142,6 +142,28 @@ def test_paths_named_in_the_docs_exist():
     assert REPO_PATH.fullmatch("train/training/fsdp.py") and not REPO_PATH.fullmatch("configs/<stage>.yaml")
 
 
+NOT_KEYS = {"model.generate"}  # transformers' method, named in the captioning pages
+
+
+def test_config_keys_named_in_the_docs_exist():
+    """Every ``section.key`` (or ``section.key=value`` / ``section.key: value``) in a code span of the README
+    or a hand-written page is a key, or a group of keys, of the typed config."""
+    sections = gen_config_docs().sections()
+    keys = {row.key for section in sections for row in section.keys}
+    groups = {".".join(k.split(".")[:i]) for k in keys for i in range(1, k.count(".") + 1)}
+    names = "|".join(s.name for s in sections if s.name)
+    key_span = re.compile(rf"((?:{names})\.[a-z_][a-z0-9_.]*)(?:\s*[:=].*)?")
+    unknown = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for span in re.findall(r"`([^`\n]+)`", page.read_text()):
+            match = key_span.fullmatch(span)
+            key = match.group(1) if match else None
+            if key and key not in keys | groups | NOT_KEYS and not re.search(r"\.(py|yaml|sbatch)$", key):
+                unknown.append(f"{page.name}: {span}")
+    assert unknown == []
+    assert key_span.fullmatch("train.grad_accum: 2") and "data.source" in groups
+
+
 def test_docs_style_table_is_the_apps():
     page = (ROOT / "docs" / "inference.md").read_text()
     table = page[page.index("| Style |") :].strip().splitlines()[2:]
