@@ -112,7 +112,8 @@ def test_training_choices_are_the_ones_the_components_know():
     from tristage.train.training.lr_schedules import FACTORS
 
     assert tuple(FACTORS) == LR_SCHEDULES
-    assert tuple(RESHARD_AFTER_FORWARD) == SHARDED_PARALLELISMS and set(SHARDED_PARALLELISMS) < set(PARALLELISMS)
+    assert tuple(RESHARD_AFTER_FORWARD) == SHARDED_PARALLELISMS
+    assert set(SHARDED_PARALLELISMS) < set(PARALLELISMS)
 
 
 def test_unknown_key_in_yaml(tmp_path):
