@@ -1,5 +1,5 @@
 """Export a finished stage to a diffusers pipeline folder, built by its family's pipeline builder
-(``train/inference/pipelines.py``, the one validation samples with):
+(``train/models/pipelines.py``, the one validation samples with):
 
 * stage 1 (``ClassConditionalDiT``) -> ``DiTPipeline`` with ``id2label`` in
   ``model_index.json`` (``save_pretrained`` does not write it by itself);
@@ -32,9 +32,9 @@ from tristage.errors import CheckpointError
 from tristage.train.config import Config, load_config
 from tristage.train.conversion.init_from import model_folder, source_class
 from tristage.train.families import Family, family_of
-from tristage.train.inference.pipelines import scheduler_for
 from tristage.train.inference.sample import TRAINING_SIZE
-from tristage.train.training.null_caption import BUFFER_FILE
+from tristage.train.models.null_caption import BUFFER_FILE
+from tristage.train.models.pipelines import scheduler_for
 
 log = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 def load_pipeline(export_dir: str, sampler: str = "dpm-solver++") -> DiffusionPipeline:
     if not (Path(export_dir) / "model_index.json").is_file():
         raise SampleError(f"{export_dir}: not a pipeline folder (model_index.json missing)")
-    from tristage.train.inference.pipelines import load_exported
+    from tristage.train.models.pipelines import load_exported
 
     quiet_loading()
     pipe = load_exported(export_dir)
@@ -161,7 +161,7 @@ def buffer_null(pipe: DiffusionPipeline, export_dir: Path, prompt: str) -> dict:
     """An export trained with ``data.null_caption: buffer`` keeps its null beside ``model_index.json``:
     the prompt's T5 features, and as the negative the buffer under the prompt's own mask (how the model
     was trained and how PixArt-alpha samples). ``{}`` when there is none (the pipeline's T5("") is right)."""
-    from tristage.train.training.null_caption import load_buffer
+    from tristage.train.models.null_caption import load_buffer
 
     buffer = load_buffer(export_dir)
     if buffer is None:
