@@ -18,12 +18,12 @@ import pytest
 import xxhash
 from accelerate import Accelerator
 
+from tristage.cli import main as cli_main
 from tristage.data.cache_format import FORMAT
 from tristage.data.features import FeatureLoader
 from tristage.data.fingerprint import fingerprint
 from tristage.demo import synthetic
 from tristage.demo.encoders import demo_vae_path
-from tristage.train.cli import main as cli_main
 from tristage.train.config import load_config
 from tristage.train.families import cache_stage, feature_encoders
 
