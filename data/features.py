@@ -128,7 +128,7 @@ def open_manifest(cache_dir: str | Path, expected: dict[str, str] | None) -> dic
             )
     if not manifest["shards"] or manifest["samples"] == 0:
         raise CacheError(f"{path}: the cache lists no samples")
-    held = set(storage.names(str(cache_dir), "features-*.tar"))  # one listing, not a request per shard
+    held = set(storage.names(str(cache_dir), "*.tar"))  # one listing, not a request per shard
     for shard in manifest["shards"]:
         if shard["file"] not in held:
             raise CacheError(
@@ -142,7 +142,7 @@ def remote_shards(cache_dir: str, rank: int, data: DataConfig | None) -> ShardCa
     data = data or DataConfig(cache_dir=cache_dir)
     root = Path(data.remote_cache_dir or Path(tempfile.gettempdir()) / "tristage-remote-cache")
     folder = root / xxhash.xxh3_64_hexdigest(cache_dir.encode()) / f"rank{rank}"
-    return ShardCache(folder, int(data.remote_cache_gb * 2**30), storage.sizes(cache_dir, "features-*.tar"))
+    return ShardCache(folder, int(data.remote_cache_gb * 2**30), storage.sizes(cache_dir, "*.tar"))
 
 
 class FeatureLoader:

@@ -280,3 +280,25 @@ def test_pipe_units_are_known_by_their_command(world, caplog):
         f"pipe:cat {raw}/imagenet-{i:05d}.tar" for i in range(UNITS)
     ]
     assert len(FeatureLoader(world / "piped", spec(), data=cfg.data).shards) == UNITS
+
+
+def test_names_that_collide_across_roots_and_folder_kinds_on_urls_are_one_line(tmp_path):
+    from tristage.data.config import SourceConfig
+    from tristage.data.sources import SourceError, open_source
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.tar").write_bytes(b"")
+    paths = [f"{tmp_path}/a/*.tar", f"{tmp_path}/b/*.tar"]
+    with pytest.raises(SourceError) as err:
+        open_source(SourceConfig(kind="imagenet_wds", paths=paths))
+    assert str(err.value) == (
+        f"data.source.paths: {tmp_path}/a/x.tar and {tmp_path}/b/x.tar share the name 'x.tar' within their "
+        "roots; give the files distinct names"
+    )
+    with pytest.raises(SourceError) as err:
+        open_source(SourceConfig(kind="imagenet_folders", paths=["s3://bucket/train"]))
+    assert str(err.value) == (
+        "data.source.paths[0]: imagenet_folders reads local folders, not s3://bucket/train; on object "
+        "storage use webdataset tars (imagenet_wds, sam_llava, wds, aesthetic_wds)"
+    )
