@@ -49,14 +49,14 @@ def ours(cfg, captioner, accelerator) -> tuple[Clock, int]:
     """Clock and captions of the pass's per-unit loop + assembly, into a fresh output folder."""
     from tristage.data.caption import assemble, caption_units, parts_dir
 
-    parts = parts_dir(cfg.caption.output)
+    parts = parts_dir(cfg.caption.output)  # a path string (it may be a URL)
     shutil.rmtree(parts, ignore_errors=True)
-    parts.mkdir(parents=True)
+    Path(parts).mkdir(parents=True)
     source = caption_source(cfg)
     units = source.units()
     clock = Clock(captioner.device)
     caption_units(captioner, source, units, parts, accelerator)
-    captions, _, _ = assemble(units, parts, Path(cfg.caption.output))
+    captions, _, _ = assemble(units, parts, str(cfg.caption.output))
     return clock.stop(), captions
 
 
