@@ -105,8 +105,10 @@ def expand_named(patterns: list[str], unique: bool = True) -> list[tuple[str, st
 
             found.extend((command, command) for command in braceexpand(pattern))
             continue
-        matched = storage.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
-        if not matched or not all(storage.exists(m) for m in matched):
+        # A glob's matches exist (one listing); only a plain path is looked up (no request per match).
+        globbed = any(c in pattern for c in "*?[")
+        matched = storage.glob(pattern) if globbed else [pattern]
+        if not matched or not (globbed or storage.exists(pattern)):
             raise SourceError(f"source path matches nothing: {pattern}")
         root = glob_root(pattern)
         found.extend((m, relative_name(m, root)) for m in matched)
