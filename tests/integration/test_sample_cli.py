@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tristage.train.cli import main
+from tristage.cli import main
 from tristage.train.inference.sample import SAMPLERS
 
 from ..conftest import run_cli

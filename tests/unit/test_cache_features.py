@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file
 
+from tristage.cli import main as cli_main
 from tristage.data.cache_format import tar_members
 from tristage.data.features import (
     CacheError,
@@ -35,7 +36,6 @@ from tristage.data.fingerprint import fingerprint
 from tristage.demo import synthetic
 from tristage.demo.encoders import write_demo_text_encoder
 from tristage.demo.run import source_overrides
-from tristage.train.cli import main as cli_main
 from tristage.train.config import Config, load_config
 from tristage.train.families import cache_stage, feature_encoders
 

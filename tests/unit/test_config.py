@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tristage.train.cli import main
+from tristage.cli import main
 from tristage.train.config import Config, ConfigError, load_config, save_config
 
 from ..conftest import ROOT
@@ -103,6 +103,17 @@ def test_encoder_dtype_choices_are_the_ones_the_cache_pass_knows():
     from tristage.data.text_codec import TEXT_CODECS
 
     assert FEATURE_DTYPES == tuple(DTYPES) and TEXT_FEATURE_DTYPES == tuple(TEXT_CODECS)
+
+
+def test_training_choices_are_the_ones_the_components_know():
+    """The config declares the choice lists; the components key their tables by the same names."""
+    from tristage.train.config import LR_SCHEDULES, PARALLELISMS, SHARDED_PARALLELISMS
+    from tristage.train.training.fsdp import RESHARD_AFTER_FORWARD
+    from tristage.train.training.lr_schedules import FACTORS
+
+    assert tuple(FACTORS) == LR_SCHEDULES
+    assert tuple(RESHARD_AFTER_FORWARD) == SHARDED_PARALLELISMS
+    assert set(SHARDED_PARALLELISMS) < set(PARALLELISMS)
 
 
 def test_unknown_key_in_yaml(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from tristage.train.cli import build_parser
+from tristage.cli import build_parser
 from tristage.train.config import load_config
 from tristage.train.training.ema import EMA
 
