@@ -71,6 +71,7 @@ def _build_pixart(cfg, out_channels: int) -> PixArtTransformer2DModel:
     )
 
 
+# model.family (its choices: train/config.py MODEL_FAMILIES) -> the spec
 FAMILIES: dict[str, Family] = {
     # name: Family(model class, build, inputs, needs_text, converters (init_from), pipeline builder)
     "dit": Family(ClassConditionalDiT, _build_dit, dit_inputs, False, DIT_CONVERTERS, dit_pipeline),

@@ -48,12 +48,11 @@ def cmd_cache(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from tristage.train.config import check_train_options, check_train_paths, load_config
+    from tristage.train.config import check_train_paths, load_config
     from tristage.train.training.checkpoint_files import complete_checkpoints
     from tristage.train.training.trainer import run_train
 
     cfg = load_config(args.config, args.overrides)
-    check_train_options(cfg, args.config)
     # Markers and trainer.json only: the Trainer reads (and so verifies) the weights, once.
     has_checkpoint = cfg.resume != "none" and bool(complete_checkpoints(Path(cfg.run.dir) / "checkpoints"))
     check_train_paths(cfg, args.config, has_checkpoint)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from tristage.demo.tiny_run import write_tiny_stage1
-from tristage.train.config import ConfigError, check_train_options, load_config
+from tristage.train.config import ConfigError, load_config
 from tristage.train.inference.export import export
 from tristage.train.training import checkpoint_files as ckpt
 from tristage.train.training import dcp
@@ -168,6 +168,5 @@ def test_parallelism_is_checked_where_it_is_declared(setup):
     result = run_cli("train", str(setup), "run.dir=unused", "train.parallelism=zero3")
     assert result.returncode == 2
     assert "key 'train.parallelism': 'zero3' is not one of ddp, fsdp, fsdp_grad_op" in result.stderr
-    cfg = load_config(setup, ["run.dir=unused", "train.parallelism=fsdp", "train.mixed_precision=fp16"])
     with pytest.raises(ConfigError, match="fp16 is not supported with FSDP"):
-        check_train_options(cfg, str(setup))
+        load_config(setup, ["run.dir=unused", "train.parallelism=fsdp", "train.mixed_precision=fp16"])

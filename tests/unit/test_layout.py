@@ -77,7 +77,7 @@ LAYERS = (
         + ("tristage.train.families", "tristage.train.config"),
     ),
     ("data", ("tristage.data",)),
-    ("base", ("tristage.errors", "tristage.files")),
+    ("base", ("tristage.errors", "tristage.checks", "tristage.files")),
 )
 
 

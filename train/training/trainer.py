@@ -39,7 +39,7 @@ from omegaconf import OmegaConf
 
 from tristage.data.features import CacheError, FeatureLoader, LoaderSpec, sample_latents
 from tristage.data.fingerprint import fingerprint
-from tristage.train.config import Config, check_train_options, save_config
+from tristage.train.config import Config, save_config
 from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.diffusion.objective import Objective
 from tristage.train.families import family_of, feature_encoders
@@ -60,7 +60,6 @@ class Trainer:
     """Owns the model, EMA, optimizer, loader and tracker of one stage run."""
 
     def __init__(self, cfg: Config):
-        check_train_options(cfg, f"{cfg.run.name} config")
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         mode = tracking.mode_of(cfg)
