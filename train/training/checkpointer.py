@@ -37,9 +37,8 @@ from tristage.train.config import Config, save_config, to_yaml
 from tristage.train.models import null_caption
 from tristage.train.training import checkpoint_files as ckpt
 from tristage.train.training import dcp
-from tristage.train.training.ema import EMA
+from tristage.train.training.ema import EMA, whole_ema_model
 from tristage.train.training.nonfinite import DeviceGuard, SyncGuard
-from tristage.train.training.validation import whole_ema_model
 
 log = logging.getLogger(__name__)
 
