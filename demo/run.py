@@ -125,7 +125,7 @@ def run_stage(cfg: Config, stop: StopSignals) -> dict | None:
     """Cache and train one stage; None when a stop arrived (the trainer then saved a checkpoint)."""
     from accelerate import Accelerator
 
-    from tristage.train.families import cache_stage
+    from tristage.train.training.stage_cache import cache_stage
     from tristage.train.training.trainer import run_train
 
     save_config(cfg, Path(cfg.run.dir) / "config.yaml")

@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 
 from diffusers import PixArtTransformer2DModel
 
-from tristage.data.cache import run_cache
 from tristage.data.config import EncoderConfig
 from tristage.train.config import Config
 from tristage.train.conversion.converters import DIT_CONVERTERS, PIXART_CONVERTERS, Converter
@@ -93,8 +92,3 @@ def feature_encoders(cfg: Config) -> EncoderConfig:
     if family_of(cfg.model.family).needs_text:
         return cfg.encoders
     return replace(cfg.encoders, text_encoder=None)
-
-
-def cache_stage(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
-    """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts."""
-    return run_cache(cfg.data, feature_encoders(cfg), accelerator, cfg.validation.prompts, rebuild)

@@ -37,7 +37,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from tristage.train.config import check_cache_paths, load_config
-    from tristage.train.families import cache_stage
+    from tristage.train.training.stage_cache import cache_stage
 
     cfg = load_config(args.config, args.overrides)
     check_cache_paths(cfg, args.config)

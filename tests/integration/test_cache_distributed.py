@@ -25,7 +25,7 @@ from PIL import Image
 from tristage.bench.cache import write_encoders
 from tristage.demo import synthetic
 from tristage.train.config import load_config
-from tristage.train.families import cache_stage
+from tristage.train.training.stage_cache import cache_stage
 
 from ..conftest import ROOT, one_thread_env, run_cli_2proc, tristage, user_folder
 

@@ -27,7 +27,7 @@ from tristage.data.sources import Skips, open_source
 from tristage.demo import synthetic
 from tristage.demo.captioner import write_captioner, write_next_captioner
 from tristage.train.config import load_config
-from tristage.train.families import cache_stage
+from tristage.train.training.stage_cache import cache_stage
 from tristage.train.training.trainer import Trainer
 
 from ..conftest import ROOT, run_cli, run_cli_2proc

@@ -32,12 +32,11 @@ from tristage.data.features import (
     open_manifest,
     sample_latents,
 )
-from tristage.data.fingerprint import fingerprint
 from tristage.demo import synthetic
 from tristage.demo.encoders import write_demo_text_encoder
 from tristage.demo.run import source_overrides
 from tristage.train.config import Config, load_config
-from tristage.train.families import cache_stage, feature_encoders
+from tristage.train.training.stage_cache import cache_stage, expected_fingerprint
 
 from ..conftest import ROOT
 
@@ -421,14 +420,14 @@ def test_resume_continues_with_the_next_batch(stage1, k):
 def test_fingerprint_mismatch_is_one_line_naming_the_field(stage1, encoders):
     cfg, _ = stage1
     cache_dir = Path(cfg.data.cache_dir)
-    matching = fingerprint(cfg.data, feature_encoders(cfg))
+    matching = expected_fingerprint(cfg)
     FeatureLoader(cache_dir, spec(), expected=matching)  # the matching config is accepted
     raw = Path(cfg.data.source.synsets).parent
     other = stage_config(1, raw, cache_dir, encoders, ["encoders.feature_dtype=float32"])
     with pytest.raises(
         CacheError, match=r"manifest.json: cache fingerprint disagrees .* on 'feature_dtype'"
     ) as err:
-        FeatureLoader(cache_dir, spec(), expected=fingerprint(other.data, feature_encoders(other)))
+        FeatureLoader(cache_dir, spec(), expected=expected_fingerprint(other))
     assert "\n" not in str(err.value) and "float16" in str(err.value) and "float32" in str(err.value)
 
 
@@ -774,4 +773,4 @@ def test_vae_weights_edited_mid_file_are_detected(stage1, tmp_path, encoders, mo
     with pytest.raises(
         CacheError, match=r"manifest\.json: cache fingerprint disagrees with the config on 'vae'"
     ):
-        FeatureLoader(mine.data.cache_dir, spec(), expected=fingerprint(mine.data, feature_encoders(mine)))
+        FeatureLoader(mine.data.cache_dir, spec(), expected=expected_fingerprint(mine))

@@ -38,11 +38,10 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from tristage.data.features import CacheError, FeatureLoader, LoaderSpec, sample_latents
-from tristage.data.fingerprint import fingerprint
 from tristage.train.config import Config, save_config
 from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.diffusion.objective import Objective
-from tristage.train.families import family_of, feature_encoders
+from tristage.train.families import family_of
 from tristage.train.models import null_caption
 from tristage.train.models.speed import build_for_training
 from tristage.train.training import fsdp, tracking, validation
@@ -51,6 +50,7 @@ from tristage.train.training.ema import EMA
 from tristage.train.training.lr_schedules import lr_lambda
 from tristage.train.training.metrics import Window
 from tristage.train.training.nonfinite import GUARDS, Report
+from tristage.train.training.stage_cache import expected_fingerprint
 from tristage.train.training.stops import NONFINITE, Stops
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,7 @@ class Trainer:
             on_damaged=self.cfg.data.on_damaged,
             micro_batches=self.cfg.train.grad_accum,
         )
-        expected = fingerprint(self.cfg.data, feature_encoders(self.cfg))  # what the cache must hold
-        return FeatureLoader(self.cfg.data.cache_dir, spec, expected=expected)
+        return FeatureLoader(self.cfg.data.cache_dir, spec, expected=expected_fingerprint(self.cfg))
 
     # -- the run -------------------------------------------------------------------
     def train(self) -> dict:
