@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from tristage.data.config import DataConfig, EncoderConfig, SourceConfig
 from tristage.data.fingerprint import fingerprint
 from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source
 from tristage.data.text_codec import encode_text_feature
+from tristage.files import atomic_write, publish, remove_tmp, tmp_path
 
 MIN_SIDE = 32  # images smaller than this (either side) are skipped as too small
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -142,7 +142,7 @@ class ShardWriter:
 
     def __init__(self, enc: EncoderConfig, encoders: Encoders, path: Path):
         self.enc, self.encoders, self.path = enc, encoders, path
-        self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        self.tmp = tmp_path(path)
         # A whole-second mtime keeps members plain ustar: a float one makes tarfile add a 1 KiB pax
         # header to every member (2 KiB per sample) that every reader then has to parse.
         self.writer = wds.TarWriter(str(self.tmp), mtime=int(time.time()))
@@ -185,26 +185,13 @@ class ShardWriter:
         for bucket in list(self.pending):
             self._flush(bucket)
         self.writer.close()
-        _fsync(self.tmp)
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
         done = {"samples": self.written, "images": images, "rank": rank, "skips": skips.to_dict()}
-        _atomic_write(done_marker(self.path), json.dumps({**done, **(provenance or {})}))
+        atomic_write(done_marker(self.path), json.dumps({**done, **(provenance or {})}))
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
 
 
 def shard_path(cache_dir: Path, unit: Unit) -> Path:
@@ -238,15 +225,8 @@ def cache_unit(
 
 def remove_stale_tmp(units: list[Unit], cache_dir: Path) -> int:
     """Delete the ``*.tmp-*`` files a killed pass left for these units (only their owner calls this)."""
-    stale = [
-        tmp
-        for unit in units
-        for final in (shard_path(cache_dir, unit), done_marker(shard_path(cache_dir, unit)))
-        for tmp in cache_dir.glob(f"{final.name}.tmp-*")
-    ]
-    for tmp in stale:
-        tmp.unlink(missing_ok=True)
-    return len(stale)
+    shards = [shard_path(cache_dir, unit) for unit in units]
+    return remove_tmp([*shards, *map(done_marker, shards)])
 
 
 def write_null_caption(enc: EncoderConfig, encoders: Encoders, cache_dir: Path) -> None:
@@ -313,8 +293,8 @@ def write_manifest(
         "null_caption": NULL_CAPTION if (cache_dir / NULL_CAPTION).exists() else None,
         "skipped": dict(skips.counts),
     }
-    _atomic_write(cache_dir / SKIPPED, json.dumps(skips.to_dict(), indent=1))
-    _atomic_write(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write(cache_dir / SKIPPED, json.dumps(skips.to_dict(), indent=1))
+    atomic_write(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 

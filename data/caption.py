@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import re
 import shutil
@@ -35,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-from tristage.data.cache import _atomic_write, _fsync, open_rgb, own_units
+from tristage.data.cache import open_rgb, own_units
 from tristage.data.config import CaptionConfig, SourceConfig
 from tristage.data.sources import Skips, Unit, open_source
 from tristage.errors import CaptionError
+from tristage.files import atomic_write, publish, remove_tmp, tmp_path
 
 SETTINGS = "settings.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -219,19 +219,16 @@ def caption_unit(captioner: Captioner, source, unit: Unit, parts: Path, rank: in
                 skips.add("empty_caption", key)
         bar.update(len(rows))
     part = part_path(parts, unit)
-    _atomic_write(part, "".join(line + "\n" for _, line in sorted(lines)))  # reader order
+    atomic_write(part, "".join(line + "\n" for _, line in sorted(lines)))  # reader order
     done = {"captions": len(lines), "images": counter[0], "rank": rank, "skips": skips.to_dict()}
-    _atomic_write(part_done(part), json.dumps(done))
+    atomic_write(part_done(part), json.dumps(done))
     return counter[0]
 
 
 def remove_stale_tmp(units: list[Unit], parts: Path) -> None:
     """Delete the ``*.tmp-*`` files a killed pass left for these units (only their owner calls this)."""
-    for unit in units:
-        part = part_path(parts, unit)
-        for final in (part, part_done(part)):
-            for tmp in parts.glob(f"{final.name}.tmp-*"):
-                tmp.unlink(missing_ok=True)
+    part_files = [part_path(parts, unit) for unit in units]
+    remove_tmp([*part_files, *map(part_done, part_files)])
 
 
 def settings_of(cfg: CaptionConfig, source_cfg: SourceConfig, dtype: torch.dtype) -> dict:
@@ -257,7 +254,7 @@ def check_settings(parts: Path, settings: dict) -> None:
 def assemble(units: list[Unit], parts: Path, output: Path) -> tuple[int, Skips, int]:
     """Concatenate the parts in unit order into ``output`` (atomically): (captions, skips, images)."""
     skips, captions, images = Skips(), 0, 0
-    tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
+    tmp = tmp_path(output)
     with open(tmp, "wb") as out:
         for unit in units:
             part = part_path(parts, unit)
@@ -266,8 +263,7 @@ def assemble(units: list[Unit], parts: Path, output: Path) -> tuple[int, Skips, 
             captions, images = captions + done["captions"], images + done["images"]
             with open(part, "rb") as fh:
                 shutil.copyfileobj(fh, out)
-    _fsync(tmp)
-    os.replace(tmp, output)
+    publish(tmp, output)
     return captions, skips, images
 
 
@@ -283,7 +279,7 @@ def write_manifest(output: Path, settings: dict, model_class: str, counts: tuple
         "skipped": dict(skips.counts),
         "skipped_examples": skips.examples,
     }
-    _atomic_write(manifest_path(output), json.dumps(manifest, indent=1))
+    atomic_write(manifest_path(output), json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -302,7 +298,7 @@ def run_caption(cfg: CaptionConfig, source_cfg: SourceConfig, accelerator) -> di
     accelerator.wait_for_everyone()  # every rank checked the settings and listed `fresh` before writes
     captioner = Captioner.load(cfg, accelerator.device)
     if accelerator.is_main_process:
-        _atomic_write(parts / SETTINGS, json.dumps(settings, indent=1))  # equal to any older one
+        atomic_write(parts / SETTINGS, json.dumps(settings, indent=1))  # equal to any older one
     start = time.perf_counter()
     caption_units(captioner, source, own_units(fresh, rank, world), parts, accelerator)
     accelerator.wait_for_everyone()

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tristage.files import atomic_write
 from tristage.train.config import Config
 
 
@@ -117,9 +118,7 @@ class MetricsFile:
         if step > 0:  # the same tracker run continues (its id is in the checkpoint)
             self.logged_up_to = max((s for _, s in rows if s is not None), default=-1)
         kept = [line + "\n" for line, s in rows if s is not None and s <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(kept))
 
     def is_new(self, step: int) -> bool:
         return step > self.logged_up_to
