@@ -120,7 +120,7 @@ def loader_read(cache_dir: Path, samples: int, batch: int) -> float:
     from tristage.data.features import FeatureLoader, LoaderSpec
 
     spec = LoaderSpec(
-        batch, rank=0, world=1, seed=0, shuffle_buffer=4 * batch, cond_dropout=0.1, null_label=0
+        batch, 1, rank=0, world=1, seed=0, shuffle_buffer=4 * batch, cond_dropout=0.1, null_label=0
     )
     loader = FeatureLoader(cache_dir, spec)
     it = iter(loader)

@@ -177,7 +177,7 @@ def loader_batches(cfg, count: int, device: torch.device) -> list[dict]:
 
     data = cfg.data
     k, seed, buffer, dropout = cfg.train.grad_accum, cfg.train.seed, data.shuffle_buffer, data.cond_dropout
-    spec = LoaderSpec(data.batch_size * k, 0, 1, seed, buffer, dropout, 0, micro_batches=k)
+    spec = LoaderSpec(data.batch_size, k, 0, 1, seed, buffer, dropout, 0)
     objective, family = Objective(cfg.objective), family_of(cfg.model.family)
     out, batches = [], iter(FeatureLoader(cfg.data.cache_dir, spec))
     for _ in range(count):

@@ -177,9 +177,15 @@ def test_compiled_blocks_match_eager():
 # -- AdamW flavour and the NaN guard --------------------------------------------------------------------
 
 
+def _prepared_adamw(cfg) -> torch.optim.AdamW:
+    trainer = Trainer(cfg)
+    trainer._prepare()  # AdamW is built once, here, over the parameters that train
+    return trainer.adamw
+
+
 def test_adamw_is_foreach_on_cpu_and_fused_for_the_sync_free_guard(setup, tmp_path):
-    step = Trainer(cfg_for(setup, tmp_path / "a")).adamw.defaults
-    log = Trainer(cfg_for(setup, tmp_path / "b", "train.nonfinite_check=log")).adamw.defaults
+    step = _prepared_adamw(cfg_for(setup, tmp_path / "a")).defaults
+    log = _prepared_adamw(cfg_for(setup, tmp_path / "b", "train.nonfinite_check=log")).defaults
     assert (step["foreach"], step["fused"]) == (True, False)
     assert (log["foreach"], log["fused"]) == (False, True)
 

@@ -16,6 +16,14 @@ Conventions
 The schedule is built once in float64 (as IDDPM does in numpy) and cast to the working dtype when
 gathered. Nothing here calls ``.item()`` or otherwise syncs with the host.
 
+Randomness: the objective draws nothing.  A training step's random numbers -- each sample's timestep
+draw ``u ~ U[0, 1)``, its latent sampled from the cached posterior, the diffusion noise -- are drawn in
+one place, the feature loader (``data/features.py``), for the whole global batch from a generator seeded
+by (seed, epoch, batch index), then sliced to this process's rows.  So N processes x B equal 1 x N*B and
+a resumed run is bit-identical.  The objective maps ``u`` to a timestep
+(:meth:`Objective.timesteps_from_uniform`, with ``timestep_shift``) and :meth:`Objective.loss` takes
+the timesteps and noise it is given.
+
 References: Nichol & Dhariwal 2021, "Improved DDPM" (IDDPM, arXiv:2102.09672), and its code
 ``improved_diffusion/gaussian_diffusion.py``; DiT (Peebles & Xie 2023, ``diffusion/gaussian_diffusion.py``),
 which PixArt-alpha reuses; Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"
@@ -199,34 +207,17 @@ class Objective:
             "sqrt_one_minus_alphas_cumprod", t, like
         )
 
-    def sample_timesteps(
-        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Uniform timesteps (B,): int64 in [0, T), or for "flow" float s*T with s ~ U[0, 1).
-
-        Drawn on the generator's device (a CPU generator cannot fill a CUDA tensor), then moved to `device`.
-        """
-        source = generator.device if generator is not None else device
-        u = torch.rand(batch_size, generator=generator, device=source, dtype=torch.float64)  # (B,)
-        return self.timesteps_from_uniform(u).to(device)
-
     def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         """Map draws u ~ U[0, 1) to timesteps: int64 floor(s*T), or for "flow" float32 s*T, where s is u
         after ``timestep_shift`` (s = u when it is 1).
 
-        The feature loader draws u per global batch so that timesteps do not depend on the process count.
+        The feature loader draws u (see the module docstring); this is the objective's part: the shift.
         """
         shift, u = self.config.timestep_shift, u.to(torch.float64)
         scaled = shift * u / (1.0 + (shift - 1.0) * u) * self.config.num_timesteps
         if self.config.prediction == "flow":
             return scaled.to(torch.float32)
         return scaled.floor().long().clamp_(max=self.config.num_timesteps - 1)
-
-    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard normal noise shaped like `latents`, drawn on the generator's device then moved."""
-        source = generator.device if generator is not None else latents.device
-        noise = torch.randn(latents.shape, generator=generator, device=source, dtype=latents.dtype)
-        return noise.to(latents.device)  # (B, C, H, W)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = a x0 + b eps (discrete: a = sqrt(alpha_bar_t); flow: a = 1 - s, b = s with s = t / T)."""
@@ -344,26 +335,20 @@ class Objective:
         self,
         model: Callable[..., Any],
         batch: Mapping[str, Any],
-        generator: torch.Generator | None = None,
         *,
-        noise: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One training loss on ``batch = {"latents": x0 (B, C, H, W), "cond": {model kwargs}}``.
+        """One training loss on ``batch = {"latents": x0 (B, C, H, W), "cond": {model kwargs}}`` at the
+        given ``timesteps`` (B,) (in the model's units, see the module docstring) and ``noise`` (like x0).
 
-        Draws timesteps then noise (from `generator` if given), unless overridden by `timesteps` (in the
-        model's units, see the module docstring) or `noise`. Calls
-        ``model(x_t, timestep=t, return_dict=False, **cond)[0]``. The loss is computed in at least float32;
-        the model gets x_t in the latents' dtype. Returns the scalar mean loss and detached metric tensors:
-        "loss_mse" and "loss_vlb" (batch means; "loss_mse" weighted as it enters the loss), "per_sample_loss"
-        (B,) and "timesteps" (B,), for per-timestep-bucket logging without a host sync.
+        Calls ``model(x_t, timestep=t, return_dict=False, **cond)[0]``. The loss is computed in at least
+        float32; the model gets x_t in the latents' dtype. Returns the scalar mean loss and detached metric
+        tensors: "loss_mse" and "loss_vlb" (batch means; "loss_mse" weighted as it enters the loss),
+        "per_sample_loss" (B,) and "timesteps" (B,), for per-timestep-bucket logging without a host sync.
         """
         latents = batch["latents"]
         x0 = latents.to(torch.promote_types(latents.dtype, torch.float32))  # (B, C, H, W)
-        if timesteps is None:
-            timesteps = self.sample_timesteps(x0.shape[0], x0.device, generator)
-        if noise is None:
-            noise = self.sample_noise(x0, generator)
         noise = noise.to(x0.dtype)
         x_t = self.add_noise(x0, noise, timesteps)  # (B, C, H, W)
         out = model(x_t.to(latents.dtype), timestep=timesteps, return_dict=False, **batch.get("cond", {}))[0]

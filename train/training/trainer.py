@@ -38,6 +38,7 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from tristage.data.features import CacheError, FeatureLoader, LoaderSpec, sample_latents
+from tristage.data.fingerprint import tristage_version
 from tristage.train.config import Config, save_config
 from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.diffusion.objective import Objective
@@ -45,6 +46,7 @@ from tristage.train.families import family_of
 from tristage.train.models import null_caption
 from tristage.train.models.speed import build_for_training
 from tristage.train.training import fsdp, tracking, validation
+from tristage.train.training.checkpoint_files import TrainState
 from tristage.train.training.checkpointer import Checkpointer, Saved
 from tristage.train.training.ema import EMA
 from tristage.train.training.lr_schedules import lr_lambda
@@ -73,9 +75,10 @@ class Trainer:
         self.model = self._build_model()
         self.guard = GUARDS[cfg.train.nonfinite_check](self.accelerator.device)
         self.sharded = False  # train.parallelism fsdp*: the model's parameters are DTensor shards
-        self._optimizer()
         self.loader = self._loader()
-        self.checkpointer = Checkpointer(cfg, self.accelerator)  # owns everything saved, and the state
+        self.adamw = self.optimizer = self.scheduler = None  # AdamW and its schedule: built once, in _prepare
+        self.state = TrainState(version=tristage_version())  # step, samples seen (saved by the Checkpointer)
+        self.checkpointer = Checkpointer(cfg, self.accelerator)  # saves and restores everything
         self.ema: EMA | None = None
         self.stops = Stops(self.accelerator, cfg.train.max_time)  # stop reasons every rank agrees on
         self._raw: tuple = (None, None)  # (wrapped model, unwrapped model), see _unwrapped
@@ -87,7 +90,7 @@ class Trainer:
         return build_for_training(self.family.build, self.cfg.model, out_channels, self.cfg.train.compile)
 
     def _optimizer(self) -> None:
-        """AdamW over the model's (current) parameters and its LR schedule."""
+        """AdamW over the model's parameters as they train (whole, or FSDP's shards) and its LR schedule."""
         self.adamw = self._adamw()
         self.optimizer = self.adamw  # accelerate's wrapper after prepare; self.adamw stays the raw AdamW
         optim = self.cfg.optim
@@ -117,12 +120,13 @@ class Trainer:
 
     @property
     def global_batch(self) -> int:
-        """Samples per optimizer step: batch_size x processes x grad_accum micro-batches."""
-        return self.cfg.data.batch_size * self.accelerator.num_processes * self.cfg.train.grad_accum
+        """Samples per optimizer step: batch_size x processes x grad_accum micro-batches (the loader's)."""
+        return self.loader.spec.global_batch
 
     def _loader(self) -> FeatureLoader:
         spec = LoaderSpec(
-            global_batch=self.global_batch,
+            batch_size=self.cfg.data.batch_size,
+            grad_accum=self.cfg.train.grad_accum,
             rank=self.accelerator.process_index,
             world=self.accelerator.num_processes,
             seed=self.cfg.train.seed,
@@ -131,7 +135,6 @@ class Trainer:
             null_label=self.cfg.model.num_classes,
             pin_memory=self.accelerator.device.type == "cuda",
             on_damaged=self.cfg.data.on_damaged,
-            micro_batches=self.cfg.train.grad_accum,
         )
         return FeatureLoader(self.cfg.data.cache_dir, spec, expected=expected_fingerprint(self.cfg))
 
@@ -176,11 +179,6 @@ class Trainer:
         self._raw = (None, None)
         self.accelerator.free_memory()
 
-    @property
-    def state(self):
-        """Step, samples seen, tracker run id, ... (owned by the Checkpointer, which saves them)."""
-        return self.checkpointer.state
-
     def _restore(self) -> None:
         """Resume full state if a checkpoint applies, else load init_from weights (handoff), then prepare."""
         resume = self.checkpointer.find()
@@ -193,7 +191,7 @@ class Trainer:
         self._prepare()
         self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
         # The raw AdamW: its state dict is what DCP's get_state_dict maps to parameter names.
-        parts = Saved(self.model, self.ema, self.adamw, self.scheduler, self.loader, self.guard)
+        parts = Saved(self.model, self.ema, self.adamw, self.scheduler, self.loader, self.guard, self.state)
         self.checkpointer.load(parts)
 
     def _set_null_caption(self, source: torch.Tensor | None) -> None:
@@ -207,16 +205,17 @@ class Trainer:
             null_caption.save_buffer(buffer, self.run_dir)
 
     def _prepare(self) -> None:
-        """DDP through accelerate, or FSDP: ``fully_shard`` the model, rebuild AdamW over the shards
-        and let accelerate wrap only the optimizer (README "Scale and speed")."""
+        """DDP through accelerate, or FSDP: ``fully_shard`` the model and let accelerate wrap only the
+        optimizer (README "Scale and speed").  AdamW is built here, once, after the sharding, so it holds
+        the parameters that train."""
         device, bf16 = self.accelerator.device, self.cfg.train.mixed_precision == "bf16"
         self.model.to(device)
         self.sharded = fsdp.shard(self.model, self.cfg.train.parallelism, device, bf16)
-        if not self.sharded:
-            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-            return
         self._optimizer()
-        self.optimizer = self.accelerator.prepare(self.adamw)
+        if self.sharded:
+            self.optimizer = self.accelerator.prepare(self.adamw)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
     # -- one step ------------------------------------------------------------------
     def _next_batch(self, batches, window: Window) -> dict:
