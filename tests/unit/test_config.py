@@ -41,7 +41,7 @@ def test_full_demo_takes_its_steps_from_the_demo_configs():
 
 
 def test_paper_settings_in_real_configs():
-    """Stage 1 from scratch = DiT's train.py; stages 2-3 = PixArt-alpha's configs (README "Recipe")."""
+    """Stage 1 from scratch = DiT's train.py; stages 2-3 = PixArt-alpha's configs (docs/recipe.md)."""
     stage1 = load_config(ROOT / "configs/stage1_imagenet.yaml")
     assert (stage1.optim.lr, stage1.optim.weight_decay, stage1.optim.grad_clip) == (1e-4, 0.0, None)
     assert not stage1.optim.auto_lr and stage1.optim.warmup_steps == 0

@@ -1,6 +1,6 @@
 """The layout holds (issue 16, a layout that shows the architecture): the install can't collide (our
 imports live under ``tristage.*``, so a user's own ``data/``, ``train.py`` or ``bench.py`` in the working
-folder never shadows them, item 7), no module imports upward (item 2), and the README map is true."""
+folder never shadows them, item 7), no module imports upward (item 2), and the module map is true."""
 
 from __future__ import annotations
 
@@ -10,23 +10,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-def test_readme_map_names_every_module():
-    """The README's "Where things live" map stays true: every module of the role folders is named in it,
-    and every file it names exists."""
+
+
+def test_module_map_names_every_module():
+    """The module map (docs/layout.md, "Where things live") stays true: every module of the role folders
+    and every script is named in it, and every file it names exists."""
     import re
 
-    root = Path(__file__).resolve().parents[2]
-    readme = (root / "README.md").read_text()
-    section = readme[readme.index("## Where things live") :]
-    named = set(re.findall(r"`(?:[a-z_]+/)*([a-z_]+\.py)`", section))
+    page = (ROOT / "docs" / "layout.md").read_text()
+    named = set(re.findall(r"`(?:[a-z_]+/)*([a-z_]+\.py)`", page))
     modules = {
         p.name
-        for folder in ("train", "data", "demo", "bench", "tristage")
-        for p in (root / folder).rglob("*.py")
+        for folder in ("train", "data", "demo", "bench", "scripts", "tristage")
+        for p in (ROOT / folder).rglob("*.py")
         if p.name != "__init__.py" and "assets" not in p.parts
     }
-    assert sorted(modules - named) == [], "modules missing from the README map"
-    assert sorted(named - modules - {"__init__.py"}) == [], "the README map names files that don't exist"
+    assert sorted(modules - named) == [], "modules missing from the map in docs/layout.md"
+    assert sorted(named - modules - {"__init__.py"}) == [], "docs/layout.md names files that don't exist"
 
 
 def imported_modules(path: Path, package: str) -> set[str]:

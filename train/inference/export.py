@@ -32,7 +32,7 @@ from tristage.errors import CheckpointError
 from tristage.train.config import Config, load_config
 from tristage.train.conversion.init_from import model_folder, source_class
 from tristage.train.families import Family, family_of
-from tristage.train.inference.sample import TRAINING_SIZE
+from tristage.train.inference.sample import TRAINING_SIZE, quiet_loading
 from tristage.train.models.null_caption import BUFFER_FILE
 from tristage.train.models.pipelines import scheduler_for
 
@@ -65,6 +65,7 @@ def export(run_dir: str | Path, out: str | Path) -> Path:
     if not (final / "config.yaml").is_file():
         raise CheckpointError(f"{final}: no finished stage here (final/config.yaml missing)")
     cfg = load_config(final / "config.yaml")
+    quiet_loading()  # the command prints the folder it wrote, not loading and writing bars
     folder, family = model_folder(final), family_of(cfg.model.family)
     source_class(folder)  # a final/ without its model: the one-line "holds no model" error
     vae = AutoencoderKL.from_pretrained(cfg.encoders.vae)

@@ -71,14 +71,13 @@ def load_pipeline(export_dir: str, sampler: str = "dpm-solver++") -> DiffusionPi
 
 
 def quiet_loading() -> None:
-    """No loading progress bars or type notes: a user error stays one line on stderr."""
+    """No loading progress bars: a command's output stays its own lines.  Warnings stay on: the calls
+    that caused them are fixed where they are made (``load_exported``, ``clean_caption=False``)."""
     import transformers
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def set_sampler(pipe: DiffusionPipeline, sampler: str) -> None:

@@ -10,7 +10,7 @@ One optimizer step is ``train.grad_accum`` micro-batches of ``data.batch_size`` 
 the global batch ``batch_size x processes x grad_accum`` is what the lr scaling, the loader's
 stream and position, ``samples_seen``, img/s and the checkpoints count in.
 
-Speed (see README "Scale and speed"): the model is built with the configured attention backend,
+Speed (see docs/scaling.md, "Speed options"): the model is built with the configured attention backend,
 activation checkpointing of the first ``model.checkpoint_blocks`` blocks and, with ``train.compile``,
 one ``torch.compile`` per block; AdamW is fused on CUDA and foreach elsewhere; the EMA is foreach.
 Host syncs: metrics stay on the device between log steps (``Window``).  The NaN guard
@@ -206,8 +206,8 @@ class Trainer:
 
     def _prepare(self) -> None:
         """DDP through accelerate, or FSDP: ``fully_shard`` the model and let accelerate wrap only the
-        optimizer (README "Scale and speed").  AdamW is built here, once, after the sharding, so it holds
-        the parameters that train."""
+        optimizer (docs/scaling.md, "Sharded training").  AdamW is built here, once, after the
+        sharding, so it holds the parameters that train."""
         device, bf16 = self.accelerator.device, self.cfg.train.mixed_precision == "bf16"
         self.model.to(device)
         self.sharded = fsdp.shard(self.model, self.cfg.train.parallelism, device, bf16)
