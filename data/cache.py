@@ -303,11 +303,6 @@ def own_units(units: list[Unit], rank: int, world: int) -> list[Unit]:
     return [u for u in units if u.index % world == rank]
 
 
-def pending_units(units: list[Unit], cache_dir: Path, rank: int, world: int) -> list[Unit]:
-    """This process's units that have no completeness marker yet."""
-    return [u for u in own_units(units, rank, world) if not done_marker(shard_path(cache_dir, u)).exists()]
-
-
 def check_existing(cache_dir: Path, units: list[Unit], source, fp: dict, rebuild: bool) -> list[Unit]:
     """The done units that must be re-encoded; without ``rebuild`` any is a one-line error.
 

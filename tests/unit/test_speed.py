@@ -21,6 +21,8 @@ from tristage.train.models.speed import compile_blocks, enable_checkpointing
 from tristage.train.training import checkpoint_files as ckpt
 from tristage.train.training.trainer import Trainer
 
+from ..checkpoints import latest
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> Path:
@@ -222,7 +224,7 @@ def test_sync_free_guard_skips_exactly_and_stops_at_the_next_log_step(setup, tmp
     after = snapshot(trainer)
     assert after.keys() == before.keys()
     assert [k for k in before if not torch.equal(before[k], after[k])] == []
-    saved = ckpt.latest(run_dir / "checkpoints")
+    saved = latest(run_dir / "checkpoints")
     assert ckpt.read_state(saved).nonfinite_skips == 6
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [4, 8]

@@ -91,12 +91,6 @@ def log(accelerator, values: dict, step: int) -> None:
         tracker.log(values, step=None if tracker.name == "wandb" else step)
 
 
-def run_dir_of(cfg: Config) -> Path | None:
-    """Where W&B wrote this process's run (``run.dir/wandb/offline-run-*-ID``), if it did."""
-    runs = sorted((Path(cfg.run.dir) / "wandb").glob("*-run-*"))
-    return runs[-1] if runs else None
-
-
 class MetricsFile:
     """``metrics.jsonl`` in the run directory (rank 0): the source of the loss-curve plots.
 

@@ -28,7 +28,6 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -409,4 +408,4 @@ def run_train(cfg: Config) -> dict:
     return Trainer(cfg).train()
 
 
-__all__ = ["Trainer", "run_train", "asdict"]
+__all__ = ["Trainer", "run_train"]
