@@ -311,9 +311,9 @@ def check_existing(cache_dir: Path, units: list[Unit], source, fp: dict, rebuild
     if stale and not rebuild:
         raise CacheError(refusal(reasons))
     for reason in reasons[:10]:
-        log.warning("cache --rebuild: re-encoding: %s", reason)
+        log.info("cache --rebuild: re-encoding: %s", reason)
     if len(reasons) > 10:
-        log.warning("cache --rebuild: ... and %d more shards", len(reasons) - 10)
+        log.info("cache --rebuild: ... and %d more shards", len(reasons) - 10)
     return stale
 
 
@@ -352,7 +352,7 @@ def run_cache(
     stale, done = existing_cache(cache_dir, units, source, fp, prompts, rebuild)
     if done is not None:
         if accelerator.is_main_process:
-            log.warning("cache: %s is complete (%d samples), nothing to encode", cache_dir, done["samples"])
+            log.info("cache: %s is complete (%d samples), nothing to encode", cache_dir, done["samples"])
         return done if accelerator.is_main_process else None
     rank, world = accelerator.process_index, accelerator.num_processes
     accelerator.wait_for_everyone()  # every rank has read the folder before any file is removed
@@ -404,7 +404,7 @@ def log_summary(manifest: dict, fresh: list[Unit], cache_dir: Path, seconds: flo
     """Rank 0's end-of-pass line: samples, skips by reason, the skip report, overall images/s."""
     images = sum(json.loads(done_marker(shard_path(cache_dir, u)).read_text())["images"] for u in fresh)
     skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
-    log.warning(
+    log.info(
         "cache: %d samples in %d shards; skipped %s (report: %s); %d images read in %.1fs, %.1f images/s",
         manifest["samples"],
         len(manifest["shards"]),

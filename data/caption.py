@@ -333,7 +333,7 @@ def log_summary(manifest: dict, fresh: list[Unit], parts: Path, output: Path, se
     """Rank 0's end-of-pass line: captions, skips by reason, images captioned now and images/s."""
     images = sum(json.loads(part_done(part_path(parts, u)).read_text())["images"] for u in fresh)
     skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
-    log.warning(
+    log.info(
         "caption: %d captions from %d units in %s; skipped %s (examples: %s); "
         "%d images read in this run in %.1fs, %.2f images/s",
         manifest["captions"],

@@ -130,7 +130,7 @@ def run_stage(cfg: Config, stop: StopSignals) -> dict | None:
 
     save_config(cfg, Path(cfg.run.dir) / "config.yaml")
     manifest = cache_stage(cfg, Accelerator())
-    log.warning("%s: cached %d samples, skipped %s", cfg.run.name, manifest["samples"], manifest["skipped"])
+    log.info("%s: cached %d samples, skipped %s", cfg.run.name, manifest["samples"], manifest["skipped"])
     if stop.requested():
         return None
     summary = run_train(cfg)

@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_progress() -> None:
+    """tristage's own progress lines (``log.info``: resumed, summaries, cache and caption passes) and
+    every library's warnings on stderr, one message per line; other libraries' INFO stays off."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("tristage").setLevel(logging.INFO)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "caption": cmd_caption,
     "cache": cmd_cache,
@@ -213,7 +220,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    show_progress()
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

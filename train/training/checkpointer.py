@@ -207,4 +207,4 @@ class Checkpointer:
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:
-            log.warning(message)
+            log.info(message)

@@ -301,7 +301,9 @@ class Trainer:
         if report is None or report.skipped == 0:
             return
         self.state.nonfinite_skips = report.consecutive
-        self._info(f"step {self.state.step}: {report.skipped} non-finite loss or gradient, update skipped")
+        if self.accelerator.is_main_process:
+            step, skipped = self.state.step, report.skipped
+            log.warning("step %d: %d non-finite loss or gradient, update skipped", step, skipped)
         if report.worst >= self.cfg.train.max_nonfinite:
             self.stops.nonfinite = f"{report.worst} consecutive non-finite steps (train.max_nonfinite)"
 
@@ -379,7 +381,7 @@ class Trainer:
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:
-            log.warning(message)
+            log.info(message)
 
 
 def set_tf32(allow: bool) -> None:
