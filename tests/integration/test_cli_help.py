@@ -9,7 +9,7 @@ import sys
 
 from tristage.cli import build_parser
 
-from ..conftest import tristage, user_folder
+from ..conftest import ROOT, tristage, user_folder
 
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 
@@ -73,3 +73,15 @@ def test_the_command_shows_tristage_progress_and_warnings_but_no_other_library_i
     out = subprocess.run([sys.executable, "-c", code], cwd=user_folder(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stderr.splitlines() == ["ours: progress", "theirs: a problem"]
+
+
+def test_loading_a_config_imports_no_torch():
+    """The config modules import neither torch nor a component: choice lists live beside the keys."""
+    config = str(ROOT / "demo" / "configs" / "stage1.yaml")
+    code = f"import sys, tristage.train.config as c\nc.load_config({config!r}, ['run.dir=x'])\n"
+    code += "print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:])))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, *HEAVY], cwd=user_folder(), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -1,5 +1,5 @@
 """Every value is checked where it is declared (issue 40 item 3, issue 39 item 2): each numeric key of the
-schema has a range that loading enforces, and loading a config imports no torch.
+schema has a range that loading enforces (that loading imports no torch: tests/integration/test_cli_help.py).
 
 The walk below finds the numeric keys itself, from the dataclasses' type hints, so a key added later
 without a bound fails :func:`test_every_numeric_key_has_a_bound`.
@@ -8,8 +8,6 @@ without a bound fails :func:`test_every_numeric_key_has_a_bound`.
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 import types
 import typing
 
@@ -17,10 +15,9 @@ import pytest
 
 from tristage.train.config import Config, ConfigError, load_config
 
-from ..conftest import ROOT, user_folder
+from ..conftest import ROOT
 
 CONFIG = ROOT / "demo" / "configs" / "stage1.yaml"
-HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 
 
 def _default(f: dataclasses.Field) -> object:
@@ -114,14 +111,3 @@ def test_the_defaults_are_in_range():
     test_config.py)."""
     cfg = Config()
     assert cfg.train.max_steps == 300_000 and cfg.objective.num_timesteps == 1000
-
-
-def test_loading_a_config_imports_no_torch():
-    """The config modules import neither torch nor a component: choice lists live beside the keys."""
-    code = f"import sys, tristage.train.config as c\nc.load_config({str(CONFIG)!r}, ['run.dir=x'])\n"
-    code += "print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:])))"
-    out = subprocess.run(
-        [sys.executable, "-c", code, *HEAVY], cwd=user_folder(), capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
