@@ -22,8 +22,8 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from tristage.bench.cache import write_encoders
 from tristage.demo import synthetic
+from tristage.demo.encoders import write_encoders
 from tristage.train.config import load_config
 from tristage.train.training.stage_cache import cache_stage
 

@@ -140,7 +140,7 @@ def test_two_processes_equal_one(world):
 
 
 def test_output_feeds_cache_and_a_short_stage2_run(world, tmp_path):
-    from tristage.bench.cache import write_encoders
+    from tristage.demo.encoders import write_encoders
 
     enc = write_encoders(tmp_path, vae_channels=(8, 8, 8, 8))
     extra = [
