@@ -134,7 +134,7 @@ def loader_read(cache_dir: Path | str, samples: int, batch: int, data=None) -> f
     from tristage.data.features import FeatureLoader, LoaderSpec
 
     spec = LoaderSpec(
-        batch, rank=0, world=1, seed=0, shuffle_buffer=4 * batch, cond_dropout=0.1, null_label=0
+        batch, 1, rank=0, world=1, seed=0, shuffle_buffer=4 * batch, cond_dropout=0.1, null_label=0
     )
     start = time.perf_counter()
     loader = FeatureLoader(cache_dir, spec, data=data)
@@ -177,24 +177,6 @@ def loader_vs_raw(root: Path, shards: int, per_shard: int, batch: int, repeats: 
 
 
 # -- cache pass vs bare encoders --------------------------------------------------------------------
-def write_encoders(root: Path, vae_channels: tuple[int, ...] = (16, 16, 32, 32)) -> dict[str, Path]:
-    """A small random AutoencoderKL (factor 8) and the demo T5, saved for from_pretrained."""
-    from diffusers import AutoencoderKL
-
-    from tristage.demo.encoders import write_demo_text_encoder
-
-    torch.manual_seed(0)
-    AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=vae_channels,
-        norm_num_groups=8,
-        latent_channels=4,
-    ).save_pretrained(root / "vae")
-    tokenizer, text_encoder = write_demo_text_encoder(root)
-    return {"vae": root / "vae", "tokenizer": tokenizer, "text_encoder": text_encoder}
-
-
 def extract_config(root: Path, enc: dict[str, Path], raw: Path, batch: int):
     from tristage.demo.run import CONFIGS
     from tristage.train.config import load_config
@@ -261,6 +243,7 @@ def bare_pass(encoders, batches) -> tuple[float, int]:
 def extract_vs_bare(root: Path, images: int, per_shard: int, batch: int, repeats: int) -> dict:
     from tristage.data.cache import Encoders
     from tristage.demo import synthetic
+    from tristage.demo.encoders import write_encoders
 
     enc = write_encoders(root / "encoders")
     raw = synthetic.write_stage2(root / "raw", images, size=256, per_shard=per_shard)

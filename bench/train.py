@@ -113,8 +113,7 @@ def write_cache(cfg, samples: int) -> None:
     from safetensors.torch import save, save_file
 
     from tristage.data.cache_format import MANIFEST, NULL_CAPTION, sample_json
-    from tristage.data.fingerprint import fingerprint
-    from tristage.train.families import feature_encoders
+    from tristage.train.training.stage_cache import expected_fingerprint
 
     cache, res = Path(cfg.data.cache_dir), cfg.data.resolution
     cache.mkdir(parents=True, exist_ok=True)
@@ -133,7 +132,7 @@ def write_cache(cfg, samples: int) -> None:
             writer.write({"__key__": meta["key"], "feat.safetensors": feat, "json": sample_json(meta, feat)})
     save_file({"t5": torch.zeros(*text).bfloat16()}, cache / NULL_CAPTION)
     manifest = {
-        "fingerprint": fingerprint(cfg.data, feature_encoders(cfg)),
+        "fingerprint": expected_fingerprint(cfg),
         "shards": [{"file": "shard-000000.tar", "samples": samples}],
         "samples": samples,
         "scaling_factor": 0.18215,
@@ -178,7 +177,7 @@ def loader_batches(cfg, count: int, device: torch.device) -> list[dict]:
 
     data = cfg.data
     k, seed, buffer, dropout = cfg.train.grad_accum, cfg.train.seed, data.shuffle_buffer, data.cond_dropout
-    spec = LoaderSpec(data.batch_size * k, 0, 1, seed, buffer, dropout, 0, micro_batches=k)
+    spec = LoaderSpec(data.batch_size, k, 0, 1, seed, buffer, dropout, 0)
     objective, family = Objective(cfg.objective), family_of(cfg.model.family)
     out, batches = [], iter(FeatureLoader(cfg.data.cache_dir, spec))
     for _ in range(count):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -61,6 +60,7 @@ from tristage.data.config import DataConfig, EncoderConfig, SourceConfig
 from tristage.data.fingerprint import fingerprint
 from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source
 from tristage.data.text_codec import encode_text_feature
+from tristage.files import remove_tmp, tmp_path
 
 MIN_SIDE = 32  # images smaller than this (either side) are skipped as too small
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -157,7 +157,7 @@ class ShardWriter:
     def __init__(self, enc: EncoderConfig, encoders: Encoders, path: str | Path, staging: Path | None = None):
         self.enc, self.encoders, self.path = enc, encoders, str(path)
         staging = Path(storage.parent(self.path)) if staging is None else staging
-        self.tmp = staging / f"{storage.basename(self.path)}.tmp-{os.getpid()}"
+        self.tmp = tmp_path(staging / storage.basename(self.path))
         # A whole-second mtime keeps members plain ustar: a float one makes tarfile add a 1 KiB pax
         # header to every member (2 KiB per sample) that every reader then has to parse.
         self.writer = wds.TarWriter(str(self.tmp), mtime=int(time.time()))
@@ -209,14 +209,6 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
-def _fsync(path: Path) -> None:
-    storage.fsync(path)
-
-
-def _atomic_write(path: str | Path, text: str) -> None:
-    storage.write_text(str(path), text)
-
-
 def shard_path(cache_dir: str | Path, unit: Unit) -> str:
     return storage.join(str(cache_dir), shard_name(unit.cache_index))
 
@@ -265,15 +257,8 @@ def remove_stale_tmp(units: list[Unit], cache_dir: str) -> int:
     """Delete the ``*.tmp-*`` files a killed pass left for these units (only their owner calls this).
     On an object store nothing half-written is visible: only the local staging copies are."""
     staging = staging_dir(cache_dir)
-    stale = [
-        tmp
-        for unit in units
-        for final in (shard_name(unit.cache_index), done_marker_name(shard_name(unit.cache_index)))
-        for tmp in staging.glob(f"{final}.tmp-*")
-    ]
-    for tmp in stale:
-        tmp.unlink(missing_ok=True)
-    return len(stale)
+    names = [shard_name(unit.cache_index) for unit in units]
+    return remove_tmp(staging / name for name in [*names, *map(done_marker_name, names)])
 
 
 def write_null_caption(enc: EncoderConfig, encoders: Encoders, cache_dir: str | Path) -> None:
@@ -420,9 +405,7 @@ def run_cache(
     plan = survey(cache_dir, source, fp, prompts, rebuild)
     if plan.done is not None:
         if accelerator.is_main_process:
-            log.warning(
-                "cache: %s is complete (%d samples), nothing to encode", cache_dir, plan.done["samples"]
-            )
+            log.info("cache: %s is complete (%d samples), nothing to encode", cache_dir, plan.done["samples"])
         return plan.done if accelerator.is_main_process else None
     fresh = clear_for_encoding(plan, cache_dir, accelerator)
     todo = own_units(fresh, accelerator.process_index, accelerator.num_processes)
@@ -488,7 +471,7 @@ def log_summary(manifest: dict, fresh: list[Unit], cache_dir: str, seconds: floa
     markers = storage.read_many([done_marker_name(shard_path(cache_dir, u)) for u in fresh])
     images = sum(json.loads(m)["images"] for m in markers.values())
     skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
-    log.warning(
+    log.info(
         "cache: %d samples in %d shards; skipped %s (report: %s); %d images read in %.1fs, %.1f images/s",
         manifest["samples"],
         len(manifest["shards"]),

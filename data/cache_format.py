@@ -31,7 +31,6 @@ import math
 import mmap
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import xxhash
@@ -59,11 +58,6 @@ _ST_DTYPES = {
 
 def shard_name(index: int) -> str:
     return f"features-{index:05d}.tar"
-
-
-def done_marker(shard: Path) -> Path:
-    """The completeness marker of a shard (written after the shard's atomic rename)."""
-    return shard.with_name(done_marker_name(shard.name))
 
 
 def done_marker_name(shard: str) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import re
 import tempfile
@@ -36,10 +35,11 @@ from pathlib import Path
 import torch
 
 from tristage.data import storage
-from tristage.data.cache import _atomic_write, open_rgb, own_units
+from tristage.data.cache import open_rgb, own_units
 from tristage.data.config import CaptionConfig, SourceConfig
 from tristage.data.sources import Skips, Unit, open_source
 from tristage.errors import CaptionError
+from tristage.files import remove_tmp, tmp_path
 
 SETTINGS = "settings.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -222,22 +222,18 @@ def caption_unit(captioner: Captioner, source, unit: Unit, parts: str, rank: int
                 skips.add("empty_caption", key)
         bar.update(len(rows))
     part = part_path(parts, unit)
-    _atomic_write(part, "".join(line + "\n" for _, line in sorted(lines)))  # reader order
+    storage.write_text(part, "".join(line + "\n" for _, line in sorted(lines)))  # reader order
     done = {"captions": len(lines), "images": counter[0], "rank": rank, "skips": skips.to_dict()}
-    _atomic_write(part_done(part), json.dumps(done))
+    storage.write_text(part_done(part), json.dumps(done))
     return counter[0]
 
 
 def remove_stale_tmp(units: list[Unit], parts: str) -> None:
     """Delete the ``*.tmp-*`` files a killed pass left for these units (only their owner calls this).
     An object store has none: a part is one upload, whole or absent."""
-    if not storage.is_local(parts):
-        return
-    for unit in units:
-        part = Path(part_path(parts, unit))
-        for final in (part, Path(part_done(str(part)))):
-            for tmp in Path(parts).glob(f"{final.name}.tmp-*"):
-                tmp.unlink(missing_ok=True)
+    if storage.is_local(parts):
+        part_files = [part_path(parts, unit) for unit in units]
+        remove_tmp(Path(p) for p in [*part_files, *map(part_done, part_files)])
 
 
 def settings_of(cfg: CaptionConfig, source_cfg: SourceConfig, dtype: torch.dtype) -> dict:
@@ -265,7 +261,7 @@ def assemble(units: list[Unit], parts: str, output: str) -> tuple[int, Skips, in
     or uploaded whole): (captions, skips, images)."""
     skips, captions, images = Skips(), 0, 0
     folder = Path(storage.parent(output)) if storage.is_local(output) else Path(tempfile.gettempdir())
-    tmp = folder / f"{storage.basename(output)}.tmp-{os.getpid()}"
+    tmp = tmp_path(folder / storage.basename(output))
     dones = storage.read_many([part_done(part_path(parts, u)) for u in units])
     with open(tmp, "wb") as out:
         for unit in units:
@@ -289,7 +285,7 @@ def write_manifest(output: str, settings: dict, model_class: str, counts: tuple,
         "skipped": dict(skips.counts),
         "skipped_examples": skips.examples,
     }
-    _atomic_write(manifest_path(output), json.dumps(manifest, indent=1))
+    storage.write_text(manifest_path(output), json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -309,7 +305,8 @@ def run_caption(cfg: CaptionConfig, source_cfg: SourceConfig, accelerator) -> di
     accelerator.wait_for_everyone()  # every rank checked the settings and listed `fresh` before writes
     captioner = Captioner.load(cfg, accelerator.device)
     if accelerator.is_main_process:
-        _atomic_write(storage.join(parts, SETTINGS), json.dumps(settings, indent=1))  # equal to any older one
+        # equal to any older one (check_settings)
+        storage.write_text(storage.join(parts, SETTINGS), json.dumps(settings, indent=1))
     start = time.perf_counter()
     caption_units(captioner, source, own_units(fresh, rank, world), parts, accelerator)
     accelerator.wait_for_everyone()
@@ -345,7 +342,7 @@ def log_summary(manifest: dict, fresh: list[Unit], parts: str, output: str, seco
     dones = storage.read_many([part_done(part_path(parts, u)) for u in fresh])
     images = sum(json.loads(done)["images"] for done in dones.values())
     skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
-    log.warning(
+    log.info(
         "caption: %d captions from %d units in %s; skipped %s (examples: %s); "
         "%d images read in this run in %.1fs, %.2f images/s",
         manifest["captions"],

@@ -2,7 +2,8 @@
 
 These sections sit beside the code that reads them, so ``data/`` never imports ``train/``;
 ``train/config.py`` composes them into the run's ``Config`` (YAML keys ``data:``, ``encoders:``,
-``caption:``).
+``caption:``).  Each checks its own values in ``__post_init__`` (``tristage/checks.py``): every choice
+against its list here, every number against its range, once, when the config is loaded.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from tristage.checks import at_least, check_choice, in_range, positive, seed
 from tristage.errors import ConfigError
 
+# data.source.kind: the raw readers (data/sources.py SOURCES, keyed by these names)
+SOURCE_KINDS = ("imagenet_wds", "imagenet_folders", "sam_llava", "aesthetic_folder", "aesthetic_wds", "wds")
 NULL_CAPTIONS = ("t5_empty", "buffer")  # data.null_caption (train/training/null_caption.py)
 ON_DAMAGED = ("stop", "skip")  # data.on_damaged (data/features.py FeatureLoader._intact_rows)
 FEATURE_DTYPES = ("bfloat16", "float16", "float32")  # encoders.feature_dtype (data/cache.py DTYPES)
@@ -29,7 +33,11 @@ class SourceConfig:
     captions: str | None = None  # id -> caption (JSON/JSONL/tar/ID.txt dir): sam_llava; wds: over its own
     metadata: str | None = None  # aesthetic_folder: JSONL or parquet with file, caption, aesthetic_score
     synsets: str | None = None  # imagenet: "synset name" lines; line order = class index
-    min_aesthetic: float = 0.0  # aesthetic sets: keep only images scoring above this
+    min_aesthetic: float = 0.0  # aesthetic sets: keep only images scoring above this (scores are >= 0)
+
+    def __post_init__(self) -> None:
+        check_choice("data.source.kind", self.kind, SOURCE_KINDS)
+        at_least("data.source.min_aesthetic", self.min_aesthetic, 0.0)
 
 
 @dataclass
@@ -47,6 +55,10 @@ class DataConfig:
     remote_cache_gb: float = 50.0  # per-process size cap of that folder; least recently used shards go first
 
     def __post_init__(self) -> None:
+        at_least("data.resolution", self.resolution, 8)  # one latent pixel of the VAE's factor 8
+        at_least("data.batch_size", self.batch_size, 1)
+        at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
+        in_range("data.cond_dropout", self.cond_dropout, 0.0, 1.0)
         check_choice("data.null_caption", self.null_caption, NULL_CAPTIONS)
         check_choice("data.on_damaged", self.on_damaged, ON_DAMAGED)
         if not self.remote_cache_gb > 0:
@@ -64,6 +76,8 @@ class EncoderConfig:
     batch_size: int = 16  # images per encoder forward in the cache pass
 
     def __post_init__(self) -> None:
+        at_least("encoders.max_tokens", self.max_tokens, 1)
+        at_least("encoders.batch_size", self.batch_size, 1)
         check_choice("encoders.feature_dtype", self.feature_dtype, FEATURE_DTYPES)
         check_choice("encoders.text_feature_dtype", self.text_feature_dtype, TEXT_FEATURE_DTYPES)
 
@@ -90,19 +104,13 @@ class CaptionConfig:
     output: str | None = None  # caption JSONL to write ({"id", "caption"} per line); parts in OUTPUT.parts/
 
     def __post_init__(self) -> None:
-        for key in ("max_new_tokens", "batch_size", "sort_window"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"key 'caption.{key}': must be >= 1, got {getattr(self, key)}")
+        at_least("caption.max_new_tokens", self.max_new_tokens, 1)
+        at_least("caption.batch_size", self.batch_size, 1)
+        at_least("caption.sort_window", self.sort_window, 1)
         check_choice("caption.dtype", self.dtype, CAPTION_DTYPES)
-        if not self.temperature > 0:
-            raise ConfigError(f"key 'caption.temperature': must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"key 'caption.top_p': must be in (0, 1], got {self.top_p}")
+        positive("caption.temperature", self.temperature)
+        in_range("caption.top_p", self.top_p, 0.0, 1.0, open_low=True)
+        seed("caption.seed", self.seed)
         if "{prompt}" not in self.hint_prompt or "{hint}" not in self.hint_prompt:
             raise ConfigError("key 'caption.hint_prompt': must contain {prompt} and {hint}")
 
-
-def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    """One line naming ``key`` when ``value`` is not one of ``choices`` (the loader adds the file)."""
-    if value not in choices:
-        raise ConfigError(f"key '{key}': {value!r} is not one of {', '.join(choices)}")

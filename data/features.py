@@ -11,9 +11,10 @@ dropout and the timestep draw here; the latent sample from the cached posterior 
 diffusion noise in :func:`sample_latents`, on the training device) comes from generators
 seeded by (seed, epoch, batch index) and is drawn for the whole global batch, then sliced.
 
-With gradient accumulation (``micro_batches`` K > 1) each global batch is yielded as K micro-batches
-per process: the process's slice cut into K consecutive pieces, so one process with K micro-batches
-of B sees exactly the rows, draws and noise of one process with one batch of K x B.
+A global batch is ``batch_size`` x processes x ``grad_accum`` samples.  With gradient accumulation
+(``grad_accum`` K > 1) each global batch is yielded as K micro-batches of ``batch_size`` per process:
+the process's slice cut into K consecutive pieces, so one process with K micro-batches of B sees
+exactly the rows, draws and noise of one process with one batch of K x B.
 
 The position (epoch, global batches consumed) is exposed through ``state_dict`` so the trainer can
 checkpoint and resume it exactly; it moves by whole global batches.
@@ -63,7 +64,8 @@ __all__ = ["MANIFEST", "CacheError", "FeatureLoader", "LoaderSpec", "sample_late
 class LoaderSpec:
     """What the loader needs besides the cache folder."""
 
-    global_batch: int  # samples per optimizer step across all processes and micro-batches
+    batch_size: int  # samples per micro-batch on each process (data.batch_size)
+    grad_accum: int  # micro-batches per global batch on each process (train.grad_accum)
     rank: int  # this process
     world: int  # number of processes
     seed: int  # data order and per-batch randomness
@@ -72,7 +74,11 @@ class LoaderSpec:
     null_label: int  # class id used as the null class (stage 1)
     pin_memory: bool = False  # page-lock batches in the prefetch thread (CUDA: copies overlap compute)
     on_damaged: str = "stop"  # a sample failing its checksum: "stop" (raise) or "skip" it and count it
-    micro_batches: int = 1  # batches yielded per global batch on each process (train.grad_accum)
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step, over every process and micro-batch."""
+        return self.batch_size * self.world * self.grad_accum
 
 
 @dataclass(frozen=True)
@@ -162,11 +168,6 @@ class FeatureLoader:
         ``data``: the run's data section; with it the cache is checked against the raw source (units
         missing, changed or removed: ``data.cache_check.training_shards``) and a remote cache is read
         through ``data.remote_cache_dir``."""
-        if spec.global_batch % (spec.world * spec.micro_batches):
-            raise ValueError(
-                f"global batch {spec.global_batch} is not divisible by {spec.world} processes "
-                f"x {spec.micro_batches} micro-batches"
-            )
         self.dir, self.spec = str(cache_dir), spec
         self.manifest = open_manifest(cache_dir, expected)
         listed = self.manifest["shards"]
@@ -256,9 +257,8 @@ class FeatureLoader:
     # -- one batch -----------------------------------------------------------------
     def _rows(self, micro: int) -> tuple[int, int]:
         """This process's rows of a global batch in micro-batch ``micro``: its slice, cut in order."""
-        per_rank = self.spec.global_batch // self.spec.world
-        size = per_rank // self.spec.micro_batches
-        lo = self.spec.rank * per_rank + micro * size
+        size = self.spec.batch_size
+        lo = (self.spec.rank * self.spec.grad_accum + micro) * size
         return lo, lo + size
 
     def _collate(self, samples: list[dict], epoch: int, index: int, micro: int = 0) -> dict:
@@ -342,7 +342,7 @@ class FeatureLoader:
                 produced = 0
                 for index, samples in enumerate(self._global_batches(epoch)):
                     produced += 1
-                    for micro in range(self.spec.micro_batches if index >= start else 0):
+                    for micro in range(self.spec.grad_accum if index >= start else 0):
                         batch = self._collate(samples, epoch, index, micro)
                         out.put(pinned(batch) if self.spec.pin_memory else batch)
                     if stop.is_set():
@@ -366,7 +366,7 @@ class FeatureLoader:
                 if isinstance(item, BaseException):
                     raise item
                 epoch, index, micro = item["position"]
-                if micro == self.spec.micro_batches - 1:  # the position moves by whole global batches
+                if micro == self.spec.grad_accum - 1:  # the position moves by whole global batches
                     self.epoch, self.next_index = epoch, index + 1
                 self.damaged_skipped += len(item["noise_draw"].skipped)  # counted as used, not as prefetched
                 yield item

@@ -29,6 +29,7 @@ import xxhash
 from tristage.data.buckets import bucket_table
 from tristage.data.cache_format import FORMAT
 from tristage.data.config import DataConfig, EncoderConfig
+from tristage.files import atomic_write
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")
 # data.source keys that say where the raw files are, not what they are: they stay out of the fingerprint.
@@ -85,9 +86,7 @@ def _known_digests() -> Iterator[dict]:
         before = dict(known)
         yield known
         if known != before:
-            tmp = store.with_name(f"{store.name}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, store)
+            atomic_write(store, json.dumps(known))
 
 
 def file_digest(path: Path, known: dict) -> str:

@@ -578,6 +578,7 @@ class AestheticWds(Wds):
 
 Source = ImageNetWds | ImageNetFolders | SamLlava | AestheticFolder | Wds
 
+# data.source.kind (its choices: data/config.py SOURCE_KINDS) -> the reader
 SOURCES: dict[str, Callable[[SourceConfig], Source]] = {
     "imagenet_wds": ImageNetWds,
     "imagenet_folders": ImageNetFolders,
@@ -594,8 +595,6 @@ CAPTIONED_SOURCES = ("sam_llava", "aesthetic_folder", "aesthetic_wds", "wds")
 
 def open_source(cfg: SourceConfig, need_captions: bool = True) -> Source:
     """The reader for ``cfg.kind``; ``need_captions=False`` keeps images that have no caption yet."""
-    if cfg.kind not in SOURCES:
-        raise SourceError(f"data.source.kind: unknown source {cfg.kind!r}; known: {', '.join(SOURCES)}")
     if need_captions:
         return SOURCES[cfg.kind](cfg)
     if cfg.kind not in CAPTIONED_SOURCES:

@@ -25,6 +25,7 @@ from typing import TypeVar
 import xxhash
 
 from tristage.errors import StorageError  # credentials or permissions refused: one line naming the bucket
+from tristage.files import atomic_write, publish
 
 T = TypeVar("T")
 DIGEST_SPAN = 1 << 20  # bytes hashed at each end of a file for its content identity
@@ -195,11 +196,6 @@ def read_many(paths: list[str]) -> dict[str, bytes]:
     return {p: found[_filesystem(p)[1]] for p in paths}
 
 
-def fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
 @_remote
 def write_bytes(path: str, data: bytes) -> None:
     """Write ``path`` atomically: locally a temporary name, fsync, rename; remotely one PUT."""
@@ -207,10 +203,7 @@ def write_bytes(path: str, data: bytes) -> None:
         fs, p = _filesystem(path)
         fs.pipe_file(p, data)
         return
-    tmp = Path(path).with_name(f"{Path(path).name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    fsync(tmp)
-    os.replace(tmp, path)
+    atomic_write(Path(path), data)
 
 
 def write_text(path: str, text: str) -> None:
@@ -222,8 +215,7 @@ def upload(local: Path, dest: str) -> None:
     """Move a finished local file to ``dest``: locally fsync and rename; remotely one upload, then the
     local file is deleted (the object exists whole only once the upload completes)."""
     if not is_remote(dest):
-        fsync(local)
-        os.replace(local, dest)
+        publish(local, Path(dest))
         return
     fs, p = _filesystem(dest)
     fs.put_file(str(local), p)

@@ -60,8 +60,3 @@ def decode_into(stored: dict[str, torch.Tensor], out: torch.Tensor) -> None:
         out.mul_(stored["t5_scale"])
 
 
-def decode_text_feature(stored: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Stored tensors -> a new (L, C) feature in :func:`decoded_dtype`."""
-    out = torch.empty(stored["t5"].shape, dtype=decoded_dtype(stored))
-    decode_into(stored, out)
-    return out

@@ -77,3 +77,20 @@ def write_demo_text_encoder(out: Path) -> tuple[Path, Path]:
 def demo_vae_path() -> Path:
     """The committed demo VAE (trained once by ``demo/assets/train_demo_vae.py``)."""
     return Path(__file__).parent / "assets" / "demo_vae"
+
+
+def write_encoders(root: Path, vae_channels: tuple[int, ...] = (16, 16, 32, 32)) -> dict[str, Path]:
+    """A small random AutoencoderKL (factor 8, seeded) and the demo T5, saved for ``from_pretrained``: the
+    encoders of the cache benchmark and of the cache and caption tests."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=vae_channels,
+        norm_num_groups=8,
+        latent_channels=4,
+    ).save_pretrained(root / "vae")
+    tokenizer, text_encoder = write_demo_text_encoder(root)
+    return {"vae": root / "vae", "tokenizer": tokenizer, "text_encoder": text_encoder}

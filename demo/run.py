@@ -125,12 +125,12 @@ def run_stage(cfg: Config, stop: StopSignals) -> dict | None:
     """Cache and train one stage; None when a stop arrived (the trainer then saved a checkpoint)."""
     from accelerate import Accelerator
 
-    from tristage.train.families import cache_stage
+    from tristage.train.training.stage_cache import cache_stage
     from tristage.train.training.trainer import run_train
 
     save_config(cfg, Path(cfg.run.dir) / "config.yaml")
     manifest = cache_stage(cfg, Accelerator())
-    log.warning("%s: cached %d samples, skipped %s", cfg.run.name, manifest["samples"], manifest["skipped"])
+    log.info("%s: cached %d samples, skipped %s", cfg.run.name, manifest["samples"], manifest["skipped"])
     if stop.requested():
         return None
     summary = run_train(cfg)

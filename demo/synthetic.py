@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -307,23 +306,3 @@ def write_stage3(out: Path, n: int, seed: int = 2) -> Path:
             record = {"file": name, "caption": caption(scene, rng), "aesthetic_score": round(score, 3)}
             meta.write(json.dumps(record) + "\n")
     return out
-
-
-def shape_colour(image: Image.Image | np.ndarray) -> str | None:
-    """Name the palette colour of the shape in ``image``, or None if no shape stands out.
-
-    The background is the median of the border pixels; shape pixels are those
-    far (> 60 RGB units) from it.  Their median colour is matched to the nearest
-    palette entry.  The VAE tests read colours with it; the demo's adherence report reads kind,
-    colour, background, size and position with ``demo/adherence.classify``.
-    """
-    arr = np.asarray(image, dtype=np.float32)[..., :3]
-    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-    background = np.median(border, axis=0)
-    mask = np.linalg.norm(arr - background, axis=-1) > 60
-    if mask.sum() < 0.02 * mask.size:
-        return None
-    centre = np.median(arr[mask], axis=0)  # median: robust to anti-aliased edge pixels
-    names = list(COLOURS)
-    dists = [np.linalg.norm(centre - np.array(COLOURS[n])) for n in names]
-    return names[int(np.argmin(dists))]

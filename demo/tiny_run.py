@@ -35,7 +35,7 @@ def write_tiny_stage1(root: Path) -> Path:
     from tristage.demo import synthetic
     from tristage.demo.run import CONFIGS
     from tristage.train.config import load_config, save_config
-    from tristage.train.families import cache_stage
+    from tristage.train.training.stage_cache import cache_stage
 
     raw = synthetic.write_stage1(root / "raw", n=18 * 12, per_shard=72)
     overrides = [

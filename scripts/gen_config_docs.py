@@ -4,7 +4,7 @@
     python scripts/gen_config_docs.py --check   # exit 1 if the page is stale (tests/test_docs.py)
 
 The typed config is the single source: the dataclasses reachable from ``tristage.train.config.Config``
-(today in ``train/config.py``, ``data/config.py`` and ``train/diffusion/objective.py``).  Each field's
+(today in ``train/config.py``, ``data/config.py`` and ``train/diffusion/config.py``).  Each field's
 meaning is its trailing ``#`` comment, or else the attribute docstring on the lines below it; a field
 with neither is an error, so every key keeps its one meaning.
 
@@ -39,9 +39,10 @@ config (`train/config.py` composes the sections declared beside their owners). V
 defaults ← YAML ← `key=value` overrides on the command line, for example
 `tristage train configs/stage2_sam_llava.yaml train.max_steps=1000 data.batch_size=64`.
 
-An unknown key, a wrong type, a value outside its choices or a missing path stops the run before any
-heavy work with one line naming the file (and its line where the parser knows it) and the key, and exit
-code 2. A default of *required* must be set (in the YAML or on the command line).
+An unknown key, a wrong type, a value outside its choices or its range (each section checks its own
+keys where they are declared, once, as the config loads) or a missing path stops the run before any
+heavy work with one line naming the file (and its line where the parser knows it), the key and the
+allowed values, and exit code 2. A default of *required* must be set (in the YAML or on the command line).
 """
 
 

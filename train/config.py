@@ -1,9 +1,16 @@
 """Typed run configuration: defaults <- YAML <- ``key=value`` overrides.
 
 Every key is declared with a one-line meaning (nanoGPT-style): here, or beside its owner
-(``data/config.py``: source, cache and encoders; ``train/diffusion/objective.py``: the loss).  Unknown
-keys, wrong types and missing paths are reported as one line that names the
-key and the file, before any heavy work starts.
+(``data/config.py``: source, cache and encoders; ``train/diffusion/config.py``: the loss).  Each section
+checks its own values where it is declared (``__post_init__``, torchtitan-style, with the helpers of
+``tristage/checks.py``): every choice against its list, which lives here beside the key and which the
+component reads its table keys from, and every number against its range.  ``load_config`` runs those
+checks once, as it builds the typed config, and nothing checks them again later.  Unknown keys, wrong
+types and bad values are one line that names the key and the file, before any heavy work starts; the
+checks that need the filesystem or the installed packages (paths exist, xformers installed) are the
+pre-flight ``check_*_paths`` below, which each command runs once.
+
+This module imports neither torch nor any component: loading a config stays light.
 """
 
 from __future__ import annotations
@@ -16,14 +23,26 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tristage.checks import at_least, check_choice, in_range, positive, seed
 from tristage.data import storage
-from tristage.data.config import CaptionConfig, ConfigError, DataConfig, EncoderConfig, check_choice
-from tristage.train.diffusion.objective import ObjectiveConfig
+from tristage.data.config import CaptionConfig, DataConfig, EncoderConfig
+from tristage.errors import ConfigError
+from tristage.train.diffusion.config import ObjectiveConfig
+from tristage.train.models.sizes import SIZES
 
+# The choice lists, beside the keys; each component keys its table by them (tests/unit/test_config.py).
+MODEL_FAMILIES = ("dit", "pixart")  # model.family (train/families.py FAMILIES)
+# model.attention_backend -> the package it needs (looked up with find_spec at pre-flight, never imported)
+ATTENTION_BACKENDS: dict[str, str | None] = {"sdpa": None, "xformers": "xformers"}
 LR_SCHEDULES = ("constant", "cosine")  # optim.lr_schedule (train/training/lr_schedules.py FACTORS)
+MIXED_PRECISIONS = ("no", "fp16", "bf16")  # train.mixed_precision (accelerate's)
+NONFINITE_CHECKS = ("step", "log")  # train.nonfinite_check (train/training/nonfinite.py GUARDS)
 # train.parallelism: DDP, or FSDP2 re-sharding the weights after the forward or not (train/training/fsdp.py)
 PARALLELISMS = ("ddp", "fsdp", "fsdp_grad_op")
 SHARDED_PARALLELISMS = ("fsdp", "fsdp_grad_op")  # the ones that shard weights, grads, AdamW and EMA
+ON_ERROR = ("raise", "continue")  # checkpoint.on_error (train/training/checkpointer.py Checkpointer._failed)
+TRACKING_MODES = ("offline", "online", "tensorboard", "disabled")  # tracking.mode (tracking.py MODES)
+INIT_FROM_WEIGHTS = ("ema", "model")  # init_from_weights (train/conversion/keymap.py WEIGHTS_CHOICES)
 
 
 @dataclass
@@ -49,6 +68,19 @@ class ModelConfig:
     checkpoint_blocks: int = -1  # with gradient_checkpointing: leading blocks to recompute (-1 = all)
     attention_backend: str = "sdpa"  # "sdpa" (PyTorch fused attention) or "xformers" (optional extra)
 
+    def __post_init__(self) -> None:
+        check_choice("model.family", self.family, MODEL_FAMILIES)
+        check_choice("model.size", self.size, SIZES)
+        check_choice("model.attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        for key in ("sample_size", "in_channels", "num_classes", "caption_channels"):
+            at_least(f"model.{key}", getattr(self, key), 1)
+        positive("model.class_embed_std", self.class_embed_std)
+        positive("model.caption_embed_std", self.caption_embed_std)
+        if self.interpolation_scale is not None:
+            positive("model.interpolation_scale", self.interpolation_scale)
+        in_range("model.freq_shift", self.freq_shift, 0, 1)
+        at_least("model.checkpoint_blocks", self.checkpoint_blocks, -1)  # -1: all blocks
+
 
 @dataclass
 class OptimConfig:
@@ -60,6 +92,19 @@ class OptimConfig:
     lr_schedule: str = "constant"  # after warm-up: "constant" (PixArt) or "cosine" (to 0 at train.max_steps)
     grad_clip: float | None = 0.01  # max global grad norm (PixArt: 0.01); null = no clipping (DiT)
     auto_lr: bool = True  # sqrt-scale lr by global batch / 256 (PixArt's auto_lr; DiT: off)
+
+    def __post_init__(self) -> None:
+        positive("optim.lr", self.lr)
+        at_least("optim.weight_decay", self.weight_decay, 0.0)
+        if len(self.betas) != 2:
+            raise ConfigError(f"key 'optim.betas': must be [beta1, beta2], got {list(self.betas)}")
+        for i, beta in enumerate(self.betas):
+            in_range(f"optim.betas[{i}]", beta, 0.0, 1.0, open_high=True)
+        positive("optim.eps", self.eps)
+        at_least("optim.warmup_steps", self.warmup_steps, 0)
+        check_choice("optim.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.grad_clip is not None:
+            positive("optim.grad_clip", self.grad_clip)
 
 
 @dataclass
@@ -83,6 +128,17 @@ class TrainConfig:
         # OmegaConf then stores the string "False": both mean no mixed precision.
         if self.mixed_precision in ("False", "false"):
             self.mixed_precision = "no"
+        for key in ("max_steps", "grad_accum", "log_every", "max_nonfinite"):
+            at_least(f"train.{key}", getattr(self, key), 1)
+        seed("train.seed", self.seed)
+        in_range("train.ema_decay", self.ema_decay, 0.0, 1.0)
+        if self.max_time is not None:
+            positive("train.max_time", self.max_time)
+        check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        check_choice("train.nonfinite_check", self.nonfinite_check, NONFINITE_CHECKS)
+        check_choice("train.parallelism", self.parallelism, PARALLELISMS)
+        if self.sharded and self.mixed_precision == "fp16":
+            raise ConfigError("key 'train.mixed_precision': fp16 is not supported with FSDP; use bf16")
 
     @property
     def sharded(self) -> bool:
@@ -96,6 +152,11 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept on disk
     on_error: str = "raise"  # a failed save (disk full, I/O error): "raise" (stop) or "continue" training
 
+    def __post_init__(self) -> None:
+        at_least("checkpoint.every", self.every, 1)
+        at_least("checkpoint.keep_last", self.keep_last, 1)
+        check_choice("checkpoint.on_error", self.on_error, ON_ERROR)
+
 
 @dataclass
 class TrackingConfig:
@@ -103,6 +164,9 @@ class TrackingConfig:
     project: str = "tristage"  # W&B project
     run_name: str | None = None  # tracker run name (default: run.name)
     tags: list[str] = field(default_factory=list)  # tracker tags, e.g. the stage
+
+    def __post_init__(self) -> None:
+        check_choice("tracking.mode", self.mode, TRACKING_MODES)
 
 
 @dataclass
@@ -113,6 +177,14 @@ class ValidationConfig:
     seed: int = 0  # fixed sampling seed
     steps: int = 20  # DPM-Solver++ steps
     guidance: float = 4.5  # classifier-free guidance scale
+
+    def __post_init__(self) -> None:
+        at_least("validation.every", self.every, 0)
+        for i, label in enumerate(self.class_labels):
+            at_least(f"validation.class_labels[{i}]", label, 0)
+        seed("validation.seed", self.seed)
+        at_least("validation.steps", self.steps, 1)
+        at_least("validation.guidance", self.guidance, 0.0)
 
 
 @dataclass
@@ -131,6 +203,12 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # full-state saves
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # W&B / TensorBoard
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # sample grids
+
+    def __post_init__(self) -> None:
+        """What one section cannot check alone: values that must agree across sections."""
+        check_choice("init_from_weights", self.init_from_weights, INIT_FROM_WEIGHTS)
+        for i, label in enumerate(self.validation.class_labels):
+            in_range(f"validation.class_labels[{i}]", label, 0, self.model.num_classes - 1)
 
 
 def _one_line(path: str, err: OmegaConfBaseException, source: str | None = None) -> ConfigError:
@@ -196,63 +274,26 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return cfg
 
 
-# model.attention_backend -> the package it needs (looked up with find_spec: nothing is imported here).
-ATTENTION_BACKENDS: dict[str, str | None] = {"sdpa": None, "xformers": "xformers"}
-NONFINITE_CHECKS = ("step", "log")  # train.nonfinite_check choices (train/nonfinite.py GUARDS)
-MIXED_PRECISIONS = ("no", "fp16", "bf16")  # train.mixed_precision choices (accelerate's)
+def check_train_paths(cfg: Config, path: str, has_checkpoint: bool) -> None:
+    """Paths a training run reads must exist (init_from only matters without a checkpoint), and the
+    attention backend's package must be installed."""
+    _check_attention_installed(cfg.model.attention_backend, path)
+    if cfg.init_from is not None and not has_checkpoint:
+        require_exists(path, "init_from", cfg.init_from)
+        _require_model_folder(path, Path(cfg.init_from))
+    require_exists(path, "data.cache_dir", cfg.data.cache_dir)
 
 
-def check_train_options(cfg: Config, path: str) -> None:
-    """Choices a training run makes at start-up: each must be known (and the attention backend installed)."""
-    _check_attention_backend(cfg.model.attention_backend, path)
-    _check_choice(path, "train.nonfinite_check", cfg.train.nonfinite_check, NONFINITE_CHECKS)
-    _check_choice(path, "train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISIONS)
-    _check_choice(path, "optim.lr_schedule", cfg.optim.lr_schedule, LR_SCHEDULES)
-    _check_choice(path, "train.parallelism", cfg.train.parallelism, PARALLELISMS)
-    if cfg.train.sharded and cfg.train.mixed_precision == "fp16":
-        raise ConfigError(f"{path}: key 'train.mixed_precision': fp16 is not supported with FSDP; use bf16")
-    if cfg.train.grad_accum < 1:
-        raise ConfigError(f"{path}: key 'train.grad_accum': must be >= 1 (micro-batches per optimizer step)")
-    if cfg.model.checkpoint_blocks < -1:
-        raise ConfigError(f"{path}: key 'model.checkpoint_blocks': must be >= -1 (-1 = all blocks)")
-    _check_choice(path, "init_from_weights", cfg.init_from_weights, INIT_FROM_WEIGHTS)
-    _check_choice(path, "checkpoint.on_error", cfg.checkpoint.on_error, ON_ERROR)
-
-
-def _check_attention_backend(backend: str, path: str) -> None:
-    """model.attention_backend must be known, and its package installed (found, not imported)."""
+def _check_attention_installed(backend: str, path: str) -> None:
+    """The package ``model.attention_backend`` needs, found (not imported: importing xformers is slow)."""
     import importlib.util
 
-    if backend not in ATTENTION_BACKENDS:
-        raise ConfigError(
-            f"{path}: key 'model.attention_backend': unknown backend {backend!r}; "
-            f"choose one of {', '.join(ATTENTION_BACKENDS)}"
-        )
     package = ATTENTION_BACKENDS[backend]
     if package is not None and importlib.util.find_spec(package) is None:
         raise ConfigError(
             f"{path}: key 'model.attention_backend': {backend} is not installed "
             f"(pip install 'tristage[{package}]'), or use sdpa"
         )
-
-
-ON_ERROR = ("raise", "continue")  # checkpoint.on_error (train/training/checkpointer.py Checkpointer._failed)
-INIT_FROM_WEIGHTS = ("ema", "model")  # init_from_weights (train/conversion/keymap.py WEIGHTS_CHOICES)
-
-
-def _check_choice(path: str, key: str, value: str, choices: tuple[str, ...]) -> None:
-    try:
-        check_choice(key, value, choices)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def check_train_paths(cfg: Config, path: str, has_checkpoint: bool) -> None:
-    """Paths a training run reads must exist (init_from only matters without a checkpoint)."""
-    if cfg.init_from is not None and not has_checkpoint:
-        require_exists(path, "init_from", cfg.init_from)
-        _require_model_folder(path, Path(cfg.init_from))
-    require_exists(path, "data.cache_dir", cfg.data.cache_dir)
 
 
 def _require_model_folder(cfg_path: str, init_from: Path) -> None:

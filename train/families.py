@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 
 from diffusers import PixArtTransformer2DModel
 
-from tristage.data.cache import run_cache
 from tristage.data.config import EncoderConfig
 from tristage.train.config import Config
 from tristage.train.conversion.converters import DIT_CONVERTERS, PIXART_CONVERTERS, Converter
@@ -71,6 +70,7 @@ def _build_pixart(cfg, out_channels: int) -> PixArtTransformer2DModel:
     )
 
 
+# model.family (its choices: train/config.py MODEL_FAMILIES) -> the spec
 FAMILIES: dict[str, Family] = {
     # name: Family(model class, build, inputs, needs_text, converters (init_from), pipeline builder)
     "dit": Family(ClassConditionalDiT, _build_dit, dit_inputs, False, DIT_CONVERTERS, dit_pipeline),
@@ -92,8 +92,3 @@ def feature_encoders(cfg: Config) -> EncoderConfig:
     if family_of(cfg.model.family).needs_text:
         return cfg.encoders
     return replace(cfg.encoders, text_encoder=None)
-
-
-def cache_stage(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
-    """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts."""
-    return run_cache(cfg.data, feature_encoders(cfg), accelerator, cfg.validation.prompts, rebuild)

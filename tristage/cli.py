@@ -37,7 +37,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from tristage.train.config import check_cache_paths, load_config
-    from tristage.train.families import cache_stage
+    from tristage.train.training.stage_cache import cache_stage
 
     cfg = load_config(args.config, args.overrides)
     check_cache_paths(cfg, args.config)
@@ -49,13 +49,12 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from tristage.data import storage
-    from tristage.train.config import check_train_options, check_train_paths, load_config
+    from tristage.train.config import check_train_paths, load_config
     from tristage.train.training.checkpoint_files import complete_checkpoints
     from tristage.train.training.remote_run import RunMirror
     from tristage.train.training.trainer import run_train
 
     cfg = load_config(args.config, args.overrides)
-    check_train_options(cfg, args.config)
     # Markers and trainer.json only: the Trainer reads (and so verifies) the weights, once.
     has_checkpoint = cfg.resume != "none" and bool(
         RunMirror(cfg.run.dir).remote_steps()
@@ -205,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_progress() -> None:
+    """tristage's own progress lines (``log.info``: resumed, summaries, cache and caption passes) and
+    every library's warnings on stderr, one message per line; other libraries' INFO stays off."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("tristage").setLevel(logging.INFO)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
     "caption": cmd_caption,
     "cache": cmd_cache,
@@ -220,7 +226,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    show_progress()
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)

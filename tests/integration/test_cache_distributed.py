@@ -22,10 +22,10 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from tristage.bench.cache import write_encoders
 from tristage.demo import synthetic
+from tristage.demo.encoders import write_encoders
 from tristage.train.config import load_config
-from tristage.train.families import cache_stage
+from tristage.train.training.stage_cache import cache_stage
 
 from ..conftest import ROOT, one_thread_env, run_cli_2proc, tristage, user_folder
 
@@ -158,7 +158,7 @@ def test_summary_counts_skips_by_reason(world, tmp_path, caplog):
     cache_dir = tmp_path / "cache"
     overrides = [*world["common"], f"run.dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}"]
     overrides += [f"data.source.paths=[{tmp_path / 'sa_0.tar'}]", f"data.source.captions={captions}"]
-    with caplog.at_level(logging.WARNING, logger="tristage.data.cache"):
+    with caplog.at_level(logging.INFO, logger="tristage.data.cache"):
         manifest = cache_stage(load_config(CONFIG, overrides), Accelerator())
     assert manifest["samples"] == 1
     (line,) = [r.getMessage() for r in caplog.records if r.name == "tristage.data.cache"]

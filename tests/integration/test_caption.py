@@ -27,7 +27,7 @@ from tristage.data.sources import Skips, open_source
 from tristage.demo import synthetic
 from tristage.demo.captioner import write_captioner, write_next_captioner
 from tristage.train.config import load_config
-from tristage.train.families import cache_stage
+from tristage.train.training.stage_cache import cache_stage
 from tristage.train.training.trainer import Trainer
 
 from ..conftest import ROOT, run_cli, run_cli_2proc
@@ -140,7 +140,7 @@ def test_two_processes_equal_one(world):
 
 
 def test_output_feeds_cache_and_a_short_stage2_run(world, tmp_path):
-    from tristage.bench.cache import write_encoders
+    from tristage.demo.encoders import write_encoders
 
     enc = write_encoders(tmp_path, vae_channels=(8, 8, 8, 8))
     extra = [

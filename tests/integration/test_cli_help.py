@@ -9,7 +9,7 @@ import sys
 
 from tristage.cli import build_parser
 
-from ..conftest import tristage, user_folder
+from ..conftest import ROOT, tristage, user_folder
 
 HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 
@@ -61,3 +61,27 @@ def test_every_option_has_help():
     ]
     assert missing == [] and unlisted == []
     assert len(list(parsers(build_parser()))) >= 11  # the walk reached the subcommands
+
+
+def test_the_command_shows_tristage_progress_and_warnings_but_no_other_library_info():
+    """Progress is ``log.info`` and problems ``log.warning``: the command shows tristage's INFO lines and
+    every library's warnings, one message per line, and leaves other libraries' INFO off."""
+    code = "import logging\nfrom tristage.cli import show_progress\nshow_progress()\n"
+    code += "logging.getLogger('tristage.data.cache').info('ours: progress')\n"
+    code += "logging.getLogger('diffusers.models').info('theirs: progress')\n"
+    code += "logging.getLogger('diffusers.models').warning('theirs: a problem')\n"
+    out = subprocess.run([sys.executable, "-c", code], cwd=user_folder(), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == ["ours: progress", "theirs: a problem"]
+
+
+def test_loading_a_config_imports_no_torch():
+    """The config modules import neither torch nor a component: choice lists live beside the keys."""
+    config = str(ROOT / "demo" / "configs" / "stage1.yaml")
+    code = f"import sys, tristage.train.config as c\nc.load_config({config!r}, ['run.dir=x'])\n"
+    code += "print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[1:])))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, *HEAVY], cwd=user_folder(), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -26,6 +26,7 @@ from tristage.train.config import load_config
 from tristage.train.training import checkpoint_files as ckpt
 from tristage.train.training.trainer import Trainer
 
+from ..checkpoints import verify
 from ..conftest import ROOT, descendants, env_2proc, finish, newest_step, run_cli_2proc, start_2proc
 
 STEPS = 4  # optimizer steps of the grad-accum runs
@@ -143,7 +144,7 @@ def resumes_and_continues(setup: Path, run_dir: Path, saved: int) -> None:
 def assert_agreed_checkpoint(run_dir: Path, step: int) -> None:
     """Complete, written by both ranks, no temp dir left."""
     path = ckpt.step_dir(run_dir / "checkpoints", step)
-    assert ckpt.verify(path).step == step
+    assert verify(path).step == step
     assert (path / "rng_rank0.pt").is_file() and (path / "rng_rank1.pt").is_file()
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 

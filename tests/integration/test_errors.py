@@ -36,3 +36,25 @@ def test_a_user_error_is_one_line_and_exit_2(setup, tmp_path):
         f"tristage train: error: {setup} (command-line override): key 'optim.lrr': "
         "Key 'lrr' not in 'OptimConfig'. Did you mean: 'lr'?"
     ]
+
+
+def _files(folder):
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=-1", "key 'optim.lr': must be > 0, got -1.0"),  # was a 24-line optimizer traceback
+        ("train.max_steps=-5", "key 'train.max_steps': must be >= 1, got -5"),  # was a COMPLETE final/
+        ("data.batch_size=0", "key 'data.batch_size': must be >= 1, got 0"),  # was blamed on the cache
+    ],
+)
+def test_a_value_out_of_range_is_one_line_and_nothing_is_written(setup, tmp_path, override, message):
+    """Refused when the config loads, before any run folder, tracker or checkpoint exists."""
+    cache = setup.parent / "cache"
+    before = _files(cache)
+    result = run_cli("train", str(setup), f"run.dir={tmp_path / 'run'}", override)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"tristage train: error: {setup}: {message}"]
+    assert not (tmp_path / "run").exists() and _files(cache) == before

@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 
 from tristage.demo.tiny_run import write_tiny_stage1
-from tristage.train.config import ConfigError, check_train_options, load_config
+from tristage.train.config import ConfigError, load_config
 from tristage.train.inference.export import export
 from tristage.train.training import checkpoint_files as ckpt
 from tristage.train.training import dcp
 
+from ..checkpoints import read_full, verify
 from ..conftest import newest_step, run_cli, run_cli_2proc, start_2proc
 
 STEPS, EVERY = 6, 2
@@ -85,7 +86,7 @@ def test_fsdp_trains_like_ddp_and_writes_sharded_checkpoints(runs, tmp_path):
     assert ddp.keys() == fsdp.keys()
     for k in ddp:
         torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-5, atol=1e-7, msg=f"final/{k}")
-    raw = dcp.read_full(last(runs["fsdp"]), "model")
+    raw = read_full(last(runs["fsdp"]), "model")
     start = load_file(ckpt.step_dir(runs["ddp"] / "checkpoints", EVERY) / "model.safetensors")
     want = load_file(last(runs["ddp"]) / "model.safetensors")
     assert any(not torch.equal(want[k], start[k]) for k in want)  # the steps did move the weights
@@ -107,12 +108,12 @@ def test_fsdp_checkpoint_holds_each_rank_s_shards_only(runs, tmp_path):
     for prefix in ("model.", "ema.", "optim.state."):
         split = [k for k in rows if k.startswith(prefix) and rows[k] > 1]
         assert split and all(len(files[k]) == 2 for k in split), prefix
-    ckpt.verify(path)
+    verify(path)
     path = Path(shutil.copytree(path, tmp_path / path.name))  # the other tests read the original
     shard = next(p for p in (path / dcp.FOLDER).glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(ckpt.CheckpointError, match="truncated shard file"):
-        ckpt.verify(path)
+        verify(path)
 
 
 def launch_2proc(config: Path, run_dir: Path) -> subprocess.Popen:
@@ -146,7 +147,7 @@ def test_fsdp_run_killed_and_resumed_is_bit_identical(runs, setup, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {killed_at}" in result.stderr
     for entry in ("model", "ema"):
-        got, want = dcp.read_full(last(run_dir), entry), dcp.read_full(last(runs["fsdp"]), entry)
+        got, want = read_full(last(run_dir), entry), read_full(last(runs["fsdp"]), entry)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), entry
     got, want = final_weights(run_dir), final_weights(runs["fsdp"])
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -168,6 +169,5 @@ def test_parallelism_is_checked_where_it_is_declared(setup):
     result = run_cli("train", str(setup), "run.dir=unused", "train.parallelism=zero3")
     assert result.returncode == 2
     assert "key 'train.parallelism': 'zero3' is not one of ddp, fsdp, fsdp_grad_op" in result.stderr
-    cfg = load_config(setup, ["run.dir=unused", "train.parallelism=fsdp", "train.mixed_precision=fp16"])
     with pytest.raises(ConfigError, match="fp16 is not supported with FSDP"):
-        check_train_options(cfg, str(setup))
+        load_config(setup, ["run.dir=unused", "train.parallelism=fsdp", "train.mixed_precision=fp16"])

@@ -23,6 +23,7 @@ from tristage.train.config import load_config
 from tristage.train.training import checkpoint_files as ckpt
 from tristage.train.training.trainer import Trainer
 
+from ..checkpoints import latest, verify
 from ..conftest import newest_step, one_thread_env, run_cli, run_cli_2proc, tristage, user_folder
 
 
@@ -150,7 +151,7 @@ def test_incomplete_checkpoint_never_chosen(setup, tmp_path):
     run_dir = tmp_path / "run"
     Trainer(cfg_for(setup, run_dir, "train.max_steps=4", "checkpoint.keep_last=3")).train()
     (ckpt.step_dir(run_dir / "checkpoints", 4) / ckpt.MARKER).unlink()
-    assert ckpt.latest(run_dir / "checkpoints") == ckpt.step_dir(run_dir / "checkpoints", 2)
+    assert latest(run_dir / "checkpoints") == ckpt.step_dir(run_dir / "checkpoints", 2)
 
 
 def test_init_from_ignored_when_checkpoint_exists(setup, tmp_path, caplog):
@@ -180,7 +181,7 @@ def test_nan_guard_skips_update_then_stops(setup, tmp_path):
         trainer.train()
     assert trainer.state.nonfinite_skips == 3
     assert all(torch.equal(start[k], v) for k, v in trainer.model.state_dict().items())
-    assert ckpt.latest(tmp_path / "run" / "checkpoints") is not None
+    assert latest(tmp_path / "run" / "checkpoints") is not None
 
 
 def test_unknown_checkpoint_format_refused(setup, tmp_path):
@@ -190,7 +191,7 @@ def test_unknown_checkpoint_format_refused(setup, tmp_path):
     state = json.loads((step / "trainer.json").read_text())
     (step / "trainer.json").write_text(json.dumps({**state, "format": "someone-else-v9"}))
     with pytest.raises(ckpt.CheckpointError, match="unknown checkpoint format"):
-        ckpt.verify(step)
+        verify(step)
     result = run_cli("train", str(setup), f"run.dir={tmp_path / 'other'}", f"resume={step}")
     assert result.returncode == 2 and "unknown checkpoint format" in result.stderr
     assert "Traceback" not in result.stderr
@@ -204,7 +205,7 @@ def test_pickled_optimizer_state_is_refused(setup, tmp_path):
         {"state": {}, "param_groups": [], "evil": datetime.datetime(2020, 1, 1)}, step / "optimizer.pt"
     )
     with pytest.raises(ckpt.CheckpointError, match="optimizer.pt"):
-        ckpt.verify(step)
+        verify(step)
 
 
 def full_disk_at(monkeypatch, step: int, name: str) -> None:
@@ -240,12 +241,12 @@ def test_checkpoint_on_full_disk(setup, tmp_path, monkeypatch, caplog, policy, n
         with pytest.raises(ckpt.CheckpointError, match=line) as err:
             trainer.train()
         assert "\n" not in str(err.value)
-        assert ckpt.latest(root) == ckpt.step_dir(root, 2)
+        assert latest(root) == ckpt.step_dir(root, 2)
     else:
         trainer.train()
         assert re.search(line + r"; continuing \(checkpoint.on_error=continue\)", caplog.text)
-        assert (run_dir / "final" / "COMPLETE").exists() and ckpt.latest(root) == ckpt.step_dir(root, 2)
-    ckpt.verify(ckpt.step_dir(root, 2))
+        assert (run_dir / "final" / "COMPLETE").exists() and latest(root) == ckpt.step_dir(root, 2)
+    verify(ckpt.step_dir(root, 2))
     assert not list(root.glob(".tmp-*"))
 
 
@@ -274,7 +275,7 @@ def test_checkpoint_on_a_real_full_tmpfs(setup, tmp_path, caplog):
             r"checkpoint at step 4 failed on rank 0 \(here: .*model\.safetensors: write failed .*MiB free",
             caplog.text,
         )
-        assert ckpt.latest(root) == ckpt.step_dir(root, 2) and not list(root.glob(".tmp-*"))
+        assert latest(root) == ckpt.step_dir(root, 2) and not list(root.glob(".tmp-*"))
         assert (run_dir / "final" / "COMPLETE").exists()
     finally:
         subprocess.run(["umount", str(root)], check=False)
@@ -311,7 +312,7 @@ def test_damaged_cache_stops_before_any_update(setup, tmp_path):
     ):
         trainer.train()
     assert trainer.state.step == 2  # resumed, and no update made from the damaged batch
-    assert ckpt.latest(root) == ckpt.step_dir(root, 2) and not (run_dir / "final").exists()
+    assert latest(root) == ckpt.step_dir(root, 2) and not (run_dir / "final").exists()
     skip = Path(shutil.copytree(load_config(setup).data.cache_dir, tmp_path / "skip"))
     for shard in skip.glob("features-*.tar"):
         flip_tensor_bytes(shard, every=3)
@@ -343,7 +344,7 @@ def test_damaged_rank1_rng_file_two_processes_agree(setup, tmp_path):
     assert (
         f"resumed from {ckpt.step_dir(root, 2)} at step 2" in two.stderr and not (tmp_path / "ran").exists()
     )
-    assert ckpt.latest(root) == ckpt.step_dir(root, 6) and (root / "step_0000004.damaged").is_dir()
+    assert latest(root) == ckpt.step_dir(root, 6) and (root / "step_0000004.damaged").is_dir()
 
 
 def test_damaged_sample_on_one_rank_stops_both_in_one_line(setup, tmp_path):
@@ -373,6 +374,6 @@ def test_damaged_sample_on_one_rank_stops_both_in_one_line(setup, tmp_path):
     ours = re.findall(r'File ".*/(?:train|data)/[a-z_/]+\.py"', two.stderr)  # the launcher reports its own
     assert two.returncode != 0 and not ours, two.stderr[-3000:]
     assert len(named) == 1 and len(other) == 1, two.stderr[-3000:]
-    stopped = ckpt.read_state(ckpt.latest(root)).step  # every step saved: the last one before the damage
+    stopped = ckpt.read_state(latest(root)).step  # every step saved: the last one before the damage
     assert 2 <= stopped < 40 and not (run_dir / "final").exists()
     assert not list(root.glob(f"{ckpt.TMP_PREFIX}*")) and not list(root.glob("*.damaged"))

@@ -32,12 +32,11 @@ from tristage.data.features import (
     open_manifest,
     sample_latents,
 )
-from tristage.data.fingerprint import fingerprint
 from tristage.demo import synthetic
 from tristage.demo.encoders import write_demo_text_encoder
 from tristage.demo.run import source_overrides
 from tristage.train.config import Config, load_config
-from tristage.train.families import cache_stage, feature_encoders
+from tristage.train.training.stage_cache import cache_stage, expected_fingerprint
 
 from ..conftest import ROOT
 
@@ -321,8 +320,10 @@ def test_text_features_trimmed_to_real_tokens(stage2):
 
 # -- feature loader ---------------------------------------------------------------------------
 def spec(**kw) -> LoaderSpec:
-    base = dict(global_batch=4, rank=0, world=1, seed=0, shuffle_buffer=8, cond_dropout=0.5, null_label=1000)
-    return LoaderSpec(**(base | kw))
+    """A global batch of 4, cut over ``world`` processes and ``grad_accum`` micro-batches."""
+    base = dict(rank=0, world=1, grad_accum=1, seed=0, shuffle_buffer=8, cond_dropout=0.5, null_label=1000)
+    base |= kw
+    return LoaderSpec(batch_size=4 // (base["world"] * base["grad_accum"]), **base)
 
 
 def take(loader: FeatureLoader, n: int) -> list[dict]:
@@ -386,7 +387,7 @@ def test_micro_batches_cut_each_process_slice_in_order(stage1):
     cache_dir = Path(stage1[0].data.cache_dir)
     full = take(FeatureLoader(cache_dir, spec()), 3)
     for rank in (0, 1):
-        loader = FeatureLoader(cache_dir, spec(rank=rank, world=2, micro_batches=2))
+        loader = FeatureLoader(cache_dir, spec(rank=rank, world=2, grad_accum=2))
         it = iter(loader)
         for f in full:
             for micro in range(2):
@@ -395,8 +396,6 @@ def test_micro_batches_cut_each_process_slice_in_order(stage1):
                 _assert_same_sample(f, 2 * rank + micro, batch, 0)
                 assert loader.state_dict()["next_index"] == f["position"][1] + micro
         it.close()
-    with pytest.raises(ValueError, match="not divisible by 2 processes x 3 micro-batches"):
-        FeatureLoader(cache_dir, spec(world=2, micro_batches=3))
 
 
 @pytest.mark.parametrize("k", [3, 7])
@@ -421,14 +420,14 @@ def test_resume_continues_with_the_next_batch(stage1, k):
 def test_fingerprint_mismatch_is_one_line_naming_the_field(stage1, encoders):
     cfg, _ = stage1
     cache_dir = Path(cfg.data.cache_dir)
-    matching = fingerprint(cfg.data, feature_encoders(cfg))
+    matching = expected_fingerprint(cfg)
     FeatureLoader(cache_dir, spec(), expected=matching)  # the matching config is accepted
     raw = Path(cfg.data.source.synsets).parent
     other = stage_config(1, raw, cache_dir, encoders, ["encoders.feature_dtype=float32"])
     with pytest.raises(
         CacheError, match=r"manifest.json: cache fingerprint disagrees .* on 'feature_dtype'"
     ) as err:
-        FeatureLoader(cache_dir, spec(), expected=fingerprint(other.data, feature_encoders(other)))
+        FeatureLoader(cache_dir, spec(), expected=expected_fingerprint(other))
     assert "\n" not in str(err.value) and "float16" in str(err.value) and "float32" in str(err.value)
 
 
@@ -776,4 +775,4 @@ def test_vae_weights_edited_mid_file_are_detected(stage1, tmp_path, encoders, mo
     with pytest.raises(
         CacheError, match=r"manifest\.json: cache fingerprint disagrees with the config on 'vae'"
     ):
-        FeatureLoader(mine.data.cache_dir, spec(), expected=fingerprint(mine.data, feature_encoders(mine)))
+        FeatureLoader(mine.data.cache_dir, spec(), expected=expected_fingerprint(mine))

@@ -105,15 +105,27 @@ def test_encoder_dtype_choices_are_the_ones_the_cache_pass_knows():
     assert FEATURE_DTYPES == tuple(DTYPES) and TEXT_FEATURE_DTYPES == tuple(TEXT_CODECS)
 
 
-def test_training_choices_are_the_ones_the_components_know():
-    """The config declares the choice lists; the components key their tables by the same names."""
-    from tristage.train.config import LR_SCHEDULES, PARALLELISMS, SHARDED_PARALLELISMS
-    from tristage.train.training.fsdp import RESHARD_AFTER_FORWARD
-    from tristage.train.training.lr_schedules import FACTORS
+def test_every_choice_list_is_the_one_its_component_keys_its_table_by():
+    """The config declares each choice list beside its key; the component's table has the same names."""
+    from tristage.data.config import SOURCE_KINDS
+    from tristage.data.sources import SOURCES
+    from tristage.train import config
+    from tristage.train.conversion.keymap import WEIGHTS_CHOICES
+    from tristage.train.diffusion import objective
+    from tristage.train.diffusion.config import BETA_SCHEDULES, MIN_SNR_PREDICTIONS, PREDICTIONS
+    from tristage.train.families import FAMILIES
+    from tristage.train.training import fsdp, lr_schedules, nonfinite, tracking
 
-    assert tuple(FACTORS) == LR_SCHEDULES
-    assert tuple(RESHARD_AFTER_FORWARD) == SHARDED_PARALLELISMS
-    assert set(SHARDED_PARALLELISMS) < set(PARALLELISMS)
+    assert tuple(SOURCES) == SOURCE_KINDS and tuple(FAMILIES) == config.MODEL_FAMILIES
+    assert tuple(objective.TARGET_COEFFICIENTS) == PREDICTIONS
+    assert tuple(objective.BETA_SCHEDULE_FNS) == BETA_SCHEDULES
+    assert tuple(objective.MIN_SNR_DENOMINATOR) == MIN_SNR_PREDICTIONS
+    assert tuple(lr_schedules.FACTORS) == config.LR_SCHEDULES
+    assert tuple(nonfinite.GUARDS) == config.NONFINITE_CHECKS
+    assert tuple(tracking.MODES) == config.TRACKING_MODES
+    assert tuple(WEIGHTS_CHOICES) == config.INIT_FROM_WEIGHTS
+    assert tuple(fsdp.RESHARD_AFTER_FORWARD) == config.SHARDED_PARALLELISMS
+    assert set(config.SHARDED_PARALLELISMS) < set(config.PARALLELISMS)
 
 
 def test_unknown_key_in_yaml(tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from PIL import Image
 
 from tristage.demo.adherence import Asked, classify, score
 from tristage.demo.assets.train_demo_vae import LARGE_SIZES
@@ -26,12 +27,31 @@ from tristage.demo.synthetic import (
     Scene,
     render,
     sample_scene,
-    shape_colour,
     text_scene,
 )
 
 VAE_DIR = Path(__file__).resolve().parents[2] / "demo" / "assets" / "demo_vae"
 TOLERANCE = 20.0  # RGB units, Euclidean
+
+
+def shape_colour(image: Image.Image | np.ndarray) -> str | None:
+    """Name the palette colour of the shape in ``image``, or None if no shape stands out.
+
+    The background is the median of the border pixels; shape pixels are those
+    far (> 60 RGB units) from it.  Their median colour is matched to the nearest
+    palette entry.  (The demo's adherence report reads kind, colour, background, size and position
+    with ``demo/adherence.classify``; this reads the colour alone.)
+    """
+    arr = np.asarray(image, dtype=np.float32)[..., :3]
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    background = np.median(border, axis=0)
+    mask = np.linalg.norm(arr - background, axis=-1) > 60
+    if mask.sum() < 0.02 * mask.size:
+        return None
+    centre = np.median(arr[mask], axis=0)  # median: robust to anti-aliased edge pixels
+    names = list(COLOURS)
+    dists = [np.linalg.norm(centre - np.array(COLOURS[n])) for n in names]
+    return names[int(np.argmin(dists))]
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ LAYERS = (
         + ("tristage.train.families", "tristage.train.config"),
     ),
     ("data", ("tristage.data",)),
-    ("base", ("tristage.errors", "tristage.files")),
+    ("base", ("tristage.errors", "tristage.checks", "tristage.files")),
 )
 
 
@@ -299,3 +299,49 @@ def test_every_error_class_derives_from_the_one_base():
                 and not issubclass(cls, TristageError)
             ]
     assert strays == []
+
+
+# One validation pass (issue 39 item 2): the config sections check their values where they are declared.
+CONFIG_MODULES = ("train/config.py", "data/config.py", "train/diffusion/config.py")
+CONFIG_MAY_IMPORT = ("tristage.checks", "tristage.errors", "tristage.data.config")
+CONFIG_MAY_IMPORT += ("tristage.train.diffusion.config", "tristage.train.models.sizes")  # sizes: a table
+HEAVY = ("torch", "diffusers", "transformers", "accelerate")
+
+
+def config_imports(path: Path, package: str) -> list[str]:
+    """What a config module imports that it must not: torch and friends, or any tristage component."""
+    names = imported_modules(path, package)
+    tristage = [n for n in names if n.startswith("tristage.") and not n.startswith(CONFIG_MAY_IMPORT)]
+    return sorted([n for n in names if n.split(".")[0] in HEAVY] + tristage)
+
+
+def uses_the_checks(path: Path) -> bool:
+    """Whether ``path`` imports the one-line checks of ``tristage/checks.py`` (in any form)."""
+    package = ".".join(["tristage", *path.relative_to(ROOT).parent.parts])
+    return any(name.startswith("tristage.checks") for name in imported_modules(path, package))
+
+
+def test_config_modules_import_no_torch_and_no_component():
+    found = {}
+    for name in CONFIG_MODULES:
+        package = ".".join(["tristage", *Path(name).parent.parts])
+        found[name] = config_imports(ROOT / name, package)
+    assert found == {name: [] for name in CONFIG_MODULES}
+
+
+def test_values_are_checked_only_where_they_are_declared():
+    """The checks run in the config sections' ``__post_init__`` and nowhere else: nothing re-validates."""
+    users = [p.relative_to(ROOT).as_posix() for f in ("train", "data") for p in (ROOT / f).rglob("*.py")]
+    users = sorted(u for u in users if uses_the_checks(ROOT / u))
+    assert users == sorted(CONFIG_MODULES)
+
+
+def test_the_config_checks_see_a_torch_import_and_a_stray_check(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "config.py").write_text("from tristage.train.training.fsdp import PARALLELISMS\n")
+    assert config_imports(tmp_path / "train" / "config.py", "tristage.train") == [
+        "tristage.train.training.fsdp",
+        "tristage.train.training.fsdp.PARALLELISMS",
+    ]
+    (tmp_path / "train" / "config.py").write_text("import torch\nfrom tristage.checks import positive\n")
+    assert config_imports(tmp_path / "train" / "config.py", "tristage.train") == ["torch"]

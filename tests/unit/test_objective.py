@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from tristage.train.diffusion.objective import Objective, ObjectiveConfig, approx_standard_normal_cdf
+from tristage.errors import ConfigError
+from tristage.train.diffusion.config import ObjectiveConfig
+from tristage.train.diffusion.objective import Objective, approx_standard_normal_cdf
 
 T = 1000
 
@@ -36,6 +38,11 @@ def _tensors(seed: int = 0, shape: tuple[int, ...] = (3, 2, 4, 4)) -> tuple[torc
 
 def _objective(**kwargs) -> Objective:
     return Objective(ObjectiveConfig(**kwargs))
+
+
+def _timesteps(obj: Objective, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n timesteps from u ~ U[0, 1), as the feature loader draws u (the objective draws nothing)."""
+    return obj.timesteps_from_uniform(torch.rand(n, generator=generator, dtype=torch.float64))
 
 
 # --- schedule -----------------------------------------------------------------------------------------
@@ -84,7 +91,7 @@ def test_timestep_shift_moves_training_to_high_noise() -> None:
     u = torch.tensor([0.0, 0.25, 0.5, 0.75], dtype=torch.float64)
     assert _objective().timesteps_from_uniform(u).tolist() == [0, 250, 500, 750]
     assert _objective(timestep_shift=3.0).timesteps_from_uniform(u).tolist() == [0, 500, 750, 900]
-    draws = _objective(timestep_shift=3.0).sample_timesteps(4000, torch.device("cpu"), torch.Generator())
+    draws = _timesteps(_objective(timestep_shift=3.0), 4000, torch.Generator())
     assert float((draws >= 750).double().mean()) == pytest.approx(0.5, abs=0.03)
 
 
@@ -100,7 +107,7 @@ def test_flow_has_no_scheduler_export() -> None:
 def test_target_converts_back_to_noise_and_x0(prediction: str) -> None:
     obj = _objective(prediction=prediction, learn_sigma=False)
     x0, noise = _tensors()
-    t = obj.sample_timesteps(x0.shape[0], x0.device, torch.Generator().manual_seed(1))
+    t = _timesteps(obj, x0.shape[0], torch.Generator().manual_seed(1))
     x_t = obj.add_noise(x0, noise, t)
     target = obj.target(x0, noise, t)
     torch.testing.assert_close(obj.to_eps(target, x_t, t), noise)
@@ -137,12 +144,13 @@ def test_perfect_prediction_gives_zero_mse(prediction: str) -> None:
         a = torch.from_numpy(np.sqrt(ref["acp"][t.numpy()])).view(-1, 1, 1, 1)
         return noise if prediction == "epsilon" else a * noise - torch.sqrt(1 - a**2) * x0
 
-    batch = {"latents": x0, "cond": {"y": "cond"}}
-    loss, metrics = obj.loss(_closure_model(perfect), batch, torch.Generator().manual_seed(3), noise=noise)
+    batch, t = {"latents": x0, "cond": {"y": "cond"}}, _timesteps(obj, 3, torch.Generator().manual_seed(3))
+    loss, metrics = obj.loss(_closure_model(perfect), batch, noise=noise, timesteps=t)
     assert float(loss) == pytest.approx(0.0, abs=1e-20)
     assert float(metrics["loss_mse"]) == pytest.approx(0.0, abs=1e-20)
     # ... and an imperfect one does not.
-    loss, _ = obj.loss(_closure_model(lambda x_t, t: perfect(x_t, t) + 0.1), batch, noise=noise)
+    imperfect = _closure_model(lambda x_t, t: perfect(x_t, t) + 0.1)
+    loss, _ = obj.loss(imperfect, batch, noise=noise, timesteps=t)
     assert float(loss) == pytest.approx(0.01)
 
 
@@ -150,7 +158,8 @@ def test_perfect_eps_with_learned_sigma_has_zero_mse_and_positive_vlb() -> None:
     obj = _objective()
     x0, noise = _tensors()
     model = _closure_model(lambda x_t, t: torch.cat([noise, torch.zeros_like(noise)], dim=1))
-    loss, metrics = obj.loss(model, {"latents": x0, "cond": {"y": "cond"}}, noise=noise)
+    t = _timesteps(obj, 3, torch.Generator().manual_seed(5))
+    loss, metrics = obj.loss(model, {"latents": x0, "cond": {"y": "cond"}}, noise=noise, timesteps=t)
     assert float(metrics["loss_mse"]) == pytest.approx(0.0, abs=1e-20)
     assert float(metrics["loss_vlb"]) > 0.0
     assert float(loss) == pytest.approx(float(metrics["loss_vlb"]))
@@ -287,7 +296,13 @@ def test_loss_is_reproducible_and_metrics_are_detached(prediction: str) -> None:
         out = torch.zeros(x_t.shape[0], x_t.shape[1] * (1 + obj.config.learn_sigma), *x_t.shape[2:])
         return (out.to(x_t.dtype) * weight,)
 
-    runs = [obj.loss(model, {"latents": x0, "cond": {}}, torch.Generator().manual_seed(s)) for s in (7, 7, 8)]
+    def run(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        t = _timesteps(obj, x0.shape[0], g)
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float32)
+        return obj.loss(model, {"latents": x0, "cond": {}}, noise=noise, timesteps=t)
+
+    runs = [run(s) for s in (7, 7, 8)]
     assert seen["dtype"] == torch.bfloat16 and runs[0][0].dtype == torch.float32 and runs[0][0].requires_grad
     torch.testing.assert_close(runs[0][1]["per_sample_loss"], runs[1][1]["per_sample_loss"])
     assert not torch.equal(runs[0][1]["timesteps"], runs[2][1]["timesteps"])
@@ -305,8 +320,9 @@ def test_wrong_output_channels_is_a_clear_error() -> None:
     obj = _objective()
     x0, _ = _tensors()
     model = _closure_model(lambda x_t, t: x_t)  # C channels, but learn_sigma wants 2*C
+    t = torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match="2 channels, expected 4 .*learn_sigma=True"):
-        obj.loss(model, {"latents": x0, "cond": {"y": "cond"}})
+        obj.loss(model, {"latents": x0, "cond": {"y": "cond"}}, noise=torch.zeros_like(x0), timesteps=t)
 
 
 # --- config -------------------------------------------------------------------------------------------
@@ -366,15 +382,8 @@ def test_detail_pool_must_divide_the_latents() -> None:
     ],
 )
 def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
-    with pytest.raises(ValueError, match=rf"ObjectiveConfig\.{field}\b"):
+    with pytest.raises(ConfigError, match=rf"^key 'objective\.{field}'"):
         ObjectiveConfig(**kwargs)
-
-
-def test_objective_revalidates_a_mutated_config() -> None:
-    config = ObjectiveConfig()
-    config.prediction = "flow"
-    with pytest.raises(ValueError, match=r"ObjectiveConfig\.learn_sigma"):
-        Objective(config)
 
 
 def test_lr_schedules_warm_up_then_hold_or_decay_to_zero():

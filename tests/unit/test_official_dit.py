@@ -117,6 +117,7 @@ def stage1_config(tmp_path: Path, init_from: Path, *overrides: str):
             "model.size=tiny",
             f"model.sample_size={SAMPLE}",
             f"model.num_classes={CLASSES}",
+            "validation.class_labels=[1]",  # the shipped labels are ImageNet's, >= CLASSES
             f"init_from={init_from}",
             f"run.dir={tmp_path / 'run'}",
             *overrides,

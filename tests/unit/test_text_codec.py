@@ -7,7 +7,14 @@ import torch
 from safetensors.torch import load, save
 
 from tristage.data.config import DataConfig, EncoderConfig
-from tristage.data.text_codec import FP8_MAX, decode_text_feature, encode_text_feature
+from tristage.data.text_codec import FP8_MAX, decode_into, decoded_dtype, encode_text_feature
+
+
+def decode_text_feature(stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Stored tensors -> a new (L, C) feature, as the loader decodes each row into its batch."""
+    out = torch.empty(stored["t5"].shape, dtype=decoded_dtype(stored))
+    decode_into(stored, out)
+    return out
 
 
 def test_fp8_round_trip_is_close_and_half_the_bytes():

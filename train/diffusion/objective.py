@@ -16,6 +16,14 @@ Conventions
 The schedule is built once in float64 (as IDDPM does in numpy) and cast to the working dtype when
 gathered. Nothing here calls ``.item()`` or otherwise syncs with the host.
 
+Randomness: the objective draws nothing.  A training step's random numbers -- each sample's timestep
+draw ``u ~ U[0, 1)``, its latent sampled from the cached posterior, the diffusion noise -- are drawn in
+one place, the feature loader (``data/features.py``), for the whole global batch from a generator seeded
+by (seed, epoch, batch index), then sliced to this process's rows.  So N processes x B equal 1 x N*B and
+a resumed run is bit-identical.  The objective maps ``u`` to a timestep
+(:meth:`Objective.timesteps_from_uniform`, with ``timestep_shift``) and :meth:`Objective.loss` takes
+the timesteps and noise it is given.
+
 References: Nichol & Dhariwal 2021, "Improved DDPM" (IDDPM, arXiv:2102.09672), and its code
 ``improved_diffusion/gaussian_diffusion.py``; DiT (Peebles & Xie 2023, ``diffusion/gaussian_diffusion.py``),
 which PixArt-alpha reuses; Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting"
@@ -26,22 +34,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from tristage.train.diffusion.config import ObjectiveConfig
+
 LN2 = math.log(2.0)
 
-# Beta schedules, named as diffusers names them so `scheduler_kwargs` can pass the name straight through.
+# Beta schedules (choices: diffusion/config.py BETA_SCHEDULES), named as diffusers names them so
+# `scheduler_kwargs` can pass the name straight through.
 # Both are computed in float64; diffusers computes them in float32 (differences ~1e-7 relative).
-BETA_SCHEDULES: dict[str, Callable[[float, float, int], torch.Tensor]] = {
+BETA_SCHEDULE_FNS: dict[str, Callable[[float, float, int], torch.Tensor]] = {
     "linear": lambda start, end, n: torch.linspace(start, end, n, dtype=torch.float64),
     "scaled_linear": lambda start, end, n: torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2,
 }
 
-# Target coefficients (c, d) of `pred = c x0 + d eps` given the mixing coefficients (a, b).
+# Target coefficients (c, d) of `pred = c x0 + d eps` given the mixing coefficients (a, b), per
+# objective.prediction (choices: diffusion/config.py PREDICTIONS).
 TARGET_COEFFICIENTS: dict[str, Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {
     "epsilon": lambda a, b: (torch.zeros_like(a), torch.ones_like(a)),
     "v": lambda a, b: (-b, a),  # Salimans & Ho 2022: v = a eps - b x0
@@ -56,97 +67,6 @@ MIN_SNR_DENOMINATOR: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 # The diffusers `prediction_type` that matches each exportable prediction.
 DIFFUSERS_PREDICTION_TYPE: dict[str, str] = {"epsilon": "epsilon", "v": "v_prediction"}
-
-WEIGHTINGS = ("none", "min_snr")
-
-
-@dataclass
-class ObjectiveConfig:
-    """What the denoiser predicts, the noise schedule and the loss weighting."""
-
-    prediction: str = "epsilon"
-    """Model target: "epsilon" (noise, PixArt/DiT default), "v" (v-prediction) or "flow" (rectified flow)."""
-    learn_sigma: bool = True
-    """IDDPM learned-range variance: the model outputs 2*C channels and the loss adds the VLB term."""
-    num_timesteps: int = 1000
-    """Number of discrete diffusion steps T (for "flow": the scale of the model's timestep input)."""
-    beta_start: float = 1e-4
-    """First beta of the schedule (PixArt / DiT: 1e-4)."""
-    beta_end: float = 0.02
-    """Last beta of the schedule (PixArt / DiT: 0.02)."""
-    beta_schedule: str = "linear"
-    """How betas go from beta_start to beta_end: "linear" (PixArt / DiT) or "scaled_linear" (SD)."""
-    zero_terminal_snr: bool = False
-    """Rescale the betas so the last step is pure noise (Lin et al. 2024; needs "v"): see build_schedule."""
-    timestep_shift: float = 1.0
-    """Training timesteps drawn as s u / (1 + (s - 1) u), u ~ U[0, 1) (SD3's shift): s > 1 trains more
-    on high noise, where the layout is decided; 1 is uniform (PixArt / DiT)."""
-    weighting: str = "none"
-    """Per-timestep MSE weighting: "none" or "min_snr" (Hang et al. 2023; epsilon and v only)."""
-    min_snr_gamma: float = 5.0
-    """The gamma of min-SNR-gamma weighting (the paper's default is 5)."""
-    detail_weight: float = 0.0
-    """Extra weight on the error's detail: its part that varies inside each detail_pool x detail_pool
-    block (the error minus the block's mean). 0 (PixArt / DiT) is the plain MSE; lambda adds lambda times
-    the detail's MSE, so fine structure the plain loss barely sees gets a gradient of its own."""
-    detail_pool: int = 2
-    """Side in latent pixels of the blocks whose mean detail_weight removes (a patch-2 token: 2)."""
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the offending field if any value is out of range or inconsistent."""
-        _check_choice("prediction", self.prediction, TARGET_COEFFICIENTS)
-        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        _check_choice("weighting", self.weighting, WEIGHTINGS)
-        if not isinstance(self.learn_sigma, bool):
-            raise ValueError(f"ObjectiveConfig.learn_sigma must be a bool, got {self.learn_sigma!r}")
-        if isinstance(self.num_timesteps, bool) or not isinstance(self.num_timesteps, int):
-            raise ValueError(f"ObjectiveConfig.num_timesteps must be an int, got {self.num_timesteps!r}")
-        if self.num_timesteps < 2:
-            raise ValueError(f"ObjectiveConfig.num_timesteps must be >= 2, got {self.num_timesteps}")
-        if not 0.0 < self.beta_start < 1.0:
-            raise ValueError(f"ObjectiveConfig.beta_start must be in (0, 1), got {self.beta_start!r}")
-        if not self.beta_start <= self.beta_end < 1.0:
-            raise ValueError(
-                f"ObjectiveConfig.beta_end must be in [beta_start, 1) = [{self.beta_start!r}, 1), "
-                f"got {self.beta_end!r}"
-            )
-        if self.zero_terminal_snr and self.prediction != "v":
-            raise ValueError(
-                "ObjectiveConfig.zero_terminal_snr needs prediction='v': at zero SNR the input holds no "
-                f"signal, so an {self.prediction!r} target cannot recover x0 (Lin et al. 2024, section 3.2)"
-            )
-        if not self.timestep_shift > 0.0:
-            raise ValueError(f"ObjectiveConfig.timestep_shift must be > 0, got {self.timestep_shift!r}")
-        if not self.min_snr_gamma > 0.0:
-            raise ValueError(f"ObjectiveConfig.min_snr_gamma must be > 0, got {self.min_snr_gamma!r}")
-        if self.prediction == "flow" and self.learn_sigma:
-            raise ValueError(
-                "ObjectiveConfig.learn_sigma must be False with prediction='flow': "
-                "rectified flow has no Gaussian reverse variance to learn"
-            )
-        if self.prediction == "flow" and self.weighting == "min_snr":
-            raise ValueError(
-                "ObjectiveConfig.weighting='min_snr' is defined for prediction 'epsilon' or 'v', not 'flow'"
-            )
-        self._validate_detail_term()
-
-    def _validate_detail_term(self) -> None:
-        """The detail term's weight and block size."""
-        if not self.detail_weight >= 0.0:
-            raise ValueError(f"ObjectiveConfig.detail_weight must be >= 0, got {self.detail_weight!r}")
-        if isinstance(self.detail_pool, bool) or not isinstance(self.detail_pool, int):
-            raise ValueError(f"ObjectiveConfig.detail_pool must be an int, got {self.detail_pool!r}")
-        if self.detail_pool < 2:
-            raise ValueError(f"ObjectiveConfig.detail_pool must be >= 2, got {self.detail_pool!r}")
-
-
-def _check_choice(field: str, value: Any, choices: Mapping[str, Any] | tuple[str, ...]) -> None:
-    """Raise ValueError naming `field` when `value` is not one of `choices`."""
-    if value not in choices:
-        raise ValueError(f"ObjectiveConfig.{field} must be one of {sorted(choices)}, got {value!r}")
 
 
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +141,7 @@ def build_schedule(config: ObjectiveConfig) -> dict[str, torch.Tensor]:
     beta_start / beta_end are used as given; IDDPM's ``1000 / T`` rescaling of the linear schedule for
     other step counts is not applied (diffusers does not apply it either).
     """
-    betas = BETA_SCHEDULES[config.beta_schedule](config.beta_start, config.beta_end, config.num_timesteps)
+    betas = BETA_SCHEDULE_FNS[config.beta_schedule](config.beta_start, config.beta_end, config.num_timesteps)
     if config.zero_terminal_snr:
         betas = zero_terminal_snr(betas)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -249,8 +169,7 @@ class Objective:
     """Noise schedule, targets and loss for one training stage, built from an `ObjectiveConfig`."""
 
     def __init__(self, config: ObjectiveConfig) -> None:
-        config.validate()  # again: the config may have been mutated after construction
-        self.config = config
+        self.config = config  # checked where it is declared (diffusion/config.py), once, at load
         self._schedule = build_schedule(config)
         self._on_device: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -288,34 +207,17 @@ class Objective:
             "sqrt_one_minus_alphas_cumprod", t, like
         )
 
-    def sample_timesteps(
-        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Uniform timesteps (B,): int64 in [0, T), or for "flow" float s*T with s ~ U[0, 1).
-
-        Drawn on the generator's device (a CPU generator cannot fill a CUDA tensor), then moved to `device`.
-        """
-        source = generator.device if generator is not None else device
-        u = torch.rand(batch_size, generator=generator, device=source, dtype=torch.float64)  # (B,)
-        return self.timesteps_from_uniform(u).to(device)
-
     def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         """Map draws u ~ U[0, 1) to timesteps: int64 floor(s*T), or for "flow" float32 s*T, where s is u
         after ``timestep_shift`` (s = u when it is 1).
 
-        The feature loader draws u per global batch so that timesteps do not depend on the process count.
+        The feature loader draws u (see the module docstring); this is the objective's part: the shift.
         """
         shift, u = self.config.timestep_shift, u.to(torch.float64)
         scaled = shift * u / (1.0 + (shift - 1.0) * u) * self.config.num_timesteps
         if self.config.prediction == "flow":
             return scaled.to(torch.float32)
         return scaled.floor().long().clamp_(max=self.config.num_timesteps - 1)
-
-    def sample_noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard normal noise shaped like `latents`, drawn on the generator's device then moved."""
-        source = generator.device if generator is not None else latents.device
-        noise = torch.randn(latents.shape, generator=generator, device=source, dtype=latents.dtype)
-        return noise.to(latents.device)  # (B, C, H, W)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = a x0 + b eps (discrete: a = sqrt(alpha_bar_t); flow: a = 1 - s, b = s with s = t / T)."""
@@ -433,26 +335,20 @@ class Objective:
         self,
         model: Callable[..., Any],
         batch: Mapping[str, Any],
-        generator: torch.Generator | None = None,
         *,
-        noise: torch.Tensor | None = None,
-        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One training loss on ``batch = {"latents": x0 (B, C, H, W), "cond": {model kwargs}}``.
+        """One training loss on ``batch = {"latents": x0 (B, C, H, W), "cond": {model kwargs}}`` at the
+        given ``timesteps`` (B,) (in the model's units, see the module docstring) and ``noise`` (like x0).
 
-        Draws timesteps then noise (from `generator` if given), unless overridden by `timesteps` (in the
-        model's units, see the module docstring) or `noise`. Calls
-        ``model(x_t, timestep=t, return_dict=False, **cond)[0]``. The loss is computed in at least float32;
-        the model gets x_t in the latents' dtype. Returns the scalar mean loss and detached metric tensors:
-        "loss_mse" and "loss_vlb" (batch means; "loss_mse" weighted as it enters the loss), "per_sample_loss"
-        (B,) and "timesteps" (B,), for per-timestep-bucket logging without a host sync.
+        Calls ``model(x_t, timestep=t, return_dict=False, **cond)[0]``. The loss is computed in at least
+        float32; the model gets x_t in the latents' dtype. Returns the scalar mean loss and detached metric
+        tensors: "loss_mse" and "loss_vlb" (batch means; "loss_mse" weighted as it enters the loss),
+        "per_sample_loss" (B,) and "timesteps" (B,), for per-timestep-bucket logging without a host sync.
         """
         latents = batch["latents"]
         x0 = latents.to(torch.promote_types(latents.dtype, torch.float32))  # (B, C, H, W)
-        if timesteps is None:
-            timesteps = self.sample_timesteps(x0.shape[0], x0.device, generator)
-        if noise is None:
-            noise = self.sample_noise(x0, generator)
         noise = noise.to(x0.dtype)
         x_t = self.add_noise(x0, noise, timesteps)  # (B, C, H, W)
         out = model(x_t.to(latents.dtype), timestep=timesteps, return_dict=False, **batch.get("cond", {}))[0]

@@ -245,11 +245,6 @@ def read(path: Path) -> Contents:
     return Contents(state, weights["model.safetensors"], weights["ema.safetensors"], optimizer, rng)
 
 
-def verify(path: Path) -> TrainState:
-    """Check that every file of a checkpoint loads; returns its counters."""
-    return read(path).state
-
-
 def _load_pt(path: Path) -> object:
     try:
         return torch.load(path, weights_only=True)
@@ -300,12 +295,6 @@ def newest_readable(root: Path) -> tuple[Path, Contents] | None:
         except CheckpointError as err:
             demote(path, err)
     return None
-
-
-def latest(root: Path) -> Path | None:
-    """The newest checkpoint that verifies (see :func:`newest_readable`)."""
-    found = newest_readable(root)
-    return None if found is None else found[0]
 
 
 def demote(path: Path, err: CheckpointError) -> None:

@@ -1,7 +1,8 @@
 """The Checkpointer: the one object that owns everything a checkpoint holds.
 
 It captures the model, its EMA, the optimizer, the LR scheduler, the loader's position, the NaN
-guard's count and the train state (step, samples seen, tracker run id).  The Trainer calls
+guard's count and the Trainer's train state (step, samples seen, tracker run id), and restores each in
+place.  The Trainer calls
 :meth:`Checkpointer.find` before accelerate's ``prepare`` (a resume makes ``init_from`` moot),
 :meth:`~Checkpointer.load` after it, :meth:`~Checkpointer.save` at step boundaries and
 :meth:`~Checkpointer.write_final` at the end.  The rules for files -- temp dir, fsync, rename,
@@ -32,15 +33,13 @@ import torch
 from accelerate import Accelerator
 
 from tristage.data.features import FeatureLoader
-from tristage.data.fingerprint import tristage_version
 from tristage.train.config import Config, save_config, to_yaml
 from tristage.train.models import null_caption
 from tristage.train.training import checkpoint_files as ckpt
 from tristage.train.training import dcp
-from tristage.train.training.ema import EMA
+from tristage.train.training.ema import EMA, whole_ema_model
 from tristage.train.training.nonfinite import DeviceGuard, SyncGuard
 from tristage.train.training.remote_run import RunMirror
-from tristage.train.training.validation import whole_ema_model
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +54,7 @@ class Saved:
     scheduler: torch.optim.lr_scheduler.LRScheduler  # LR schedule position
     loader: FeatureLoader  # (epoch, next global batch)
     guard: SyncGuard | DeviceGuard  # consecutive non-finite steps
+    state: ckpt.TrainState  # the Trainer's counters (step, samples seen, tracker run id), restored in place
 
 
 class Checkpointer:
@@ -64,7 +64,6 @@ class Checkpointer:
         """``mirror``: the object store a remote ``run.dir`` is mirrored to (``remote_run.py``)."""
         self.cfg, self.accelerator, self.mirror = cfg, accelerator, mirror
         self.root = Path(cfg.run.dir) / "checkpoints"
-        self.state = ckpt.TrainState(version=tristage_version())
         self.saved: Saved | None = None
         self._found: tuple[Path, ckpt.Contents] | None = None
         self._last_saved = -1  # step of the checkpoint this process last committed or resumed from
@@ -96,7 +95,7 @@ class Checkpointer:
         if self._found is None:
             return
         (path, contents), self._found = self._found, None  # the tensors are not kept past the load
-        self.state = contents.state
+        vars(saved.state).update(vars(contents.state))  # the Trainer's own object: it keeps counting
         model = self.accelerator.unwrap_model(saved.model)
         if contents.model is None:  # sharded: every rank reads its part, re-sharded to this layout
             dcp.load(path, model, saved.optimizer, saved.ema.state_dict())
@@ -104,12 +103,12 @@ class Checkpointer:
             model.load_state_dict(contents.model)
             saved.ema.load_state_dict(contents.ema)
             saved.optimizer.load_state_dict(contents.optimizer)
-        saved.scheduler.load_state_dict(self.state.scheduler)
-        saved.loader.load_state_dict(self.state.loader)
-        saved.guard.load(self.state.nonfinite_skips)
+        saved.scheduler.load_state_dict(saved.state.scheduler)
+        saved.loader.load_state_dict(saved.state.loader)
+        saved.guard.load(saved.state.nonfinite_skips)
         ckpt.load_rank_rng(contents, self.accelerator.process_index)
-        self._last_saved = self.state.step
-        self._info(f"resumed from {path} at step {self.state.step}")
+        self._last_saved = saved.state.step
+        self._info(f"resumed from {path} at step {saved.state.step}")
 
     # -- save ------------------------------------------------------------------------------------
     def save(self) -> bool:
@@ -117,7 +116,7 @@ class Checkpointer:
 
         A write error leaves every earlier checkpoint untouched; ``checkpoint.on_error`` decides
         whether training goes on (False is returned) or every rank raises."""
-        step = self.state.step
+        step = self.saved.state.step
         if step == self._last_saved:
             return True
         final, tmp = ckpt.step_dir(self.root, step), ckpt.tmp_dir(self.root, step)
@@ -141,22 +140,23 @@ class Checkpointer:
 
     def _capture(self) -> None:
         """Counters of the live objects into the train state (every rank; they agree)."""
-        self.state.scheduler = self.saved.scheduler.state_dict()
-        self.state.loader = self.saved.loader.state_dict()
-        self.state.nonfinite_skips = self.saved.guard.count()
+        state = self.saved.state
+        state.scheduler = self.saved.scheduler.state_dict()
+        state.loader = self.saved.loader.state_dict()
+        state.nonfinite_skips = self.saved.guard.count()
 
     def _write_files(self, tmp: Path) -> None:
         """Every rank its RNG state; rank 0 the weights, EMA, optimizer, counters and config."""
         tmp.mkdir(parents=True, exist_ok=True)
         ckpt.write_rank_files(tmp, self.accelerator.process_index)
         if self.accelerator.is_main_process and self.sharded:
-            ckpt.write_state_files(tmp, self.state, to_yaml(self.cfg))
+            ckpt.write_state_files(tmp, self.saved.state, to_yaml(self.cfg))
         elif self.accelerator.is_main_process:
             saved = self.saved
             model_sd = self.accelerator.get_state_dict(saved.model)
             optim_sd = saved.optimizer.state_dict()
             ckpt.write_main_files(
-                tmp, model_sd, saved.ema.state_dict(), optim_sd, self.state, to_yaml(self.cfg)
+                tmp, model_sd, saved.ema.state_dict(), optim_sd, saved.state, to_yaml(self.cfg)
             )
 
     def _write_shards(self, tmp: Path) -> None:
@@ -217,4 +217,4 @@ class Checkpointer:
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:
-            log.warning(message)
+            log.info(message)

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from tristage.errors import CheckpointError
@@ -66,17 +65,3 @@ def verify(path: Path) -> None:
         file = folder / name
         if not file.is_file() or file.stat().st_size < end:
             raise ShardedCheckpointError(f"{file}: missing or truncated shard file")
-
-
-def read_full(path: Path, entry: str) -> dict[str, torch.Tensor]:
-    """Whole tensors of one entry (``model`` or ``ema``) in one process, e.g. to compare or export."""
-    folder = path / FOLDER
-    prefix = f"{entry}."
-    metadata = FileSystemReader(folder).read_metadata().state_dict_metadata
-    tensors = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.items()
-        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
-    }
-    dcp.load(tensors, checkpoint_id=folder, no_dist=True)
-    return {key[len(prefix) :]: value for key, value in tensors.items()}

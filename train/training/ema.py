@@ -1,8 +1,13 @@
-"""Exponential moving average of the weights (foreach, fp32 shadow), saved in every checkpoint."""
+"""Exponential moving average of the weights (foreach, fp32 shadow), saved in every checkpoint, and the
+whole EMA model that validation samples and ``final/`` saves (gathered from its shards under FSDP)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+
+from tristage.train.training import fsdp
 
 
 class EMA:
@@ -56,3 +61,36 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[:3]}")
         self.shadow = [state[n].float().clone().to(s.device) for n, s in zip(self.names, self.shadow)]
+
+
+@contextmanager
+def ema_weights(model: torch.nn.Module, ema: EMA):
+    """The EMA weights in ``model`` (eval mode) for the duration; the raw weights after."""
+    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    ema.copy_to(model)
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.load_state_dict(raw)
+        model.train(was_training)
+
+
+@contextmanager
+def whole_ema_model(model: torch.nn.Module, ema: EMA, is_main: bool, device: torch.device):
+    """The EMA weights in a whole (unsharded) model on the main process (None elsewhere).
+
+    Unsharded: ``model`` itself, EMA swapped in for the duration.  Sharded (FSDP): every rank takes
+    part in gathering the EMA, one tensor at a time, into a plain copy on the main process (built from
+    the model's config), so sampling and ``save_pretrained`` see ordinary tensors and no rank waits on
+    a collective the others never enter."""
+    if not fsdp.is_sharded(model):
+        if not is_main:
+            yield None
+            return
+        with ema_weights(model, ema):
+            yield model
+        return
+    weights = fsdp.gather_full(ema.state_dict(), is_main)
+    yield fsdp.whole_copy(model, weights).to(device).eval() if is_main else None

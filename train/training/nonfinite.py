@@ -100,4 +100,5 @@ class DeviceGuard:
         self.worst = self.consecutive.clone()
 
 
+# train.nonfinite_check (its choices: train/config.py NONFINITE_CHECKS) -> the guard
 GUARDS: dict[str, type[SyncGuard] | type[DeviceGuard]] = {"step": SyncGuard, "log": DeviceGuard}

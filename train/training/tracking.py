@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tristage.files import atomic_write
 from tristage.train.config import Config
 
 
@@ -24,6 +25,7 @@ class Mode:
     wandb_mode: str | None  # W&B mode
 
 
+# tracking.mode (its choices: train/config.py TRACKING_MODES) -> how accelerate tracks
 MODES: dict[str, Mode] = {
     "offline": Mode("wandb", "offline"),
     "online": Mode("wandb", "online"),
@@ -33,8 +35,6 @@ MODES: dict[str, Mode] = {
 
 
 def mode_of(cfg: Config) -> Mode:
-    if cfg.tracking.mode not in MODES:
-        raise ValueError(f"tracking.mode: unknown mode {cfg.tracking.mode!r}; known: {', '.join(MODES)}")
     return MODES[cfg.tracking.mode]
 
 
@@ -91,12 +91,6 @@ def log(accelerator, values: dict, step: int) -> None:
         tracker.log(values, step=None if tracker.name == "wandb" else step)
 
 
-def run_dir_of(cfg: Config) -> Path | None:
-    """Where W&B wrote this process's run (``run.dir/wandb/offline-run-*-ID``), if it did."""
-    runs = sorted((Path(cfg.run.dir) / "wandb").glob("*-run-*"))
-    return runs[-1] if runs else None
-
-
 class MetricsFile:
     """``metrics.jsonl`` in the run directory (rank 0): the source of the loss-curve plots.
 
@@ -118,9 +112,7 @@ class MetricsFile:
         if step > 0:  # the same tracker run continues (its id is in the checkpoint)
             self.logged_up_to = max((s for _, s in rows if s is not None), default=-1)
         kept = [line + "\n" for line, s in rows if s is not None and s <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(kept))
 
     def is_new(self, step: int) -> bool:
         return step > self.logged_up_to

@@ -28,7 +28,6 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -38,20 +37,22 @@ from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
 from tristage.data.features import CacheError, FeatureLoader, LoaderSpec, sample_latents
-from tristage.data.fingerprint import fingerprint
-from tristage.train.config import Config, check_train_options, save_config
+from tristage.data.fingerprint import tristage_version
+from tristage.train.config import Config, save_config
 from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.diffusion.objective import Objective
-from tristage.train.families import family_of, feature_encoders
+from tristage.train.families import family_of
 from tristage.train.models import null_caption
 from tristage.train.models.speed import build_for_training
 from tristage.train.training import fsdp, tracking, validation
+from tristage.train.training.checkpoint_files import TrainState
 from tristage.train.training.checkpointer import Checkpointer, Saved
 from tristage.train.training.ema import EMA
 from tristage.train.training.lr_schedules import lr_lambda
 from tristage.train.training.metrics import Window
 from tristage.train.training.nonfinite import GUARDS, Report
 from tristage.train.training.remote_run import RunMirror
+from tristage.train.training.stage_cache import expected_fingerprint
 from tristage.train.training.stops import NONFINITE, Stops
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ class Trainer:
     """Owns the model, EMA, optimizer, loader and tracker of one stage run."""
 
     def __init__(self, cfg: Config):
-        check_train_options(cfg, f"{cfg.run.name} config")
         cfg, self.mirror = RunMirror.localised(cfg)  # run.dir on s3:// / gs://: a local folder mirrored
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
@@ -76,11 +76,10 @@ class Trainer:
         self.model = self._build_model()
         self.guard = GUARDS[cfg.train.nonfinite_check](self.accelerator.device)
         self.sharded = False  # train.parallelism fsdp*: the model's parameters are DTensor shards
-        self._optimizer()
         self.loader = self._loader()
-        self.checkpointer = Checkpointer(
-            cfg, self.accelerator, self.mirror
-        )  # owns everything saved, and the state
+        self.adamw = self.optimizer = self.scheduler = None  # AdamW and its schedule: built once, in _prepare
+        self.state = TrainState(version=tristage_version())  # step, samples seen (saved by the Checkpointer)
+        self.checkpointer = Checkpointer(cfg, self.accelerator, self.mirror)  # saves and restores everything
         self.ema: EMA | None = None
         self.stops = Stops(self.accelerator, cfg.train.max_time)  # stop reasons every rank agrees on
         self._raw: tuple = (None, None)  # (wrapped model, unwrapped model), see _unwrapped
@@ -92,7 +91,7 @@ class Trainer:
         return build_for_training(self.family.build, self.cfg.model, out_channels, self.cfg.train.compile)
 
     def _optimizer(self) -> None:
-        """AdamW over the model's (current) parameters and its LR schedule."""
+        """AdamW over the model's parameters as they train (whole, or FSDP's shards) and its LR schedule."""
         self.adamw = self._adamw()
         self.optimizer = self.adamw  # accelerate's wrapper after prepare; self.adamw stays the raw AdamW
         optim = self.cfg.optim
@@ -122,12 +121,13 @@ class Trainer:
 
     @property
     def global_batch(self) -> int:
-        """Samples per optimizer step: batch_size x processes x grad_accum micro-batches."""
-        return self.cfg.data.batch_size * self.accelerator.num_processes * self.cfg.train.grad_accum
+        """Samples per optimizer step: batch_size x processes x grad_accum micro-batches (the loader's)."""
+        return self.loader.spec.global_batch
 
     def _loader(self) -> FeatureLoader:
         spec = LoaderSpec(
-            global_batch=self.global_batch,
+            batch_size=self.cfg.data.batch_size,
+            grad_accum=self.cfg.train.grad_accum,
             rank=self.accelerator.process_index,
             world=self.accelerator.num_processes,
             seed=self.cfg.train.seed,
@@ -136,10 +136,9 @@ class Trainer:
             null_label=self.cfg.model.num_classes,
             pin_memory=self.accelerator.device.type == "cuda",
             on_damaged=self.cfg.data.on_damaged,
-            micro_batches=self.cfg.train.grad_accum,
         )
-        expected = fingerprint(self.cfg.data, feature_encoders(self.cfg))  # what the cache must hold
         # data: the cache is checked against the raw source (units missing, changed, removed) before step 1
+        expected = expected_fingerprint(self.cfg)
         return FeatureLoader(self.cfg.data.cache_dir, spec, expected=expected, data=self.cfg.data)
 
     # -- the run -------------------------------------------------------------------
@@ -183,11 +182,6 @@ class Trainer:
         self._raw = (None, None)
         self.accelerator.free_memory()
 
-    @property
-    def state(self):
-        """Step, samples seen, tracker run id, ... (owned by the Checkpointer, which saves them)."""
-        return self.checkpointer.state
-
     def _restore(self) -> None:
         """Resume full state if a checkpoint applies, else load init_from weights (handoff), then prepare."""
         resume = self.checkpointer.find()
@@ -200,7 +194,7 @@ class Trainer:
         self._prepare()
         self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
         # The raw AdamW: its state dict is what DCP's get_state_dict maps to parameter names.
-        parts = Saved(self.model, self.ema, self.adamw, self.scheduler, self.loader, self.guard)
+        parts = Saved(self.model, self.ema, self.adamw, self.scheduler, self.loader, self.guard, self.state)
         self.checkpointer.load(parts)
 
     def _set_null_caption(self, source: torch.Tensor | None) -> None:
@@ -214,16 +208,17 @@ class Trainer:
             null_caption.save_buffer(buffer, self.run_dir)
 
     def _prepare(self) -> None:
-        """DDP through accelerate, or FSDP: ``fully_shard`` the model, rebuild AdamW over the shards
-        and let accelerate wrap only the optimizer (docs/scaling.md, "Sharded training")."""
+        """DDP through accelerate, or FSDP: ``fully_shard`` the model and let accelerate wrap only the
+        optimizer (docs/scaling.md, "Sharded training").  AdamW is built here, once, after the
+        sharding, so it holds the parameters that train."""
         device, bf16 = self.accelerator.device, self.cfg.train.mixed_precision == "bf16"
         self.model.to(device)
         self.sharded = fsdp.shard(self.model, self.cfg.train.parallelism, device, bf16)
-        if not self.sharded:
-            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
-            return
         self._optimizer()
-        self.optimizer = self.accelerator.prepare(self.adamw)
+        if self.sharded:
+            self.optimizer = self.accelerator.prepare(self.adamw)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
     # -- one step ------------------------------------------------------------------
     def _next_batch(self, batches, window: Window) -> dict:
@@ -310,7 +305,9 @@ class Trainer:
         if report is None or report.skipped == 0:
             return
         self.state.nonfinite_skips = report.consecutive
-        self._info(f"step {self.state.step}: {report.skipped} non-finite loss or gradient, update skipped")
+        if self.accelerator.is_main_process:
+            step, skipped = self.state.step, report.skipped
+            log.warning("step %d: %d non-finite loss or gradient, update skipped", step, skipped)
         if report.worst >= self.cfg.train.max_nonfinite:
             self.stops.nonfinite = f"{report.worst} consecutive non-finite steps (train.max_nonfinite)"
 
@@ -388,7 +385,7 @@ class Trainer:
 
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:
-            log.warning(message)
+            log.info(message)
 
 
 def set_tf32(allow: bool) -> None:
@@ -417,4 +414,4 @@ def run_train(cfg: Config) -> dict:
     return Trainer(cfg).train()
 
 
-__all__ = ["Trainer", "run_train", "asdict"]
+__all__ = ["Trainer", "run_train"]

@@ -11,7 +11,6 @@ grid goes to ``run.dir/validation/step_NNNNNNN.png`` and to the tracker (W&B ima
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from tristage.train.config import Config
 from tristage.train.families import Family, family_of
 from tristage.train.inference.grid import grid
 from tristage.train.models.pipelines import scheduler_for
-from tristage.train.training import fsdp
+from tristage.train.training.ema import whole_ema_model
 
 
 @dataclass
@@ -137,39 +136,6 @@ def load_prompt_features(cfg: Config) -> tuple[torch.Tensor, ...]:
         embeds, mask = stored.get_tensor("embeds"), stored.get_tensor("mask")  # (P + 1, L, C), (P + 1, L)
     n = len(cfg.validation.prompts)
     return embeds[:n], mask[:n], embeds[n:].expand_as(embeds[:n]), mask[n:].expand_as(mask[:n])
-
-
-@contextmanager
-def ema_weights(model: torch.nn.Module, ema):
-    """The EMA weights in ``model`` (eval mode) for the duration; the raw weights after."""
-    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    was_training = model.training
-    ema.copy_to(model)
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.load_state_dict(raw)
-        model.train(was_training)
-
-
-@contextmanager
-def whole_ema_model(model: torch.nn.Module, ema, is_main: bool, device: torch.device):
-    """The EMA weights in a whole (unsharded) model on the main process (None elsewhere).
-
-    Unsharded: ``model`` itself, EMA swapped in for the duration.  Sharded (FSDP): every rank takes
-    part in gathering the EMA, one tensor at a time, into a plain copy on the main process (built from
-    the model's config), so sampling and ``save_pretrained`` see ordinary tensors and no rank waits on
-    a collective the others never enter."""
-    if not fsdp.is_sharded(model):
-        if not is_main:
-            yield None
-            return
-        with ema_weights(model, ema):
-            yield model
-        return
-    weights = fsdp.gather_full(ema.state_dict(), is_main)
-    yield fsdp.whole_copy(model, weights).to(device).eval() if is_main else None
 
 
 def _cuda_devices(model: torch.nn.Module) -> list[int]:

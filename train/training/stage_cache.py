@@ -1,0 +1,24 @@
+"""A stage's feature cache: ``tristage cache`` builds it for one stage config, and the trainer checks
+that the cache it reads was built for that config.
+
+The stage decides what the cache holds: its ``data:`` section, the validation prompts (their T5
+features are cached with the images, so validation never loads T5), and its family's encoders -- a
+class-conditional family caches no T5 features whatever ``encoders:`` names (``families.feature_encoders``).
+"""
+
+from __future__ import annotations
+
+from tristage.data.cache import run_cache
+from tristage.data.fingerprint import fingerprint
+from tristage.train.config import Config
+from tristage.train.families import feature_encoders
+
+
+def cache_stage(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
+    """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts."""
+    return run_cache(cfg.data, feature_encoders(cfg), accelerator, cfg.validation.prompts, rebuild)
+
+
+def expected_fingerprint(cfg: Config) -> dict[str, str]:
+    """What the manifest of the stage's cache must hold (``data/fingerprint.py``)."""
+    return fingerprint(cfg.data, feature_encoders(cfg))
