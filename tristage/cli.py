@@ -26,7 +26,8 @@ def cmd_caption(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
     from tristage.data.caption import run_caption
-    from tristage.train.config import check_caption_paths, load_config
+    from tristage.train.config import load_config
+    from tristage.train.preflight import check_caption_paths
 
     cfg = load_config(args.config, args.overrides)
     check_caption_paths(cfg, args.config)
@@ -36,7 +37,8 @@ def cmd_caption(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
 
-    from tristage.train.config import check_cache_paths, load_config
+    from tristage.train.config import load_config
+    from tristage.train.preflight import check_cache_paths
     from tristage.train.training.stage_cache import cache_stage
 
     cfg = load_config(args.config, args.overrides)
@@ -49,7 +51,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from tristage.data import storage
-    from tristage.train.config import check_train_paths, load_config
+    from tristage.train.config import load_config
+    from tristage.train.preflight import check_train_paths
     from tristage.train.training.checkpoint_files import complete_checkpoints
     from tristage.train.training.remote_run import RunMirror
     from tristage.train.training.trainer import run_train

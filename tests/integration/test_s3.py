@@ -25,8 +25,8 @@ from tristage.demo import synthetic
 from tristage.demo.captioner import write_captioner
 from tristage.demo.encoders import demo_vae_path
 from tristage.train.config import load_config
-from tristage.train.families import cache_stage
 from tristage.train.training.remote_run import working_dir
+from tristage.train.training.stage_cache import cache_stage
 from tristage.train.training.trainer import Trainer
 
 from ..conftest import ROOT, env_2proc, finish, one_thread_env, run_cli, start_2proc

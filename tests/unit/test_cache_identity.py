@@ -25,7 +25,8 @@ from tristage.data.fingerprint import fingerprint
 from tristage.demo import synthetic
 from tristage.demo.encoders import demo_vae_path
 from tristage.train.config import load_config
-from tristage.train.families import cache_stage, feature_encoders
+from tristage.train.families import feature_encoders
+from tristage.train.training.stage_cache import cache_stage
 
 from ..conftest import ROOT
 
@@ -100,7 +101,7 @@ def train(raw: str, world: Path, capsys) -> tuple[int, list[str]]:
 def test_same_files_under_other_spellings_use_the_cache_as_is(world, monkeypatch, caplog):
     """A moved folder, named relative or absolute, and another mount point (a symlinked root): one
     fingerprint, no re-encode, and the trainer takes every unit."""
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.INFO)
     cache_dir, before = world / "cache", stamps(world / "cache")
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     monkeypatch.chdir(world)
@@ -123,7 +124,9 @@ def test_same_files_under_other_spellings_use_the_cache_as_is(world, monkeypatch
 def spec():
     from tristage.data.features import LoaderSpec
 
-    return LoaderSpec(4, rank=0, world=1, seed=0, shuffle_buffer=8, cond_dropout=0.0, null_label=1000)
+    return LoaderSpec(
+        4, grad_accum=1, rank=0, world=1, seed=0, shuffle_buffer=8, cond_dropout=0.0, null_label=1000
+    )
 
 
 def test_added_unit_stops_training_then_cache_encodes_only_it(world, capsys, caplog):

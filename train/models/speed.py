@@ -20,7 +20,7 @@ def _use_sdpa(model: nn.Module) -> None:
 
 def _use_xformers(model: nn.Module) -> None:
     """xformers' memory-efficient attention; diffusers imports xformers only here, on request;
-    the pre-flight ``train.config.check_train_paths`` has already found the package installed."""
+    the pre-flight ``train.preflight.check_train_paths`` has already found the package installed."""
     model.enable_xformers_memory_efficient_attention()
 
 
