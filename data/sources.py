@@ -202,9 +202,27 @@ def _captions_json(path: str) -> dict[str, str]:
 
 
 def _captions_jsonl(path: str) -> dict[str, str]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
-    return {str(r["id"]): r["caption"] for r in records}
+    """``{"id", "caption"}`` per line; a bad line is one error naming its own line number (each line is
+    parsed alone, so json's own "line 1" would point at the wrong place)."""
+    captions = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            captions[str(record["id"])] = record["caption"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise SourceError(f"{path}:{n}: unreadable caption line ({_why(err)})") from None
+    return captions
+
+
+def _why(err: Exception) -> str:
+    """A parse error's reason without json's line/column of the single line it was given."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"not valid JSON: {err.msg}: column {err.colno}"
+    if isinstance(err, KeyError):
+        return f"no {err.args[0]!r} field"
+    return f"{type(err).__name__}: {err}"
 
 
 def _captions_tar(path: str) -> dict[str, bytes]:
@@ -246,6 +264,8 @@ def load_captions(path: str) -> dict[str, str | bytes] | CaptionFolder:
     suffix = ".tar.gz" if path.endswith(".tar.gz") else Path(path).suffix
     try:
         return CAPTION_FORMATS.get(suffix, _captions_json)(path)  # other names: JSON, as before
+    except SourceError:  # already one line naming the file and line
+        raise
     except (ValueError, KeyError, TypeError, tarfile.TarError, EOFError) as err:
         # ValueError covers JSONDecodeError and UnicodeDecodeError of a whole JSON file.
         raise SourceError(f"{path}: unreadable caption file ({type(err).__name__}: {err})") from None
