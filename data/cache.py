@@ -18,13 +18,14 @@ checksum: ``data/cache_format.py``).
 
 from __future__ import annotations
 
-import io
+import contextlib
+import functools
 import json
 import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,9 +48,13 @@ from tristage.data.cache_format import (
     shard_name,
 )
 from tristage.data.config import DataConfig, EncoderConfig, SourceConfig
+from tristage.data.decode import open_rgb
 from tristage.data.fingerprint import fingerprint
-from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source
+from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source, skipped_text
 from tristage.data.text_codec import encode_text_feature
+from tristage.data.unit_work import UnitPass, work_through
+from tristage.stopping import StopRequests
+from tristage.storage import check_writable, is_refused, storage_error
 
 MIN_SIDE = 32  # images smaller than this (either side) are skipped as too small
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -101,20 +106,9 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def open_rgb(item: RawItem, skips: Skips) -> Image.Image | None:
-    """The item's image decoded to RGB; None (counted as ``undecodable_image``) when PIL cannot."""
-    try:
-        image = Image.open(io.BytesIO(item.image))
-        image.load()
-        return image.convert("RGB")
-    except Exception:  # PIL raises many types for bad files; all mean "undecodable"
-        skips.add("undecodable_image", item.key)
-        return None
-
-
 def decode(item: RawItem, data: DataConfig, skips: Skips) -> tuple[Image.Image, dict] | None:
     """Decode, check size and ratio, and fit into a bucket; None (counted) when unusable."""
-    image = open_rgb(item, skips)
+    image = open_rgb(item, skips, tuple(data.source.alpha_background))
     if image is None:
         return None
     if min(image.size) < MIN_SIDE:
@@ -187,7 +181,13 @@ class ShardWriter:
         self.writer.close()
         _fsync(self.tmp)
         os.replace(self.tmp, self.path)
-        done = {"samples": self.written, "images": images, "rank": rank, "skips": skips.to_dict()}
+        done = {
+            "samples": self.written,
+            "images": images,
+            "rank": rank,
+            "pid": os.getpid(),
+            "skips": skips.to_dict(),
+        }
         _atomic_write(done_marker(self.path), json.dumps({**done, **(provenance or {})}))
 
 
@@ -203,6 +203,14 @@ def _fsync(path: Path) -> None:
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors ``save_file`` under a temp name, then renamed into place."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, tmp, metadata=metadata)
     _fsync(tmp)
     os.replace(tmp, path)
 
@@ -255,7 +263,7 @@ def write_null_caption(enc: EncoderConfig, encoders: Encoders, cache_dir: Path) 
         return
     (null,) = encoders.encode_text([""], enc.max_tokens)
     stored = encode_text_feature(null, enc.text_feature_dtype)
-    save_file({k: v.cpu().contiguous() for k, v in stored.items()}, cache_dir / NULL_CAPTION)
+    _atomic_save(_cpu(stored), cache_dir / NULL_CAPTION)
 
 
 @torch.no_grad()
@@ -278,7 +286,7 @@ def write_validation_prompts(
     mask = torch.zeros(embeds.shape[:2], dtype=torch.long)  # (P + 1, L)
     for i, feat in enumerate(feats):
         embeds[i, : len(feat)], mask[i, : len(feat)] = feat.float(), 1
-    save_file(_cpu({"embeds": embeds, "mask": mask}), path, metadata={"prompts": json.dumps(prompts)})
+    _atomic_save(_cpu({"embeds": embeds, "mask": mask}), path, metadata={"prompts": json.dumps(prompts)})
 
 
 def validation_prompts_current(prompts: Sequence[str], cache_dir: Path, fp: dict) -> bool:
@@ -312,6 +320,7 @@ def write_manifest(
         "class_names": {str(k): v for k, v in class_names(source).items()},
         "null_caption": NULL_CAPTION if (cache_dir / NULL_CAPTION).exists() else None,
         "skipped": dict(skips.counts),
+        "noted": dict(skips.noted),  # kept, with a note: animated_first_frame
     }
     _atomic_write(cache_dir / SKIPPED, json.dumps(skips.to_dict(), indent=1))
     _atomic_write(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
@@ -362,15 +371,21 @@ def existing_cache(
 
 
 def run_cache(
-    data: DataConfig, enc: EncoderConfig, accelerator, prompts: Sequence[str] = (), rebuild: bool = False
+    data: DataConfig,
+    enc: EncoderConfig,
+    accelerator,
+    prompts: Sequence[str] = (),
+    rebuild: bool = False,
+    lock_timeout: float = 120.0,
 ) -> dict | None:
     """The whole pass for one stage's data and encoders, under an ``accelerate`` process group.
 
     ``enc.text_encoder`` None caches no text (class-conditional); ``prompts`` (``validation.prompts``)
     get their T5 features stored once, for the validation grids.  A complete cache is recognised
-    before any encoder loads (a requeued job costs a few stats, not a VAE/T5 load)."""
+    before any encoder loads (a requeued job costs a few stats, not a VAE/T5 load).  Units are shared
+    with any other pass into the same folder through per-unit locks (``data/unit_work.py``;
+    ``lock_timeout``: ``run.lock_timeout``)."""
     cache_dir = Path(data.cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     source = open_source(data.source)
     units = source.units()
     fp = fingerprint(data, enc)
@@ -379,56 +394,115 @@ def run_cache(
         if accelerator.is_main_process:
             log.warning("cache: %s is complete (%d samples), nothing to encode", cache_dir, done["samples"])
         return done if accelerator.is_main_process else None
-    rank, world = accelerator.process_index, accelerator.num_processes
+    check_writable(cache_dir, "data.cache_dir")  # before any encoder loads; a complete cache may be read-only
     accelerator.wait_for_everyone()  # every rank has read the folder before any file is removed
-    forget(
-        own_units(stale, rank, world), cache_dir, drop_manifest=bool(stale) and accelerator.is_main_process
-    )
-    remove_stale_tmp(own_units(units, rank, world), cache_dir)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    forget(own_units(stale, rank, world), cache_dir, drop_manifest=bool(stale) and main)
     accelerator.wait_for_everyone()
-    fresh = [u for u in units if not done_marker(shard_path(cache_dir, u)).exists()]
-    accelerator.wait_for_everyone()  # every rank has listed `fresh` before any unit is written
-    todo = [u for u in fresh if u.index % world == rank]
-    # Only rank 0 needs the encoders without units of its own (null caption, scaling factor).
-    encoders = Encoders.load(enc, accelerator.device) if todo or accelerator.is_main_process else None
+    return encode_pass(data, enc, accelerator, (source, units), fp, prompts, lock_timeout)
+
+
+def encode_pass(
+    data: DataConfig,
+    enc: EncoderConfig,
+    accelerator,
+    read: tuple,
+    fp: dict,
+    prompts: Sequence[str],
+    lock_timeout: float,
+) -> dict | None:
+    """Every unit not done, shared with any other pass; then rank 0 writes the manifest (returned)."""
+    (source, units), main = read, accelerator.is_main_process
+    # Loaded when first needed: a process whose units another pass encodes never loads them (rank 0
+    # always does, for the null caption and the scaling factor).
+    encoders = functools.cache(lambda: Encoders.load(enc, accelerator.device))
+    work = cache_pass(data, enc, encoders, source, accelerator.process_index, fp, lock_timeout)
     start = time.perf_counter()
-    encode_units(data, enc, encoders, source, todo, cache_dir, accelerator, fp)
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
+    with StopRequests(*SHARD_IN_FLIGHT, announce=main) as stop, progress(work, units, main):
+        images = work_through(units, work, accelerator, stop)
+    images = int(accelerator.reduce(torch.tensor(images, device=accelerator.device), reduction="sum"))
+    if not main:
         return None
-    write_null_caption(enc, encoders, cache_dir)
-    write_validation_prompts(prompts, enc, encoders, cache_dir)
-    manifest = write_manifest(data.source, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
-    log_summary(manifest, fresh, cache_dir, time.perf_counter() - start)
+    manifest = finish_cache(data, enc, encoders(), units, prompts, fp)
+    log_summary(manifest, images, Path(data.cache_dir), time.perf_counter() - start)
     return manifest
 
 
-def encode_units(
-    data: DataConfig,
-    enc: EncoderConfig,
-    encoders: Encoders | None,
-    source,
-    todo: list[Unit],
-    cache_dir: Path,
-    accelerator,
-    fp: dict,
-) -> None:
-    """This process's units, with a rank-0 progress bar: shards done, ETA, and images/s."""
+@contextlib.contextmanager
+def progress(work: UnitPass, units: list[Unit], show: bool) -> Iterator[None]:
+    """A progress bar (rank 0) over the units not done yet: shards, ETA and images/s of this process."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(todo), unit="shard", disable=not accelerator.is_main_process, desc="cache")
-    images, start = 0, time.perf_counter()
-    for unit in todo:
-        images += cache_unit(data, enc, encoders, source, unit, cache_dir, accelerator.process_index, fp)
-        bar.set_postfix_str(f"{images / max(time.perf_counter() - start, 1e-9):.1f} img/s", refresh=False)
+    bar = tqdm(total=sum(not work.done(u) for u in units), unit="shard", disable=not show, desc="cache")
+    run, images, start = work.run, [0], time.perf_counter()
+
+    def counted(unit: Unit) -> int:
+        read = run(unit)
+        images[0] += read
+        bar.set_postfix_str(f"{images[0] / max(time.perf_counter() - start, 1e-9):.1f} img/s", refresh=False)
         bar.update(1)
-    bar.close()
+        return read
+
+    work.run = counted
+    try:
+        yield
+    finally:
+        work.run = run
+        bar.close()
 
 
-def log_summary(manifest: dict, fresh: list[Unit], cache_dir: Path, seconds: float) -> None:
-    """Rank 0's end-of-pass line: samples, skips by reason, the skip report, overall images/s."""
-    images = sum(json.loads(done_marker(shard_path(cache_dir, u)).read_text())["images"] for u in fresh)
-    skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
+SHARD_IN_FLIGHT = ("finishing the shard in flight", "(it is redone next time)")  # the second Ctrl-C's line
+
+
+def cache_pass(
+    data: DataConfig,
+    enc: EncoderConfig,
+    encoders: Callable[[], Encoders],
+    source,
+    rank: int,
+    fp: dict,
+    lock_timeout: float,
+) -> UnitPass:
+    """How the cache pass writes one unit: ``features-NNNNN.tar`` and its done marker, under its lock."""
+    cache_dir = Path(data.cache_dir)
+    return UnitPass(
+        name="cache",
+        folder=cache_dir,
+        lock_path=lambda u: shard_path(cache_dir, u).with_suffix(".lock"),
+        done=lambda u: done_marker(shard_path(cache_dir, u)).exists(),
+        run=lambda u: cache_unit(data, enc, encoders(), source, u, cache_dir, rank, fp),
+        outputs=lambda u: [shard_path(cache_dir, u), done_marker(shard_path(cache_dir, u))],
+        remove_tmp=lambda u: remove_stale_tmp([u], cache_dir),
+        lock_timeout=lock_timeout,
+    )
+
+
+def finish_cache(
+    data: DataConfig,
+    enc: EncoderConfig,
+    encoders: Encoders,
+    units: list[Unit],
+    prompts: Sequence[str],
+    fp: dict,
+) -> dict:
+    """Rank 0, every unit done: the null caption, the validation prompts and the manifest (atomic
+    writes: a second pass into the folder may write the same files at the same time)."""
+    cache_dir = Path(data.cache_dir)
+    try:
+        write_null_caption(enc, encoders, cache_dir)
+        write_validation_prompts(prompts, enc, encoders, cache_dir)
+        return write_manifest(data.source, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
+    except OSError as err:
+        if not is_refused(err):
+            raise
+        for tmp in cache_dir.glob(f"*.tmp-{os.getpid()}"):  # what the atomic writes left
+            tmp.unlink(missing_ok=True)
+        raise storage_error(cache_dir, err) from None
+
+
+def log_summary(manifest: dict, images: int, cache_dir: Path, seconds: float) -> None:
+    """Rank 0's end-of-pass line: samples, skips by reason, the skip report, images read by this pass/s."""
+    skipped = skipped_text(manifest)
     log.warning(
         "cache: %d samples in %d shards; skipped %s (report: %s); %d images read in %.1fs, %.1f images/s",
         manifest["samples"],

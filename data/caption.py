@@ -21,6 +21,7 @@ batched with left padding.  This module takes the caption and source sub-configs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,10 +36,14 @@ from pathlib import Path
 
 import torch
 
-from tristage.data.cache import _atomic_write, _fsync, open_rgb, own_units
+from tristage.data.cache import _atomic_write, _fsync
 from tristage.data.config import CaptionConfig, SourceConfig
-from tristage.data.sources import Skips, Unit, open_source
+from tristage.data.decode import WHITE, open_rgb
+from tristage.data.sources import Skips, Unit, open_source, skipped_text
+from tristage.data.unit_work import UnitPass, work_through
 from tristage.errors import CaptionError
+from tristage.stopping import StopRequests
+from tristage.storage import check_writable, is_refused, storage_error
 
 SETTINGS = "settings.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -142,10 +147,12 @@ def manifest_path(output: str | Path) -> Path:
     return Path(output).with_suffix(".manifest.json")
 
 
-def decoded(items: Iterable, skips: Skips) -> Iterator[tuple[int, str, object, str | None]]:
+def decoded(
+    items: Iterable, skips: Skips, background: tuple[int, int, int] = WHITE
+) -> Iterator[tuple[int, str, object, str | None]]:
     """(reader position, key, RGB image, existing caption) of every decodable item."""
     for n, item in enumerate(items):
-        image = open_rgb(item, skips)
+        image = open_rgb(item, skips, background)
         if image is not None:
             yield n, item.key, image, item.caption
 
@@ -193,7 +200,9 @@ def prefetched(batches: Iterator, depth: int = 2) -> Iterator:
         yield batch
 
 
-def unit_batches(captioner: Captioner, source, unit: Unit, skips: Skips, counter: list[int]) -> Iterator:
+def unit_batches(
+    captioner: Captioner, source, unit: Unit, skips: Skips, counter: list[int], background: tuple = WHITE
+) -> Iterator:
     """(rows, processor inputs) per batch of one unit; ``counter[0]`` counts the raw items read."""
 
     def items() -> Iterator:
@@ -202,16 +211,18 @@ def unit_batches(captioner: Captioner, source, unit: Unit, skips: Skips, counter
             yield item
 
     cfg = captioner.cfg
-    for rows in size_batches(decoded(items(), skips), cfg.batch_size, cfg.sort_window):
+    for rows in size_batches(decoded(items(), skips, background), cfg.batch_size, cfg.sort_window):
         yield rows, captioner.inputs([r[2] for r in rows], [r[3] for r in rows])
 
 
-def caption_unit(captioner: Captioner, source, unit: Unit, parts: Path, rank: int, bar) -> int:
+def caption_unit(
+    captioner: Captioner, source, unit: Unit, parts: Path, rank: int, bar, background: tuple = WHITE
+) -> int:
     """Caption one unit into its part file (atomic, then its done marker); returns images read."""
     skips, counter, lines = Skips(), [0], []
     if captioner.cfg.do_sample:
         torch.manual_seed(captioner.cfg.seed + unit.index)  # a rerun of this unit samples the same text
-    for rows, batch in prefetched(unit_batches(captioner, source, unit, skips, counter)):
+    for rows, batch in prefetched(unit_batches(captioner, source, unit, skips, counter, background)):
         for (n, key, _, _), text in zip(rows, captioner.generate(batch)):
             if text:
                 lines.append((n, json.dumps({"id": key, "caption": text}, ensure_ascii=False)))
@@ -220,7 +231,13 @@ def caption_unit(captioner: Captioner, source, unit: Unit, parts: Path, rank: in
         bar.update(len(rows))
     part = part_path(parts, unit)
     _atomic_write(part, "".join(line + "\n" for _, line in sorted(lines)))  # reader order
-    done = {"captions": len(lines), "images": counter[0], "rank": rank, "skips": skips.to_dict()}
+    done = {
+        "captions": len(lines),
+        "images": counter[0],
+        "rank": rank,
+        "pid": os.getpid(),
+        "skips": skips.to_dict(),
+    }
     _atomic_write(part_done(part), json.dumps(done))
     return counter[0]
 
@@ -281,37 +298,55 @@ def write_manifest(output: Path, settings: dict, model_class: str, counts: tuple
         "images": images,
         "captions": captions,
         "skipped": dict(skips.counts),
+        "noted": dict(skips.noted),  # kept, with a note: animated_first_frame
         "skipped_examples": skips.examples,
     }
     _atomic_write(manifest_path(output), json.dumps(manifest, indent=1))
     return manifest
 
 
-def run_caption(cfg: CaptionConfig, source_cfg: SourceConfig, accelerator) -> dict | None:
-    """The whole pass under an ``accelerate`` process group; rank 0 returns the manifest."""
+def run_caption(
+    cfg: CaptionConfig, source_cfg: SourceConfig, accelerator, lock_timeout: float = 120.0
+) -> dict | None:
+    """The whole pass under an ``accelerate`` process group; rank 0 returns the manifest.  Units are
+    shared with any other pass into the same output through per-unit locks (``data/unit_work.py``)."""
     output = Path(cfg.output)
     parts = parts_dir(output)
-    parts.mkdir(parents=True, exist_ok=True)
+    check_writable(parts, "caption.output")  # before the model loads
     source = open_images(source_cfg, cfg.output)
     units = source.units()
-    rank, world = accelerator.process_index, accelerator.num_processes
     settings = settings_of(cfg, source_cfg, resolve_dtype(cfg.dtype, accelerator.device))
     check_settings(parts, settings)
-    remove_stale_tmp(own_units(units, rank, world), parts)
-    fresh = [u for u in units if not part_done(part_path(parts, u)).exists()]
-    accelerator.wait_for_everyone()  # every rank checked the settings and listed `fresh` before writes
+    accelerator.wait_for_everyone()  # every rank checked the settings before any write
     captioner = Captioner.load(cfg, accelerator.device)
     if accelerator.is_main_process:
-        _atomic_write(parts / SETTINGS, json.dumps(settings, indent=1))  # equal to any older one
+        with refused_as_one_line(parts):
+            _atomic_write(parts / SETTINGS, json.dumps(settings, indent=1))  # equal to any older one
     start = time.perf_counter()
-    caption_units(captioner, source, own_units(fresh, rank, world), parts, accelerator)
-    accelerator.wait_for_everyone()
+    background = tuple(source_cfg.alpha_background)
+    images = caption_units(captioner, source, units, parts, accelerator, lock_timeout, background)
+    images = int(accelerator.reduce(torch.tensor(images, device=accelerator.device), reduction="sum"))
     if not accelerator.is_main_process:
         return None
-    counts = assemble(units, parts, output)
-    manifest = write_manifest(output, settings, type(captioner.model).__name__, counts, len(units))
-    log_summary(manifest, fresh, parts, output, time.perf_counter() - start)
+    with refused_as_one_line(output.parent):
+        counts = assemble(units, parts, output)
+        manifest = write_manifest(output, settings, type(captioner.model).__name__, counts, len(units))
+    log_summary(manifest, images, output, time.perf_counter() - start)
     return manifest
+
+
+@contextlib.contextmanager
+def refused_as_one_line(folder: Path) -> Iterator[None]:
+    """A write ``folder`` refuses (full, read-only) becomes one line naming it; a temp file
+    ``_atomic_write`` or ``assemble`` left is removed."""
+    try:
+        yield
+    except OSError as err:
+        if not is_refused(err):
+            raise
+        for tmp in folder.glob(f"*.tmp-{os.getpid()}"):
+            tmp.unlink(missing_ok=True)
+        raise storage_error(folder, err) from None
 
 
 def open_images(source_cfg: SourceConfig, output: str):
@@ -323,20 +358,43 @@ def open_images(source_cfg: SourceConfig, output: str):
     return open_source(replace(source_cfg, captions=None) if own else source_cfg, need_captions=False)
 
 
-def caption_units(captioner: Captioner, source, todo: list[Unit], parts: Path, accelerator) -> None:
-    """This process's units, with a rank-0 progress bar counting images (its rate is images/s)."""
+def caption_units(
+    captioner: Captioner,
+    source,
+    units: list[Unit],
+    parts: Path,
+    accelerator,
+    timeout: float,
+    background: tuple[int, int, int],
+) -> int:
+    """Every unit captioned (by this pass or another), with a rank-0 progress bar counting images (its
+    rate is images/s); returns the images this process read."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(unit="img", disable=not accelerator.is_main_process, desc=f"caption ({len(todo)} units)")
-    for unit in todo:
-        caption_unit(captioner, source, unit, parts, accelerator.process_index, bar)
+    bar = tqdm(unit="img", disable=not accelerator.is_main_process, desc=f"caption ({len(units)} units)")
+    rank = accelerator.process_index
+    work = UnitPass(
+        name="caption",
+        folder=parts,
+        lock_path=lambda u: part_path(parts, u).with_suffix(".lock"),
+        done=lambda u: part_done(part_path(parts, u)).exists(),
+        run=lambda u: caption_unit(captioner, source, u, parts, rank, bar, background),
+        outputs=lambda u: [part_path(parts, u), part_done(part_path(parts, u))],
+        remove_tmp=lambda u: remove_stale_tmp([u], parts),
+        lock_timeout=timeout,
+    )
+    with StopRequests(*PART_IN_FLIGHT, announce=accelerator.is_main_process) as stop:
+        images = work_through(units, work, accelerator, stop)
     bar.close()
+    return images
 
 
-def log_summary(manifest: dict, fresh: list[Unit], parts: Path, output: Path, seconds: float) -> None:
-    """Rank 0's end-of-pass line: captions, skips by reason, images captioned now and images/s."""
-    images = sum(json.loads(part_done(part_path(parts, u)).read_text())["images"] for u in fresh)
-    skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
+PART_IN_FLIGHT = ("finishing the unit in flight", "(it is redone next time)")  # the second Ctrl-C's line
+
+
+def log_summary(manifest: dict, images: int, output: Path, seconds: float) -> None:
+    """Rank 0's end-of-pass line: captions, skips by reason, images captioned by this pass and images/s."""
+    skipped = skipped_text(manifest)
     log.warning(
         "caption: %d captions from %d units in %s; skipped %s (examples: %s); "
         "%d images read in this run in %.1fs, %.2f images/s",

@@ -28,6 +28,12 @@ class SourceConfig:
     metadata: str | None = None  # aesthetic_folder: JSONL or parquet with file, caption, aesthetic_score
     synsets: str | None = None  # imagenet: "synset name" lines; line order = class index
     min_aesthetic: float = 0.0  # aesthetic sets: keep only images scoring above this
+    alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparency
+
+    def __post_init__(self) -> None:
+        bg = self.alpha_background
+        if len(bg) != 3 or not all(0 <= v <= 255 for v in bg):
+            raise ConfigError(f"key 'data.source.alpha_background': must be 3 values in [0, 255], got {bg}")
 
 
 @dataclass

@@ -42,10 +42,12 @@ class RawItem:
 
 @dataclass
 class Skips:
-    """Items left out, by reason, with a few example keys per reason for the report."""
+    """Items left out, by reason, with a few example keys per reason for the report; and items kept
+    with a note (``noted``: e.g. ``animated_first_frame``), counted the same way."""
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    noted: Counter = field(default_factory=Counter)
 
     def add(self, reason: str, key: str) -> None:
         self.counts[reason] += 1
@@ -53,13 +55,28 @@ class Skips:
         if len(self.examples[reason]) < 20:
             self.examples[reason].append(key)
 
+    def note(self, reason: str, key: str) -> None:
+        """A kept item the summary should mention (its example keys share ``examples``)."""
+        self.noted[reason] += 1
+        keys = self.examples.setdefault(reason, [])
+        if len(keys) < 20:
+            keys.append(key)
+
     def merge(self, other: dict) -> None:
         self.counts.update(other.get("counts", {}))
+        self.noted.update(other.get("noted", {}))
         for reason, keys in other.get("examples", {}).items():
             self.examples.setdefault(reason, []).extend(keys[: 20 - len(self.examples.get(reason, []))])
 
     def to_dict(self) -> dict:
-        return {"counts": dict(self.counts), "examples": self.examples}
+        return {"counts": dict(self.counts), "examples": self.examples, "noted": dict(self.noted)}
+
+
+def skipped_text(manifest: dict) -> str:
+    """``a=1, b=2`` for a pass's summary line, then ``; noted animated_first_frame=3`` if any was noted."""
+    skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
+    noted = ", ".join(f"{r}={n}" for r, n in sorted(manifest.get("noted", {}).items()))
+    return f"{skipped}; noted {noted}" if noted else skipped
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from tristage.errors import TristageError
+from tristage.stopping import Stopped
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
@@ -23,7 +24,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     check_caption_paths(cfg, args.config)
-    run_caption(cfg.caption, cfg.data.source, Accelerator())  # rank 0 logs the summary
+    run_caption(cfg.caption, cfg.data.source, Accelerator(), cfg.run.lock_timeout)  # rank 0 logs the summary
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -38,9 +39,10 @@ def cmd_cache(args: argparse.Namespace) -> None:
     cache_stage(cfg, Accelerator(), rebuild=args.rebuild)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from tristage.storage import check_writable
     from tristage.train.config import check_train_options, check_train_paths, load_config
     from tristage.train.training.checkpoint_files import complete_checkpoints
     from tristage.train.training.trainer import run_train
@@ -50,7 +52,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     # Markers and trainer.json only: the Trainer reads (and so verifies) the weights, once.
     has_checkpoint = cfg.resume != "none" and bool(complete_checkpoints(Path(cfg.run.dir) / "checkpoints"))
     check_train_paths(cfg, args.config, has_checkpoint)
-    run_train(cfg)
+    check_writable(cfg.run.dir, f"{args.config}: key 'run.dir'")  # before the model is built
+    return run_train(cfg)["exit_status"]  # 130 after a Ctrl-C stop (tristage/stopping.py)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -92,10 +95,10 @@ def cmd_app(args: argparse.Namespace) -> None:
     serve(args)
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(args: argparse.Namespace) -> int:
     from tristage.demo.run import run_demo
 
-    run_demo(args.out, fast=args.fast, vae=args.vae)
+    return run_demo(args.out, fast=args.fast, vae=args.vae).get("exit_status", 0)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -187,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+# A command returns its exit status, or None for 0.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "caption": cmd_caption,
     "cache": cmd_cache,
     "train": cmd_train,
@@ -205,11 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except TristageError as err:  # the user's input or environment: one line; anything else is a bug
         print(f"tristage {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except Stopped as stop:  # stopped on request at a safe point: one line (rank 0); a rerun continues
+        if str(stop):
+            print(f"tristage {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_status
 
 
 if __name__ == "__main__":

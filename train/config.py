@@ -26,6 +26,11 @@ from tristage.train.training.lr_schedules import LR_SCHEDULES
 class RunConfig:
     dir: str = MISSING  # output folder of this stage run (checkpoints/, final/, logs)
     name: str = "stage"  # human name of the stage, used for tracker runs and summaries
+    lock_timeout: float = 120.0  # s without heartbeat before another host's run.dir / unit lock is taken over
+
+    def __post_init__(self) -> None:
+        if not self.lock_timeout > 0:
+            raise ConfigError(f"key 'run.lock_timeout': must be > 0 seconds, got {self.lock_timeout}")
 
 
 @dataclass

@@ -96,4 +96,5 @@ def feature_encoders(cfg: Config) -> EncoderConfig:
 
 def cache_stage(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
     """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts."""
-    return run_cache(cfg.data, feature_encoders(cfg), accelerator, cfg.validation.prompts, rebuild)
+    prompts, timeout = cfg.validation.prompts, cfg.run.lock_timeout
+    return run_cache(cfg.data, feature_encoders(cfg), accelerator, prompts, rebuild, timeout)

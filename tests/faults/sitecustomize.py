@@ -6,7 +6,8 @@ and say what to inject in ``TRISTAGE_TEST_FAULT``, e.g. ``rank=1,delay_start=3``
 tracker start-up takes 3 s longer) or ``rank=1,fail_save_step=4`` (that rank's checkpoint files
 cannot be written at step 4: ENOSPC) or ``rank=0,key_error_step=2`` (a bug: a ``KeyError``
 inside step 2).  The real functions run otherwise; the launcher process (no
-``RANK``) and the other ranks are untouched.
+``RANK``) and the other ranks are untouched.  ``slow_save=S`` makes each of that rank's checkpoints take S
+seconds longer (a Ctrl-C can then land while it saves); ``slow_unit=S`` each cache unit it encodes.
 """
 
 from __future__ import annotations
@@ -59,6 +60,32 @@ def _bug_in_step(step: int) -> None:
     Trainer._step = buggy
 
 
+def _slow_save(seconds: float) -> None:
+    """Every checkpoint of this rank takes ``seconds`` longer: its temp folder exists meanwhile."""
+    from tristage.train.training import checkpoint_files
+
+    real = checkpoint_files.write_rank_files
+
+    def slow(tmp, rank):
+        time.sleep(seconds)
+        return real(tmp, rank)
+
+    checkpoint_files.write_rank_files = slow
+
+
+def _slow_unit(seconds: float) -> None:
+    """Every cache unit this process encodes takes ``seconds`` longer (two passes then overlap)."""
+    from tristage.data import cache
+
+    real = cache.cache_unit
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    cache.cache_unit = slow
+
+
 _fault = _parse(os.environ.get("TRISTAGE_TEST_FAULT", ""))
 if _fault and os.environ.get("RANK", "0") == _fault["rank"]:  # a plain (1-process) run is rank 0
     if "delay_start" in _fault:
@@ -67,3 +94,7 @@ if _fault and os.environ.get("RANK", "0") == _fault["rank"]:  # a plain (1-proce
         _fail_save(int(_fault["fail_save_step"]))
     if "key_error_step" in _fault:
         _bug_in_step(int(_fault["key_error_step"]))
+    if "slow_save" in _fault:
+        _slow_save(float(_fault["slow_save"]))
+    if "slow_unit" in _fault:
+        _slow_unit(float(_fault["slow_unit"]))

@@ -192,10 +192,11 @@ def test_the_length_check_counts_a_long_function(tmp_path):
 
 def test_the_cli_catches_only_tristage_errors():
     """One error base (issue 39 item 1): the CLI turns ``TristageError`` into one line and exit 2, and
-    catches nothing else, so a bug's ``KeyError`` or ``FileNotFoundError`` keeps its traceback."""
+    catches nothing else, so a bug's ``KeyError`` or ``FileNotFoundError`` keeps its traceback.  (And a
+    stop on request, ``tristage.stopping.Stopped``: not an error, one line and exit 130 or 0.)"""
     tree = ast.parse((ROOT / "train" / "cli.py").read_text())
     caught = [ast.unparse(node.type) for node in ast.walk(tree) if isinstance(node, ast.ExceptHandler)]
-    assert caught == ["TristageError"]
+    assert caught == ["TristageError", "Stopped"]
 
 
 def test_every_error_class_derives_from_the_one_base():

@@ -35,7 +35,7 @@ from tristage.data.features import FeatureLoader
 from tristage.data.fingerprint import tristage_version
 from tristage.train.config import Config, save_config, to_yaml
 from tristage.train.training import checkpoint_files as ckpt
-from tristage.train.training import dcp, null_caption
+from tristage.train.training import dcp, null_caption, resume_checks
 from tristage.train.training.ema import EMA
 from tristage.train.training.fsdp import is_sharded_setting
 from tristage.train.training.nonfinite import DeviceGuard, SyncGuard
@@ -66,14 +66,22 @@ class Checkpointer:
         self.saved: Saved | None = None
         self._found: tuple[Path, ckpt.Contents] | None = None
         self._last_saved = -1  # step of the checkpoint this process last committed or resumed from
+        self.saved_global_batch: int | None = None  # the global batch of the checkpoint resumed from
         self.sharded = is_sharded_setting(cfg.train.parallelism)  # DCP shards instead of whole files
 
     # -- resume ----------------------------------------------------------------------------------
     def find(self) -> Path | None:
-        """The checkpoint to resume from per ``resume`` (read once and kept for :meth:`load`), or None."""
+        """The checkpoint to resume from per ``resume`` (read once and kept for :meth:`load`), or None.
+
+        A checkpoint of another model is refused in one line before anything is read or changed
+        (``resume_checks.py``)."""
+        mode = self.cfg.resume
+        if mode not in ("none", "auto", "latest"):
+            resume_checks.check_model(Path(mode), self.cfg)
+        elif mode != "none" and (newest := ckpt.complete_checkpoints(self.root)):
+            resume_checks.check_model(newest[0][1], self.cfg)
         if self.accelerator.is_main_process:
             ckpt.cleanup(self.root)  # temp folders of saves a crash cut short (no save is in flight yet)
-        mode = self.cfg.resume
         if mode == "none":
             return None
         if mode in ("auto", "latest"):
@@ -99,7 +107,10 @@ class Checkpointer:
             saved.ema.load_state_dict(contents.ema)
             saved.optimizer.load_state_dict(contents.optimizer)
         saved.scheduler.load_state_dict(self.state.scheduler)
-        saved.loader.load_state_dict(self.state.loader)
+        self.saved_global_batch = resume_checks.saved_global_batch(
+            self.state.loader, self.state.step, self.state.samples
+        )
+        saved.loader.load_state_dict({"global_batch": self.saved_global_batch, **self.state.loader})
         saved.guard.load(self.state.nonfinite_skips)
         ckpt.load_rank_rng(contents, self.accelerator.process_index)
         self._last_saved = self.state.step
