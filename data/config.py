@@ -28,7 +28,7 @@ class SourceConfig:
     metadata: str | None = None  # aesthetic_folder: JSONL or parquet with file, caption, aesthetic_score
     synsets: str | None = None  # imagenet: "synset name" lines; line order = class index
     min_aesthetic: float = 0.0  # aesthetic sets: keep only images scoring above this
-    alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparency
+    alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparent px
 
     def __post_init__(self) -> None:
         bg = self.alpha_background
