@@ -17,6 +17,9 @@
 # Overrides after `--` apply to every stage run, e.g. -- train.max_steps=1000.
 set -euo pipefail
 cd "$(dirname "$0")"
+# After a Ctrl-C, torchrun's agent forwards SIGINT to the ranks and SIGKILLs them if they have not exited
+# within this many seconds (torch's default: 30); the ranks are saving a checkpoint.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 
 declare -A CONFIG=(
   [stage1]=configs/stage1_imagenet.yaml

@@ -383,10 +383,11 @@ def caption_units(
         remove_tmp=lambda u: remove_stale_tmp([u], parts),
         lock_timeout=timeout,
     )
-    with StopRequests(*PART_IN_FLIGHT, announce=accelerator.is_main_process) as stop:
-        images = work_through(units, work, accelerator, stop)
-    bar.close()
-    return images
+    try:
+        with StopRequests(*PART_IN_FLIGHT, announce=accelerator.is_main_process) as stop:
+            return work_through(units, work, accelerator, stop)
+    finally:
+        bar.close()  # its line ends before any message that follows
 
 
 PART_IN_FLIGHT = ("finishing the unit in flight", "(it is redone next time)")  # the second Ctrl-C's line

@@ -28,7 +28,7 @@ from tristage.data.sources import Unit
 from tristage.errors import TristageError
 from tristage.locks import LocalLock
 from tristage.stopping import Stopped, StopRequests
-from tristage.storage import is_refused, mib, storage_error
+from tristage.storage import is_refused, size_text, storage_error
 
 log = logging.getLogger(__name__)
 WAIT_S = 1.0  # between looks at units another pass holds
@@ -123,10 +123,8 @@ def still_needed(work: UnitPass, units: list[Unit]) -> str:
         return "no unit is done yet, so the space a unit needs is not known"
     per_unit = sum(p.stat().st_size for u in done for p in work.outputs(u) if p.exists()) / len(done)
     left = len(units) - len(done)
-    return (
-        f"about {mib(per_unit * left)} more needed for the {left} units left (the {len(done)} done are kept; "
-        f"free space and rerun to continue)"
-    )
+    need, kept = size_text(per_unit * left), len(done)
+    return f"about {need} more needed for the {left} units left; the {kept} done are kept: free space, rerun"
 
 
 def agree(accelerator, signum: int, failed: bool, busy: object) -> tuple[int, bool, bool]:

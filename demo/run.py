@@ -122,6 +122,7 @@ class StopSignals:
 
     def exit_status(self) -> int:
         """The demo's exit status after a stop: 130 when the first stop was Ctrl-C, else 0."""
+        self.requested()  # a stop a pass handled and returned from may not have been looked at yet
         return exit_status(self.seen[0]) if self.seen else 0
 
 

@@ -12,10 +12,14 @@ or caption unit in flight, complete -- instead of dying where it stands.  Ctrl-C
    takes over the lock of the dead process.
 
 A process started with SIGINT ignored (``cmd &`` in a non-interactive shell, ``nohup``) keeps ignoring
-it, as Python itself does.  A stop ends a command with exit status 130 after Ctrl-C (the shell's
-convention for SIGINT, so a script that runs stages in sequence, ``launch.sh all``, stops there; it is
-also what ``accelerate launch`` exits with after it forwarded a Ctrl-C to its ranks) and 0 after SIGTERM
-or SIGUSR1 (a planned stop: the job is requeued and resumes).
+it, as Python itself does.
+
+Exit status.  ``tristage train`` and ``tristage demo`` exit 130 after Ctrl-C (the shell's convention for
+SIGINT, so a script that runs stages in sequence, ``launch.sh all``, stops there; it is also what
+``accelerate launch`` exits with after it forwarded a Ctrl-C to its ranks) and 0 after SIGTERM or
+SIGUSR1 (a planned stop: the job is requeued and resumes).  ``tristage cache`` and ``caption`` exit
+128 + the signal's number after any stop (130, 143, 138): their output is incomplete, and a script must
+not go on to train on it.
 
 This module imports only the standard library, so every layer (``data/`` included) may use it.
 """
@@ -37,13 +41,14 @@ def exit_status(signum: int) -> int:
 
 
 class Stopped(Exception):
-    """A command stopped at a safe point on request; the CLI prints its one line and exits with
-    :attr:`exit_status` (not an error: what was done is kept, and a rerun continues)."""
+    """A pass stopped at a safe point on request, before its output was complete; the CLI prints its one
+    line (if any) and exits 128 + the signal's number (not an error: what was done is kept, and a rerun
+    continues)."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
-        self.exit_status = exit_status(signum)
+        self.exit_status = 128 + signum
 
 
 class StopRequests:

@@ -46,8 +46,12 @@ def free_bytes(path: str | Path) -> int:
     return 0
 
 
-def mib(size: float) -> str:
-    return f"{size / 2**20:.1f} MiB"
+def size_text(size: float) -> str:
+    """``512 B``, ``3.1 KiB``, ``12.3 MiB``, ``1.2 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
 
 
 def is_refused(err: OSError) -> bool:
@@ -59,5 +63,5 @@ def storage_error(folder: str | Path, err: OSError, needed: str = "") -> Storage
     """The one line for a write ``folder`` refused: why, the space left and, if known, still needed."""
     if err.errno in DISK_FULL:
         more = f"; {needed}" if needed else ""
-        return StorageError(f"{folder}: disk full ({mib(free_bytes(folder))} free{more})")
+        return StorageError(f"{folder}: disk full ({size_text(free_bytes(folder))} free{more})")
     return StorageError(f"{folder}: not writable ({err.strerror})")

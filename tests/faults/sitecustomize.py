@@ -5,9 +5,10 @@ Python's ``site`` module imports ``sitecustomize`` at interpreter start-up from 
 and say what to inject in ``TRISTAGE_TEST_FAULT``, e.g. ``rank=1,delay_start=3`` (that rank's
 tracker start-up takes 3 s longer) or ``rank=1,fail_save_step=4`` (that rank's checkpoint files
 cannot be written at step 4: ENOSPC) or ``rank=0,key_error_step=2`` (a bug: a ``KeyError``
-inside step 2).  The real functions run otherwise; the launcher process (no
-``RANK``) and the other ranks are untouched.  ``slow_save=S`` makes each of that rank's checkpoints take S
-seconds longer (a Ctrl-C can then land while it saves); ``slow_unit=S`` each cache unit it encodes.
+inside step 2).  ``slow_save=S`` makes each of that rank's checkpoints take S seconds longer (a
+Ctrl-C can then land while it saves), ``slow_unit=S`` each cache unit it encodes and
+``slow_caption_unit=S`` each caption unit.  The real functions run otherwise; the launcher process (no
+``RANK``) and the other ranks are untouched.
 """
 
 from __future__ import annotations
@@ -86,6 +87,19 @@ def _slow_unit(seconds: float) -> None:
     cache.cache_unit = slow
 
 
+def _slow_caption_unit(seconds: float) -> None:
+    """Every caption unit this process writes takes ``seconds`` longer."""
+    from tristage.data import caption
+
+    real = caption.caption_unit
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    caption.caption_unit = slow
+
+
 _fault = _parse(os.environ.get("TRISTAGE_TEST_FAULT", ""))
 if _fault and os.environ.get("RANK", "0") == _fault["rank"]:  # a plain (1-process) run is rank 0
     if "delay_start" in _fault:
@@ -98,3 +112,5 @@ if _fault and os.environ.get("RANK", "0") == _fault["rank"]:  # a plain (1-proce
         _slow_save(float(_fault["slow_save"]))
     if "slow_unit" in _fault:
         _slow_unit(float(_fault["slow_unit"]))
+    if "slow_caption_unit" in _fault:
+        _slow_caption_unit(float(_fault["slow_caption_unit"]))

@@ -30,6 +30,7 @@ from ..conftest import (
 )
 from .test_cache_distributed import CONFIG, IMAGES, PER_SHARD, members, world  # noqa: F401 (fixture)
 from .test_cluster import FAULTS, assert_agreed_checkpoint, rank_pid
+from .test_disks import captioning  # noqa: F401 (fixture)
 
 TIMEOUT = 240  # s; a hang fails the test instead of blocking the suite
 
@@ -210,3 +211,26 @@ def test_ctrl_c_to_rank_1_of_a_cache_pass_stops_both_after_their_units(request):
     again = run_cli("cache", str(CONFIG), *shared["overrides"]("ctrl_c_2"), env=one_thread_env())
     assert again.returncode == 0, again.stderr[-3000:]
     assert members(cache_dir) == members(shared["reference"])
+
+
+def test_ctrl_c_in_the_caption_pass_finishes_the_unit_in_flight(request, tmp_path):
+    world_of_captions = request.getfixturevalue("captioning")
+    output = tmp_path / "captions.jsonl"
+    env = one_thread_env(PYTHONPATH=FAULTS, TRISTAGE_TEST_FAULT="rank=0,slow_caption_unit=1")
+    cmd = tristage(*world_of_captions["args"](output))
+    proc = subprocess.Popen(cmd, cwd=user_folder(), env=env, stderr=subprocess.PIPE, text=True)
+    parts = Path(f"{output}.parts")
+    wait_until(lambda: any(parts.glob("*.lock")), proc, "the first unit")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130, err[-3000:]
+    done = sorted(parts.glob("*.done.json"))
+    lines = [line for line in err.splitlines() if line.startswith("tristage caption")]
+    assert lines == [
+        f"tristage caption: stopped on request with {len(done)} of 4 units done, each complete; "
+        "rerun to continue"
+    ]
+    assert 1 <= len(done) < 4 and not output.exists() and not list(parts.glob("*.tmp-*"))
+    again = run_cli(*world_of_captions["args"](output))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert output.read_text() == world_of_captions["reference"].read_text()
