@@ -22,16 +22,28 @@ def _parse(spec: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in spec.split(",") if item)
 
 
-def _delay_start(seconds: float) -> None:
-    from tristage.train.training import tracking
+def _slow(module: str, name: str, seconds: float) -> None:
+    """``module.name`` takes ``seconds`` longer on every call (looked up by name when called)."""
+    import importlib
 
-    real = tracking.start
+    owner = importlib.import_module(module)
+    real = getattr(owner, name)
 
-    def slow_start(*args, **kwargs):
+    def slow(*args, **kwargs):
         time.sleep(seconds)
         return real(*args, **kwargs)
 
-    tracking.start = slow_start
+    setattr(owner, name, slow)
+
+
+# fault -> the function it slows down: tracker start-up (delay_start), every checkpoint (slow_save: its
+# temp folder exists meanwhile), every cache unit (slow_unit: two passes then overlap), every caption unit
+SLOWED = {
+    "delay_start": ("tristage.train.training.tracking", "start"),
+    "slow_save": ("tristage.train.training.checkpoint_files", "write_rank_files"),
+    "slow_unit": ("tristage.data.cache", "cache_unit"),
+    "slow_caption_unit": ("tristage.data.caption", "caption_unit"),
+}
 
 
 def _fail_save(step: int) -> None:
@@ -61,56 +73,12 @@ def _bug_in_step(step: int) -> None:
     Trainer._step = buggy
 
 
-def _slow_save(seconds: float) -> None:
-    """Every checkpoint of this rank takes ``seconds`` longer: its temp folder exists meanwhile."""
-    from tristage.train.training import checkpoint_files
-
-    real = checkpoint_files.write_rank_files
-
-    def slow(tmp, rank):
-        time.sleep(seconds)
-        return real(tmp, rank)
-
-    checkpoint_files.write_rank_files = slow
-
-
-def _slow_unit(seconds: float) -> None:
-    """Every cache unit this process encodes takes ``seconds`` longer (two passes then overlap)."""
-    from tristage.data import cache
-
-    real = cache.cache_unit
-
-    def slow(*args, **kwargs):
-        time.sleep(seconds)
-        return real(*args, **kwargs)
-
-    cache.cache_unit = slow
-
-
-def _slow_caption_unit(seconds: float) -> None:
-    """Every caption unit this process writes takes ``seconds`` longer."""
-    from tristage.data import caption
-
-    real = caption.caption_unit
-
-    def slow(*args, **kwargs):
-        time.sleep(seconds)
-        return real(*args, **kwargs)
-
-    caption.caption_unit = slow
-
-
 _fault = _parse(os.environ.get("TRISTAGE_TEST_FAULT", ""))
 if _fault and os.environ.get("RANK", "0") == _fault["rank"]:  # a plain (1-process) run is rank 0
-    if "delay_start" in _fault:
-        _delay_start(float(_fault["delay_start"]))
     if "fail_save_step" in _fault:
         _fail_save(int(_fault["fail_save_step"]))
     if "key_error_step" in _fault:
         _bug_in_step(int(_fault["key_error_step"]))
-    if "slow_save" in _fault:
-        _slow_save(float(_fault["slow_save"]))
-    if "slow_unit" in _fault:
-        _slow_unit(float(_fault["slow_unit"]))
-    if "slow_caption_unit" in _fault:
-        _slow_caption_unit(float(_fault["slow_caption_unit"]))
+    for fault, (module, name) in SLOWED.items():
+        if fault in _fault:
+            _slow(module, name, float(_fault[fault]))
