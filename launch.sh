@@ -17,6 +17,9 @@
 # Overrides after `--` apply to every stage run, e.g. -- train.max_steps=1000.
 set -euo pipefail
 cd "$(dirname "$0")"
+# After a Ctrl-C, torchrun's agent forwards SIGINT to the ranks and SIGKILLs them if they have not exited
+# within this many seconds (torch's default: 30); the ranks are saving a checkpoint.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 
 declare -A CONFIG=(
   [stage1]=configs/stage1_imagenet.yaml
@@ -24,9 +27,20 @@ declare -A CONFIG=(
   [stage3]=configs/stage3_aesthetic.yaml
 )
 
-usage() { sed -n '2,20p' "$0" >&2; exit 2; }
+# The usage block at the top of this file (from its first "#   ./launch.sh" line to the next blank
+# comment line): the usage only, none of the script's code.
+usage() {
+  echo "usage:" >&2
+  awk '/^#   \.\/launch\.sh/ { block = 1 } block && /^#$/ { exit } block { sub(/^#   /, "  "); print }' "$0" >&2
+  exit "${1:-2}"
+}
 [ $# -ge 1 ] || usage
 target=$1; shift
+case "$target" in
+  demo|stage1|stage2|stage3|all) ;;
+  -h|--help) usage 0 ;;
+  *) echo "launch.sh: unknown target '$target' (one of demo, stage1, stage2, stage3, all)" >&2; usage ;;
+esac
 
 if [ "$target" = demo ]; then
   exec accelerate launch --num_processes 1 -m tristage demo --out "${1:-demo_out}"
@@ -51,5 +65,4 @@ run_stage() {
 case "$target" in
   stage1|stage2|stage3) run_stage "$target" ;;
   all) for s in stage1 stage2 stage3; do run_stage "$s"; done ;;
-  *) usage ;;
 esac

@@ -357,7 +357,8 @@ def validate_seconds(root: Path, per_unit: int, repeats: int) -> float:
     from tristage.demo.encoders import demo_vae_path
     from tristage.demo.run import CONFIGS
     from tristage.train.config import load_config
-    from tristage.train.families import cache_stage, feature_encoders
+    from tristage.train.families import feature_encoders
+    from tristage.train.training.stage_cache import cache_stage
 
     raw = synthetic.write_stage1(root / "raw", 4 * per_unit, size=64, per_shard=per_unit)
     args = [f"data.cache_dir={root / 'cache'}", f"encoders.vae={demo_vae_path()}", f"run.dir={root / 'run'}"]

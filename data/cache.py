@@ -20,12 +20,14 @@ checksum: ``data/cache_format.py``).
 
 from __future__ import annotations
 
-import io
+import contextlib
+import functools
 import json
 import logging
+import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +59,14 @@ from tristage.data.cache_format import (
 )
 from tristage.data.cache_migrate import upgrade_legacy
 from tristage.data.config import DataConfig, EncoderConfig, SourceConfig
+from tristage.data.decode import open_rgb
 from tristage.data.fingerprint import fingerprint
-from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source
+from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source, skipped_text
 from tristage.data.text_codec import encode_text_feature
+from tristage.data.unit_work import UnitPass, work_through
+from tristage.disks import check_writable, is_refused, storage_error
 from tristage.files import remove_tmp, tmp_path
+from tristage.stopping import StopRequests
 
 MIN_SIDE = 32  # images smaller than this (either side) are skipped as too small
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -112,20 +118,9 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return data.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1
 
 
-def open_rgb(item: RawItem, skips: Skips) -> Image.Image | None:
-    """The item's image decoded to RGB; None (counted as ``undecodable_image``) when PIL cannot."""
-    try:
-        image = Image.open(io.BytesIO(item.image))
-        image.load()
-        return image.convert("RGB")
-    except Exception:  # PIL raises many types for bad files; all mean "undecodable"
-        skips.add("undecodable_image", item.key)
-        return None
-
-
 def decode(item: RawItem, data: DataConfig, skips: Skips) -> tuple[Image.Image, dict] | None:
     """Decode, check size and ratio, and fit into a bucket; None (counted) when unusable."""
-    image = open_rgb(item, skips)
+    image = open_rgb(item, skips, tuple(data.source.alpha_background))
     if image is None:
         return None
     if min(image.size) < MIN_SIDE:
@@ -201,7 +196,13 @@ class ShardWriter:
             self._flush(bucket)
         self.writer.close()
         storage.upload(self.tmp, self.path)  # fsync + rename, or one upload
-        done = {"samples": self.written, "images": images, "rank": rank, "skips": skips.to_dict()}
+        done = {
+            "samples": self.written,
+            "images": images,
+            "rank": rank,
+            "pid": os.getpid(),
+            "skips": skips.to_dict(),
+        }
         storage.write_text(done_marker_name(self.path), json.dumps({**done, **(provenance or {})}))
 
 
@@ -329,6 +330,7 @@ def write_manifest(
         "class_names": {str(k): v for k, v in class_names(source).items()},
         "null_caption": NULL_CAPTION if storage.exists(storage.join(cache_dir, NULL_CAPTION)) else None,
         "skipped": dict(skips.counts),
+        "noted": dict(skips.noted),  # kept, with a note: animated_first_frame
     }
     storage.write_text(storage.join(cache_dir, SKIPPED), json.dumps(skips.to_dict(), indent=1))
     storage.write_text(storage.join(cache_dir, MANIFEST), json.dumps(manifest, indent=1))
@@ -392,13 +394,23 @@ def survey(cache_dir: str, source, fp: dict, prompts: Sequence[str], rebuild: bo
 
 
 def run_cache(
-    data: DataConfig, enc: EncoderConfig, accelerator, prompts: Sequence[str] = (), rebuild: bool = False
+    data: DataConfig,
+    enc: EncoderConfig,
+    accelerator,
+    prompts: Sequence[str] = (),
+    rebuild: bool = False,
+    lock_timeout: float = 120.0,
 ) -> dict | None:
     """The whole pass for one stage's data and encoders, under an ``accelerate`` process group.
 
     ``enc.text_encoder`` None caches no text (class-conditional); ``prompts`` (``validation.prompts``)
-    get their T5 features stored once, for the validation grids."""
+    get their T5 features stored once, for the validation grids.  A complete cache is recognised
+    before any encoder loads (a requeued job costs a few stats, not a VAE/T5 load).  Units are shared
+    with any other pass into the same folder through per-unit locks (``data/unit_work.py``;
+    ``lock_timeout``: ``run.lock_timeout``)."""
     cache_dir = str(data.cache_dir)
+    if not storage.exists(cache_dir):
+        check_writable(cache_dir, "data.cache_dir")  # creates it, or one line naming the key
     storage.makedirs(cache_dir)
     source = open_source(data.source)
     fp = fingerprint(data, enc)
@@ -407,70 +419,130 @@ def run_cache(
         if accelerator.is_main_process:
             log.info("cache: %s is complete (%d samples), nothing to encode", cache_dir, plan.done["samples"])
         return plan.done if accelerator.is_main_process else None
-    fresh = clear_for_encoding(plan, cache_dir, accelerator)
-    todo = own_units(fresh, accelerator.process_index, accelerator.num_processes)
-    # Only rank 0 needs the encoders without units of its own (null caption, scaling factor).
-    encoders = Encoders.load(enc, accelerator.device) if todo or accelerator.is_main_process else None
-    start = time.perf_counter()
-    encode_units(data, enc, encoders, source, todo, cache_dir, accelerator, (fp, plan.idents))
+    check_writable(cache_dir, "data.cache_dir")  # before any encoder loads; a complete cache may be read-only
+    accelerator.wait_for_everyone()  # every rank has read the folder before any file is removed
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    forget(own_units(plan.stale, rank, world), cache_dir, drop_manifest=bool(plan.stale) and main)
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
+    return encode_pass(data, enc, accelerator, (source, plan), fp, prompts, lock_timeout)
+
+
+def encode_pass(
+    data: DataConfig,
+    enc: EncoderConfig,
+    accelerator,
+    read: tuple,
+    fp: dict,
+    prompts: Sequence[str],
+    lock_timeout: float,
+) -> dict | None:
+    """Every unit not done, shared with any other pass; then rank 0 writes the manifest (returned).
+    ``read``: the opened source and the survey's :class:`Plan`."""
+    (source, plan), main = read, accelerator.is_main_process
+    # Loaded when first needed: a process whose units another pass encodes never loads them (rank 0
+    # always does, for the null caption and the scaling factor).
+    encoders = functools.cache(lambda: Encoders.load(enc, accelerator.device))
+    recorded = (fp, plan.idents)
+    work = cache_pass(data, enc, encoders, source, accelerator.process_index, recorded, lock_timeout)
+    start = time.perf_counter()
+    with StopRequests(*SHARD_IN_FLIGHT, announce=main) as stop, progress(work, plan.units, main):
+        images = work_through(plan.units, work, accelerator, stop)
+    images = int(accelerator.reduce(torch.tensor(images, device=accelerator.device), reduction="sum"))
+    if not main:
         return None
-    write_null_caption(enc, encoders, cache_dir)
-    write_validation_prompts(prompts, enc, encoders, cache_dir)
-    manifest = write_manifest(
-        data.source, plan.units, cache_dir, fp, float(encoders.vae.config.scaling_factor)
-    )
-    log_summary(manifest, fresh, cache_dir, time.perf_counter() - start)
+    manifest = finish_cache(data, enc, encoders(), plan.units, prompts, fp)
+    log_summary(manifest, images, str(data.cache_dir), time.perf_counter() - start)
     return manifest
 
 
-def clear_for_encoding(plan: Plan, cache_dir: str, accelerator) -> list[Unit]:
-    """Delete this rank's stale shards and temporary leftovers; the units left to encode (all ranks)."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    accelerator.wait_for_everyone()  # every rank has read the folder before any file is removed
-    drop_manifest = bool(plan.stale) and accelerator.is_main_process
-    forget(own_units(plan.stale, rank, world), cache_dir, drop_manifest)
-    remove_stale_tmp(own_units(plan.units, rank, world), cache_dir)
-    accelerator.wait_for_everyone()
-    held = set(storage.names(cache_dir, "features-*.done.json"))
-    fresh = [u for u in plan.units if done_marker_name(shard_name(u.cache_index)) not in held]
-    accelerator.wait_for_everyone()  # every rank has listed `fresh` before any unit is written
-    return fresh
-
-
-def encode_units(
-    data: DataConfig,
-    enc: EncoderConfig,
-    encoders: Encoders | None,
-    source,
-    todo: list[Unit],
-    cache_dir: str,
-    accelerator,
-    recorded: tuple[dict, dict],
-) -> None:
-    """This process's units, with a rank-0 progress bar: shards done, ETA, and images/s.
-    ``recorded``: (fingerprint, unit key -> content identity), written into each done marker."""
+@contextlib.contextmanager
+def progress(work: UnitPass, units: list[Unit], show: bool) -> Iterator[None]:
+    """A progress bar (rank 0) over the units not done yet: shards, ETA and images/s of this process."""
     from tqdm.auto import tqdm
 
-    fp, idents = recorded
-    bar = tqdm(total=len(todo), unit="shard", disable=not accelerator.is_main_process, desc="cache")
-    images, start = 0, time.perf_counter()
-    for unit in todo:
-        provenance = {"fingerprint": fp, "unit": unit.key, "input": idents[unit.key]}
-        images += cache_unit(
-            data, enc, encoders, source, unit, cache_dir, accelerator.process_index, provenance
-        )
-        bar.set_postfix_str(f"{images / max(time.perf_counter() - start, 1e-9):.1f} img/s", refresh=False)
+    bar = tqdm(total=sum(not work.done(u) for u in units), unit="shard", disable=not show, desc="cache")
+    run, images, start = work.run, [0], time.perf_counter()
+
+    def counted(unit: Unit) -> int:
+        read = run(unit)
+        images[0] += read
+        bar.set_postfix_str(f"{images[0] / max(time.perf_counter() - start, 1e-9):.1f} img/s", refresh=False)
         bar.update(1)
-    bar.close()
+        return read
+
+    work.run = counted
+    try:
+        yield
+    finally:
+        work.run = run
+        bar.close()
 
 
-def log_summary(manifest: dict, fresh: list[Unit], cache_dir: str, seconds: float) -> None:
-    """Rank 0's end-of-pass line: samples, skips by reason, the skip report, overall images/s."""
-    markers = storage.read_many([done_marker_name(shard_path(cache_dir, u)) for u in fresh])
-    images = sum(json.loads(m)["images"] for m in markers.values())
-    skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
+SHARD_IN_FLIGHT = ("finishing the shard in flight", "(it is redone next time)")  # the second Ctrl-C's line
+
+
+def cache_pass(
+    data: DataConfig,
+    enc: EncoderConfig,
+    encoders: Callable[[], Encoders],
+    source,
+    rank: int,
+    recorded: tuple[dict, dict],
+    lock_timeout: float,
+) -> UnitPass:
+    """How the cache pass writes one unit: ``features-NNNNN.tar`` and its done marker, under its lock.
+
+    ``recorded``: (fingerprint, unit key -> content identity), written into each done marker.  Lock
+    files sit beside the shards, or for a cache on an object store in the local staging folder (units
+    are then shared by the passes of one host)."""
+    cache_dir, (fp, idents) = str(data.cache_dir), recorded
+    locks, local = staging_dir(cache_dir), storage.is_local(cache_dir)
+
+    def provenance(u: Unit) -> dict:
+        return {"fingerprint": fp, "unit": u.key, "input": idents[u.key]}
+
+    def marker(u: Unit) -> str:
+        return done_marker_name(shard_path(cache_dir, u))
+
+    return UnitPass(
+        name="cache",
+        folder=Path(cache_dir) if local else locks,
+        lock_path=lambda u: locks / f"{shard_name(u.cache_index)}.lock",
+        done=lambda u: storage.exists(marker(u)),
+        run=lambda u: cache_unit(data, enc, encoders(), source, u, cache_dir, rank, provenance(u)),
+        outputs=lambda u: [Path(shard_path(cache_dir, u)), Path(marker(u))] if local else [],
+        remove_tmp=lambda u: remove_stale_tmp([u], cache_dir),
+        lock_timeout=lock_timeout,
+    )
+
+
+def finish_cache(
+    data: DataConfig,
+    enc: EncoderConfig,
+    encoders: Encoders,
+    units: list[Unit],
+    prompts: Sequence[str],
+    fp: dict,
+) -> dict:
+    """Rank 0, every unit done: the null caption, the validation prompts and the manifest (atomic
+    writes: a second pass into the folder may write the same files at the same time)."""
+    cache_dir = str(data.cache_dir)
+    try:
+        write_null_caption(enc, encoders, cache_dir)
+        write_validation_prompts(prompts, enc, encoders, cache_dir)
+        return write_manifest(data.source, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
+    except OSError as err:
+        if not is_refused(err):
+            raise
+        if storage.is_local(cache_dir):
+            for tmp in Path(cache_dir).glob(f"*.tmp-{os.getpid()}"):  # what the atomic writes left
+                tmp.unlink(missing_ok=True)
+        raise storage_error(cache_dir, err) from None
+
+
+def log_summary(manifest: dict, images: int, cache_dir: str, seconds: float) -> None:
+    """Rank 0's end-of-pass line: samples, skips by reason, the skip report, images read by this pass/s."""
+    skipped = skipped_text(manifest)
     log.info(
         "cache: %d samples in %d shards; skipped %s (report: %s); %d images read in %.1fs, %.1f images/s",
         manifest["samples"],

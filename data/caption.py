@@ -21,8 +21,10 @@ batched with left padding.  This module takes the caption and source sub-configs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import queue
 import re
 import tempfile
@@ -35,11 +37,14 @@ from pathlib import Path
 import torch
 
 from tristage.data import storage
-from tristage.data.cache import open_rgb, own_units
 from tristage.data.config import CaptionConfig, SourceConfig
-from tristage.data.sources import Skips, Unit, open_source
+from tristage.data.decode import WHITE, open_rgb
+from tristage.data.sources import Skips, Unit, open_source, skipped_text
+from tristage.data.unit_work import UnitPass, work_through
+from tristage.disks import check_writable, is_refused, storage_error
 from tristage.errors import CaptionError
 from tristage.files import remove_tmp, tmp_path
+from tristage.stopping import StopRequests
 
 SETTINGS = "settings.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -145,10 +150,12 @@ def manifest_path(output: str | Path) -> str:
     return storage.join(folder, f"{name.rsplit('.', 1)[0] if '.' in name else name}.manifest.json")
 
 
-def decoded(items: Iterable, skips: Skips) -> Iterator[tuple[int, str, object, str | None]]:
+def decoded(
+    items: Iterable, skips: Skips, background: tuple[int, int, int] = WHITE
+) -> Iterator[tuple[int, str, object, str | None]]:
     """(reader position, key, RGB image, existing caption) of every decodable item."""
     for n, item in enumerate(items):
-        image = open_rgb(item, skips)
+        image = open_rgb(item, skips, background)
         if image is not None:
             yield n, item.key, image, item.caption
 
@@ -196,7 +203,9 @@ def prefetched(batches: Iterator, depth: int = 2) -> Iterator:
         yield batch
 
 
-def unit_batches(captioner: Captioner, source, unit: Unit, skips: Skips, counter: list[int]) -> Iterator:
+def unit_batches(
+    captioner: Captioner, source, unit: Unit, skips: Skips, counter: list[int], background: tuple = WHITE
+) -> Iterator:
     """(rows, processor inputs) per batch of one unit; ``counter[0]`` counts the raw items read."""
 
     def items() -> Iterator:
@@ -205,16 +214,18 @@ def unit_batches(captioner: Captioner, source, unit: Unit, skips: Skips, counter
             yield item
 
     cfg = captioner.cfg
-    for rows in size_batches(decoded(items(), skips), cfg.batch_size, cfg.sort_window):
+    for rows in size_batches(decoded(items(), skips, background), cfg.batch_size, cfg.sort_window):
         yield rows, captioner.inputs([r[2] for r in rows], [r[3] for r in rows])
 
 
-def caption_unit(captioner: Captioner, source, unit: Unit, parts: str, rank: int, bar) -> int:
+def caption_unit(
+    captioner: Captioner, source, unit: Unit, parts: str, rank: int, bar, background: tuple = WHITE
+) -> int:
     """Caption one unit into its part file (atomic, then its done marker); returns images read."""
     skips, counter, lines = Skips(), [0], []
     if captioner.cfg.do_sample:
         torch.manual_seed(captioner.cfg.seed + unit.index)  # a rerun of this unit samples the same text
-    for rows, batch in prefetched(unit_batches(captioner, source, unit, skips, counter)):
+    for rows, batch in prefetched(unit_batches(captioner, source, unit, skips, counter, background)):
         for (n, key, _, _), text in zip(rows, captioner.generate(batch)):
             if text:
                 lines.append((n, json.dumps({"id": key, "caption": text}, ensure_ascii=False)))
@@ -223,9 +234,27 @@ def caption_unit(captioner: Captioner, source, unit: Unit, parts: str, rank: int
         bar.update(len(rows))
     part = part_path(parts, unit)
     storage.write_text(part, "".join(line + "\n" for _, line in sorted(lines)))  # reader order
-    done = {"captions": len(lines), "images": counter[0], "rank": rank, "skips": skips.to_dict()}
+    done = {
+        "captions": len(lines),
+        "images": counter[0],
+        "rank": rank,
+        "pid": os.getpid(),
+        "skips": skips.to_dict(),
+    }
     storage.write_text(part_done(part), json.dumps(done))
     return counter[0]
+
+
+def lock_folder(parts: str) -> Path:
+    """Where the units' lock files go: beside the parts, or for parts on an object store in a local
+    folder named after them (units are then shared by the passes of one host)."""
+    if storage.is_local(parts):
+        return Path(parts)
+    import xxhash
+
+    folder = Path(tempfile.gettempdir()) / "tristage-locks" / xxhash.xxh3_64_hexdigest(parts.encode())
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def remove_stale_tmp(units: list[Unit], parts: str) -> None:
@@ -283,39 +312,57 @@ def write_manifest(output: str, settings: dict, model_class: str, counts: tuple,
         "images": images,
         "captions": captions,
         "skipped": dict(skips.counts),
+        "noted": dict(skips.noted),  # kept, with a note: animated_first_frame
         "skipped_examples": skips.examples,
     }
     storage.write_text(manifest_path(output), json.dumps(manifest, indent=1))
     return manifest
 
 
-def run_caption(cfg: CaptionConfig, source_cfg: SourceConfig, accelerator) -> dict | None:
-    """The whole pass under an ``accelerate`` process group; rank 0 returns the manifest."""
+def run_caption(
+    cfg: CaptionConfig, source_cfg: SourceConfig, accelerator, lock_timeout: float = 120.0
+) -> dict | None:
+    """The whole pass under an ``accelerate`` process group; rank 0 returns the manifest.  Units are
+    shared with any other pass into the same output through per-unit locks (``data/unit_work.py``)."""
     output = str(cfg.output)
     parts = parts_dir(output)
+    check_writable(parts, "caption.output")  # before the model loads (an object store: its client's)
     storage.makedirs(parts)
     source = open_images(source_cfg, cfg.output)
     units = source.units()
-    rank, world = accelerator.process_index, accelerator.num_processes
     settings = settings_of(cfg, source_cfg, resolve_dtype(cfg.dtype, accelerator.device))
     check_settings(parts, settings)
-    remove_stale_tmp(own_units(units, rank, world), parts)
-    held = set(storage.names(parts, "*.done.json"))
-    fresh = [u for u in units if storage.basename(part_done(part_path(parts, u))) not in held]
-    accelerator.wait_for_everyone()  # every rank checked the settings and listed `fresh` before writes
+    accelerator.wait_for_everyone()  # every rank checked the settings before any write
     captioner = Captioner.load(cfg, accelerator.device)
     if accelerator.is_main_process:
-        # equal to any older one (check_settings)
-        storage.write_text(storage.join(parts, SETTINGS), json.dumps(settings, indent=1))
+        with refused_as_one_line(parts):  # equal to any older one (check_settings)
+            storage.write_text(storage.join(parts, SETTINGS), json.dumps(settings, indent=1))
     start = time.perf_counter()
-    caption_units(captioner, source, own_units(fresh, rank, world), parts, accelerator)
-    accelerator.wait_for_everyone()
+    background = tuple(source_cfg.alpha_background)
+    images = caption_units(captioner, source, units, parts, accelerator, lock_timeout, background)
+    images = int(accelerator.reduce(torch.tensor(images, device=accelerator.device), reduction="sum"))
     if not accelerator.is_main_process:
         return None
-    counts = assemble(units, parts, output)
-    manifest = write_manifest(output, settings, type(captioner.model).__name__, counts, len(units))
-    log_summary(manifest, fresh, parts, output, time.perf_counter() - start)
+    with refused_as_one_line(storage.parent(output)):
+        counts = assemble(units, parts, output)
+        manifest = write_manifest(output, settings, type(captioner.model).__name__, counts, len(units))
+    log_summary(manifest, images, output, time.perf_counter() - start)
     return manifest
+
+
+@contextlib.contextmanager
+def refused_as_one_line(folder: str) -> Iterator[None]:
+    """A write ``folder`` refuses (full, read-only) becomes one line naming it; a temp file an atomic
+    write or ``assemble`` left is removed."""
+    try:
+        yield
+    except OSError as err:
+        if not is_refused(err):
+            raise
+        if storage.is_local(folder):
+            for tmp in Path(folder).glob(f"*.tmp-{os.getpid()}"):
+                tmp.unlink(missing_ok=True)
+        raise storage_error(folder, err) from None
 
 
 def open_images(source_cfg: SourceConfig, output: str):
@@ -327,21 +374,45 @@ def open_images(source_cfg: SourceConfig, output: str):
     return open_source(replace(source_cfg, captions=None) if own else source_cfg, need_captions=False)
 
 
-def caption_units(captioner: Captioner, source, todo: list[Unit], parts: str, accelerator) -> None:
-    """This process's units, with a rank-0 progress bar counting images (its rate is images/s)."""
+def caption_units(
+    captioner: Captioner,
+    source,
+    units: list[Unit],
+    parts: str,
+    accelerator,
+    timeout: float,
+    background: tuple[int, int, int],
+) -> int:
+    """Every unit captioned (by this pass or another), with a rank-0 progress bar counting images (its
+    rate is images/s); returns the images this process read."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(unit="img", disable=not accelerator.is_main_process, desc=f"caption ({len(todo)} units)")
-    for unit in todo:
-        caption_unit(captioner, source, unit, parts, accelerator.process_index, bar)
-    bar.close()
+    bar = tqdm(unit="img", disable=not accelerator.is_main_process, desc=f"caption ({len(units)} units)")
+    rank = accelerator.process_index
+    locks, local = lock_folder(parts), storage.is_local(parts)
+    work = UnitPass(
+        name="caption",
+        folder=Path(parts) if local else locks,
+        lock_path=lambda u: locks / f"{storage.basename(part_path(parts, u))}.lock",
+        done=lambda u: storage.exists(part_done(part_path(parts, u))),
+        run=lambda u: caption_unit(captioner, source, u, parts, rank, bar, background),
+        outputs=lambda u: [Path(part_path(parts, u)), Path(part_done(part_path(parts, u)))] if local else [],
+        remove_tmp=lambda u: remove_stale_tmp([u], parts),
+        lock_timeout=timeout,
+    )
+    try:
+        with StopRequests(*PART_IN_FLIGHT, announce=accelerator.is_main_process) as stop:
+            return work_through(units, work, accelerator, stop)
+    finally:
+        bar.close()  # its line ends before any message that follows
 
 
-def log_summary(manifest: dict, fresh: list[Unit], parts: str, output: str, seconds: float) -> None:
-    """Rank 0's end-of-pass line: captions, skips by reason, images captioned now and images/s."""
-    dones = storage.read_many([part_done(part_path(parts, u)) for u in fresh])
-    images = sum(json.loads(done)["images"] for done in dones.values())
-    skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
+PART_IN_FLIGHT = ("finishing the unit in flight", "(it is redone next time)")  # the second Ctrl-C's line
+
+
+def log_summary(manifest: dict, images: int, output: str, seconds: float) -> None:
+    """Rank 0's end-of-pass line: captions, skips by reason, images captioned by this pass and images/s."""
+    skipped = skipped_text(manifest)
     log.info(
         "caption: %d captions from %d units in %s; skipped %s (examples: %s); "
         "%d images read in this run in %.1fs, %.2f images/s",

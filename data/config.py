@@ -34,10 +34,14 @@ class SourceConfig:
     metadata: str | None = None  # aesthetic_folder: JSONL or parquet with file, caption, aesthetic_score
     synsets: str | None = None  # imagenet: "synset name" lines; line order = class index
     min_aesthetic: float = 0.0  # aesthetic sets: keep only images scoring above this (scores are >= 0)
+    alpha_background: list[int] = field(default_factory=lambda: [255, 255, 255])  # RGB under transparent px
 
     def __post_init__(self) -> None:
         check_choice("data.source.kind", self.kind, SOURCE_KINDS)
         at_least("data.source.min_aesthetic", self.min_aesthetic, 0.0)
+        bg = self.alpha_background
+        if len(bg) != 3 or not all(0 <= v <= 255 for v in bg):
+            raise ConfigError(f"key 'data.source.alpha_background': must be 3 values in [0, 255], got {bg}")
 
 
 @dataclass
@@ -113,4 +117,3 @@ class CaptionConfig:
         seed("caption.seed", self.seed)
         if "{prompt}" not in self.hint_prompt or "{hint}" not in self.hint_prompt:
             raise ConfigError("key 'caption.hint_prompt': must contain {prompt} and {hint}")
-

@@ -17,7 +17,11 @@ the process's slice cut into K consecutive pieces, so one process with K micro-b
 exactly the rows, draws and noise of one process with one batch of K x B.
 
 The position (epoch, global batches consumed) is exposed through ``state_dict`` so the trainer can
-checkpoint and resume it exactly; it moves by whole global batches.
+checkpoint and resume it exactly; it moves by whole global batches.  A resume at another global batch
+(other processes, ``data.batch_size`` or ``train.grad_accum``) keeps it exact too: the epoch's stream is
+replayed at the saved global batch up to the position, which gives how many samples of each bucket were
+consumed (a bucket's batches take its samples in stream order); the rest of the epoch skips those and
+groups what is left at the new global batch.  No sample of the epoch is seen twice or left out.
 
 The cache may sit on an object store (``data.cache_dir: s3://...``): its shards are then read through
 a bounded local read-ahead copy (``data/remote_cache.py``), with the same bytes and checksums.
@@ -31,7 +35,7 @@ import queue
 import random
 import tempfile
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,16 +187,41 @@ class FeatureLoader:
         self.remote = remote_shards(self.dir, spec.rank, data) if storage.is_remote(self.dir) else None
         self.null_buffer = null_buffer
         self.epoch, self.next_index = 0, 0
+        # bucket -> samples of ``epoch`` consumed at another global batch (after a resume that changed it)
+        self.skip: dict[tuple, int] = {}
         self.dropped: dict[int, int] = {}  # epoch -> samples left in under-full buckets
         self.damaged_skipped = 0  # samples this process left out for a failed checksum (on_damaged=skip)
         spend_readonly_buffer_warning()
 
     # -- position -----------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "next_index": self.next_index}
+        skip = {",".join(map(str, bucket)): n for bucket, n in self.skip.items()}
+        return {
+            "epoch": self.epoch,
+            "next_index": self.next_index,
+            "global_batch": self.spec.global_batch,
+            "skip": skip,
+        }
 
     def load_state_dict(self, state: dict) -> None:
+        """The saved position; saved at another global batch (``state["global_batch"]``; absent: this
+        one), it becomes the samples each bucket gave so far, which the rest of the epoch skips."""
         self.epoch, self.next_index = int(state["epoch"]), int(state["next_index"])
+        self.skip = {tuple(int(v) for v in k.split(",")): int(n) for k, n in state.get("skip", {}).items()}
+        saved = int(state.get("global_batch", self.spec.global_batch))
+        if saved != self.spec.global_batch:
+            self.skip = self._consumed(saved)
+            self.next_index = sum(self.skip.values())  # batches of the rest are numbered from here
+
+    def _consumed(self, global_batch: int) -> dict[tuple, int]:
+        """bucket -> samples this epoch's first ``next_index`` batches at ``global_batch`` took."""
+        taken = Counter(self.skip)
+        batches = self._global_batches(self.epoch, self.skip, global_batch)
+        for index, samples in enumerate(batches, start=sum(self.skip.values())):
+            if index >= self.next_index:
+                break
+            taken[tuple(samples[0]["meta"]["bucket"])] += len(samples)
+        return dict(taken)
 
     # -- the global stream ----------------------------------------------------------
     def _order(self, epoch: int) -> list[str]:
@@ -244,13 +273,20 @@ class FeatureLoader:
         rng.shuffle(buffer)
         yield from buffer
 
-    def _global_batches(self, epoch: int) -> Iterator[list[dict]]:
-        """Global batches, each from one bucket, in a seeded order; counts what is left over."""
+    def _global_batches(
+        self, epoch: int, skip: dict[tuple, int] | None = None, global_batch: int | None = None
+    ) -> Iterator[list[dict]]:
+        """Global batches, each from one bucket, in a seeded order; counts what is left over.  ``skip``:
+        samples of each bucket already consumed (at another global batch), left out first."""
+        size, skip = global_batch or self.spec.global_batch, Counter(skip or {})
         pending: dict[tuple, list[dict]] = defaultdict(list)
         for sample in self._shuffled(epoch):
             bucket = tuple(sample["meta"]["bucket"])
+            if skip[bucket] > 0:
+                skip[bucket] -= 1
+                continue
             pending[bucket].append(sample)
-            if len(pending[bucket]) == self.spec.global_batch:
+            if len(pending[bucket]) == size:
                 yield pending.pop(bucket)
         self.dropped[epoch] = sum(len(v) for v in pending.values())
 
@@ -336,22 +372,22 @@ class FeatureLoader:
 
     # -- iteration -----------------------------------------------------------------
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
-        epoch, start = self.epoch, self.next_index
+        epoch, start, skip = self.epoch, self.next_index, self.skip
         try:
             while not stop.is_set():
                 produced = 0
-                for index, samples in enumerate(self._global_batches(epoch)):
+                for index, samples in enumerate(self._global_batches(epoch, skip), start=sum(skip.values())):
                     produced += 1
                     for micro in range(self.spec.grad_accum if index >= start else 0):
                         batch = self._collate(samples, epoch, index, micro)
                         out.put(pinned(batch) if self.spec.pin_memory else batch)
                     if stop.is_set():
                         return
-                if produced == 0:
+                if produced == 0 and not skip:  # the rest of a resumed epoch may hold no full batch
                     raise CacheError(
                         f"{self.dir}: no bucket holds a full global batch of {self.spec.global_batch}"
                     )
-                epoch, start = epoch + 1, 0
+                epoch, start, skip = epoch + 1, 0, {}
         except BaseException as exn:  # hand every failure to the consumer thread
             out.put(exn)
 
@@ -367,6 +403,8 @@ class FeatureLoader:
                     raise item
                 epoch, index, micro = item["position"]
                 if micro == self.spec.grad_accum - 1:  # the position moves by whole global batches
+                    if epoch != self.epoch:
+                        self.skip = {}  # it belonged to the resumed epoch
                     self.epoch, self.next_index = epoch, index + 1
                 self.damaged_skipped += len(item["noise_draw"].skipped)  # counted as used, not as prefetched
                 yield item

@@ -51,10 +51,12 @@ class RawItem:
 
 @dataclass
 class Skips:
-    """Items left out, by reason, with a few example keys per reason for the report."""
+    """Items left out, by reason, with a few example keys per reason for the report; and items kept
+    with a note (``noted``: e.g. ``animated_first_frame``), counted the same way."""
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    noted: Counter = field(default_factory=Counter)
 
     def add(self, reason: str, key: str) -> None:
         self.counts[reason] += 1
@@ -62,13 +64,28 @@ class Skips:
         if len(self.examples[reason]) < 20:
             self.examples[reason].append(key)
 
+    def note(self, reason: str, key: str) -> None:
+        """A kept item the summary should mention (its example keys share ``examples``)."""
+        self.noted[reason] += 1
+        keys = self.examples.setdefault(reason, [])
+        if len(keys) < 20:
+            keys.append(key)
+
     def merge(self, other: dict) -> None:
         self.counts.update(other.get("counts", {}))
+        self.noted.update(other.get("noted", {}))
         for reason, keys in other.get("examples", {}).items():
             self.examples.setdefault(reason, []).extend(keys[: 20 - len(self.examples.get(reason, []))])
 
     def to_dict(self) -> dict:
-        return {"counts": dict(self.counts), "examples": self.examples}
+        return {"counts": dict(self.counts), "examples": self.examples, "noted": dict(self.noted)}
+
+
+def skipped_text(manifest: dict) -> str:
+    """``a=1, b=2`` for a pass's summary line, then ``; noted animated_first_frame=3`` if any was noted."""
+    skipped = ", ".join(f"{r}={n}" for r, n in sorted(manifest["skipped"].items())) or "nothing"
+    noted = ", ".join(f"{r}={n}" for r, n in sorted(manifest.get("noted", {}).items()))
+    return f"{skipped}; noted {noted}" if noted else skipped
 
 
 @dataclass(frozen=True)
@@ -307,9 +324,27 @@ def _captions_json(path: str) -> dict[str, str]:
 
 
 def _captions_jsonl(path: str) -> dict[str, str]:
-    lines = storage.read_text(path).splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
-    return {str(r["id"]): r["caption"] for r in records}
+    """``{"id", "caption"}`` per line; a bad line is one error naming its own line number (each line is
+    parsed alone, so json's own "line 1" would point at the wrong place)."""
+    captions = {}
+    for n, line in enumerate(storage.read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            captions[str(record["id"])] = record["caption"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise SourceError(f"{path}:{n}: unreadable caption line ({_why(err)})") from None
+    return captions
+
+
+def _why(err: Exception) -> str:
+    """A parse error's reason without json's line/column of the single line it was given."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"not valid JSON: {err.msg}: column {err.colno}"
+    if isinstance(err, KeyError):
+        return f"no {err.args[0]!r} field"
+    return f"{type(err).__name__}: {err}"
 
 
 def _captions_tar(path: str) -> dict[str, bytes]:
@@ -351,6 +386,8 @@ def load_captions(path: str) -> dict[str, str | bytes] | CaptionFolder:
     suffix = ".tar.gz" if path.endswith(".tar.gz") else Path(path).suffix
     try:
         return CAPTION_FORMATS.get(suffix, _captions_json)(path)  # other names: JSON, as before
+    except SourceError:  # already one line naming the file and line
+        raise
     except (ValueError, KeyError, TypeError, tarfile.TarError, EOFError) as err:
         # ValueError covers JSONDecodeError and UnicodeDecodeError of a whole JSON file.
         raise SourceError(f"{path}: unreadable caption file ({type(err).__name__}: {err})") from None

@@ -58,5 +58,3 @@ def decode_into(stored: dict[str, torch.Tensor], out: torch.Tensor) -> None:
     out.copy_(stored["t5"])
     if "t5_scale" in stored:
         out.mul_(stored["t5_scale"])
-
-

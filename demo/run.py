@@ -21,6 +21,7 @@ import torch
 
 from tristage.demo import synthetic
 from tristage.demo.encoders import demo_vae_path, write_demo_text_encoder
+from tristage.stopping import SIGNALS, Stopped, StopRequests, exit_status
 from tristage.train.config import Config, load_config, save_config
 
 log = logging.getLogger("tristage.demo")
@@ -84,41 +85,45 @@ def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale, vae: Pa
 
 @dataclass
 class StopSignals:
-    """Whether a stop (SIGTERM, SIGUSR1) arrived at any point of the demo, whoever handled it.
+    """Whether a stop (SIGTERM, SIGUSR1, Ctrl-C) arrived at any point of the demo, whoever handled it.
 
-    While a stage trains, the trainer's own handlers catch a stop (it saves and exits cleanly); outside
-    training this class's do-nothing handler keeps the default action (death) away.  Python writes the
-    number of every signal it catches to the wakeup fd, whichever Python handler then runs, so a stop the
-    trainer took after its last step is seen here too, and the demo never starts the next stage.
+    While a stage caches or trains, that pass's own handlers catch a stop (it finishes the unit or saves,
+    and returns); between them this class's handler (``tristage/stopping.py``: a second Ctrl-C warns, a
+    third aborts) keeps the default action (death) away.  Python writes the number of every signal it
+    catches to the wakeup fd, whichever Python handler then runs, so a stop the trainer took after its
+    last step is seen here too, and the demo never starts the next stage.
     """
 
-    seen: set[int] = field(default_factory=set)
+    seen: list[int] = field(default_factory=list)  # stop signals in the order they arrived
     _fds: tuple[int, int] = (-1, -1)
-    _restore: dict = field(default_factory=dict)
-
-    WATCHED = (signal.SIGTERM, signal.SIGUSR1)
+    _previous_fd: int = -1
+    _requests: StopRequests = field(default_factory=lambda: StopRequests("stopping", "now"))
 
     def __enter__(self) -> StopSignals:
         self._fds = os.pipe()
         for fd in self._fds:
             os.set_blocking(fd, False)
-        self._restore = {"fd": signal.set_wakeup_fd(self._fds[1], warn_on_full_buffer=False)}
-        self._restore |= {sig: signal.signal(sig, lambda *_: None) for sig in self.WATCHED}
+        self._previous_fd = signal.set_wakeup_fd(self._fds[1], warn_on_full_buffer=False)
+        self._requests.install()
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.set_wakeup_fd(self._restore.pop("fd"))
-        for sig, handler in self._restore.items():
-            signal.signal(sig, handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        self._requests.restore()
         for fd in self._fds:
             os.close(fd)
 
     def requested(self) -> bool:
         try:
-            self.seen |= {n for n in os.read(self._fds[0], 4096) if n in self.WATCHED}
+            self.seen += [n for n in os.read(self._fds[0], 4096) if n in SIGNALS]
         except BlockingIOError:  # nothing caught since the last look
             pass
         return bool(self.seen)
+
+    def exit_status(self) -> int:
+        """The demo's exit status after a stop: 130 when the first stop was Ctrl-C, else 0."""
+        self.requested()  # a stop a pass handled and returned from may not have been looked at yet
+        return exit_status(self.seen[0]) if self.seen else 0
 
 
 def run_stage(cfg: Config, stop: StopSignals) -> dict | None:
@@ -129,7 +134,10 @@ def run_stage(cfg: Config, stop: StopSignals) -> dict | None:
     from tristage.train.training.trainer import run_train
 
     save_config(cfg, Path(cfg.run.dir) / "config.yaml")
-    manifest = cache_stage(cfg, Accelerator())
+    try:
+        manifest = cache_stage(cfg, Accelerator())
+    except Stopped:  # the cache pass finished its unit in flight and stopped: seen by `stop` too
+        return None
     log.info("%s: cached %d samples, skipped %s", cfg.run.name, manifest["samples"], manifest["skipped"])
     if stop.requested():
         return None
@@ -176,14 +184,14 @@ def run_demo(out: str | Path, fast: bool = False, vae: str | Path | None = None)
         for n in (1, 2, 3):
             summary = None if stop.requested() else run_stage(stage_config(n, out, data, scale, vae), stop)
             if summary is None:
-                return stopped(f"stage {n}")
+                return stopped(f"stage {n}", stop)
             summaries.append(summary)
         exports = {
             1: export(out / "stage1", out / "stage1" / "export"),
             3: export(out / "stage3", out / "export"),
         }
         if stop.requested():
-            return stopped("the exports")
+            return stopped("the exports", stop)
     for n, folder in exports.items():
         summaries[n - 1]["export"] = str(folder)  # the trainer's summary predates the export
     report = adherence_report(out, scale.samples_per_prompt)
@@ -198,10 +206,11 @@ def run_demo(out: str | Path, fast: bool = False, vae: str | Path | None = None)
     return report
 
 
-def stopped(during: str) -> dict:
-    """A stop ends the demo cleanly: one line, exit 0; a rerun resumes from the saved checkpoints."""
+def stopped(during: str, stop: StopSignals) -> dict:
+    """A stop ends the demo cleanly: one line, exit 0 (130 after Ctrl-C); a rerun resumes from the saved
+    checkpoints and complete cache units."""
     print(f"stopped during {during}; rerun to continue", flush=True)
-    return {"stopped": during}
+    return {"stopped": during, "exit_status": stop.exit_status()}
 
 
 def rates_line(rates: dict) -> str:

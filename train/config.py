@@ -48,6 +48,10 @@ INIT_FROM_WEIGHTS = ("ema", "model")  # init_from_weights (train/conversion/keym
 class RunConfig:
     dir: str = MISSING  # output folder of this stage run (checkpoints/, final/, logs)
     name: str = "stage"  # human name of the stage, used for tracker runs and summaries
+    lock_timeout: float = 120.0  # s without heartbeat before another host's run.dir / unit lock is taken over
+
+    def __post_init__(self) -> None:
+        positive("run.lock_timeout", self.lock_timeout)
 
 
 @dataclass

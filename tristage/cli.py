@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 
 from tristage.errors import TristageError
+from tristage.stopping import Stopped
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
@@ -31,7 +32,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     check_caption_paths(cfg, args.config)
-    run_caption(cfg.caption, cfg.data.source, Accelerator())  # rank 0 logs the summary
+    run_caption(cfg.caption, cfg.data.source, Accelerator(), cfg.run.lock_timeout)  # rank 0 logs the summary
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -47,10 +48,11 @@ def cmd_cache(args: argparse.Namespace) -> None:
     cache_stage(cfg, Accelerator(), rebuild=args.rebuild)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tristage.data import storage
+    from tristage.disks import check_writable
     from tristage.train.config import load_config
     from tristage.train.preflight import check_train_paths
     from tristage.train.training.checkpoint_files import complete_checkpoints
@@ -65,7 +67,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         else complete_checkpoints(Path(cfg.run.dir) / "checkpoints")
     )
     check_train_paths(cfg, args.config, has_checkpoint)
-    run_train(cfg)
+    check_writable(cfg.run.dir, f"{args.config}: key 'run.dir'")  # before the model is built
+    return run_train(cfg)["exit_status"]  # 130 after a Ctrl-C stop (tristage/stopping.py)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -107,10 +110,10 @@ def cmd_app(args: argparse.Namespace) -> None:
     serve(args)
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(args: argparse.Namespace) -> int:
     from tristage.demo.run import run_demo
 
-    run_demo(args.out, fast=args.fast, vae=args.vae)
+    return run_demo(args.out, fast=args.fast, vae=args.vae).get("exit_status", 0)
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -214,7 +217,8 @@ def show_progress() -> None:
     logging.getLogger("tristage").setLevel(logging.INFO)
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {
+# A command returns its exit status, or None for 0.
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "caption": cmd_caption,
     "cache": cmd_cache,
     "train": cmd_train,
@@ -232,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     show_progress()
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        return COMMANDS[args.command](args) or 0
     except TristageError as err:  # the user's input or environment: one line; anything else is a bug
         print(f"tristage {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except Stopped as stop:  # stopped on request at a safe point: one line (rank 0); a rerun continues
+        if str(stop):
+            print(f"tristage {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_status

@@ -408,6 +408,8 @@ def test_resume_continues_with_the_next_batch(stage1, k):
     assert state == {
         "epoch": reference[k - 1]["position"][0],
         "next_index": reference[k - 1]["position"][1] + 1,
+        "global_batch": 4,
+        "skip": {},
     }
     resumed = FeatureLoader(cache_dir, spec())
     resumed.load_state_dict(json.loads(json.dumps(state)))  # as it travels through a checkpoint

@@ -77,7 +77,17 @@ LAYERS = (
         + ("tristage.train.families", "tristage.train.config"),
     ),
     ("data", ("tristage.data",)),
-    ("base", ("tristage.errors", "tristage.checks", "tristage.files")),
+    (
+        "base",
+        (
+            "tristage.errors",
+            "tristage.checks",
+            "tristage.files",
+            "tristage.stopping",
+            "tristage.locks",
+            "tristage.disks",
+        ),
+    ),
 )
 
 
@@ -270,10 +280,11 @@ def test_the_length_check_counts_a_long_function(tmp_path):
 
 def test_the_cli_catches_only_tristage_errors():
     """One error base (issue 39 item 1): the CLI turns ``TristageError`` into one line and exit 2, and
-    catches nothing else, so a bug's ``KeyError`` or ``FileNotFoundError`` keeps its traceback."""
+    catches nothing else, so a bug's ``KeyError`` or ``FileNotFoundError`` keeps its traceback.  (And a
+    stop on request, ``tristage.stopping.Stopped``: not an error, one line and exit 130 or 0.)"""
     tree = ast.parse((ROOT / "tristage" / "cli.py").read_text())
     caught = [ast.unparse(node.type) for node in ast.walk(tree) if isinstance(node, ast.ExceptHandler)]
-    assert caught == ["TristageError"]
+    assert caught == ["TristageError", "Stopped"]
 
 
 def test_every_error_class_derives_from_the_one_base():
@@ -295,7 +306,9 @@ def test_every_error_class_derives_from_the_one_base():
             strays += [
                 f"{name}.{cls.__name__}"
                 for cls in vars(module).values()
-                if inspect.isclass(cls) and cls.__module__ == name and cls.__name__.endswith("Error")
+                if inspect.isclass(cls)
+                and cls.__module__ == name
+                and cls.__name__.endswith("Error")
                 and not issubclass(cls, TristageError)
             ]
     assert strays == []

@@ -206,7 +206,7 @@ def test_sam_llava_needs_a_readable_caption_file(tmp_path):
     for name, text in [
         ("broken.json", "{not json"),
         ("nocap.json", '[{"id": "sa_1"}]'),
-        ("x.jsonl", '{"c": 1}\n'),
+        ("x.json", "[1]"),
     ]:
         (tmp_path / name).write_text(text)
         with pytest.raises(SourceError, match=rf"{name}: unreadable caption file"):

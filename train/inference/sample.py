@@ -41,6 +41,11 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
         "--prompt", action="append", default=[], help="prompt (repeatable); DiT: a class label"
     )
     parser.add_argument("--prompt-file", help="one prompt per line")
+    parser.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="also sample with no prompt (PixArt: the empty caption); a blank --prompt is refused without it",
+    )
     parser.add_argument("--negative-prompt", default="", help="negative prompt (PixArt)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed, the same images)")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps")
@@ -104,11 +109,20 @@ def check_numbers(steps: int, num_images: int, guidance: float) -> None:
 
 
 def prompts_of(args: argparse.Namespace) -> list[str]:
+    """The prompts to sample, in order; ``--unconditional`` adds the empty one.  A blank ``--prompt`` is
+    refused: it would silently sample the unconditional model (blank prompt-file lines are skipped)."""
+    for n, prompt in enumerate(args.prompt, 1):
+        if not prompt.strip():
+            raise SampleError(
+                f"--prompt number {n} is empty; give text, or --unconditional to sample without a prompt"
+            )
     prompts = list(args.prompt)
     if args.prompt_file:
         prompts += [p.strip() for p in Path(args.prompt_file).read_text().splitlines() if p.strip()]
+    if args.unconditional:
+        prompts.append("")
     if not prompts:
-        raise SampleError("give at least one --prompt or a --prompt-file")
+        raise SampleError("give at least one --prompt, a --prompt-file or --unconditional")
     return prompts
 
 
@@ -136,6 +150,10 @@ def generate(pipe: DiffusionPipeline, prompt: str, args: argparse.Namespace, hei
 
     g = torch.Generator().manual_seed(args.seed)
     if is_class_conditional(pipe):
+        if not prompt:
+            raise SampleError(
+                "--unconditional needs a text pipeline (PixArt); a DiT export samples class labels"
+            )
         try:
             ids = pipe.get_label_ids([prompt]) * args.num_images
         except ValueError:
@@ -168,6 +186,8 @@ def buffer_null(pipe: DiffusionPipeline, export_dir: Path, prompt: str) -> dict:
     embeds, mask, _, _ = pipe.encode_prompt(
         prompt, do_classifier_free_guidance=False, max_sequence_length=buffer.shape[0]
     )  # (1, L, C), (1, L): padded to the training token budget, the buffer's length
+    if not prompt:  # --unconditional: the trained null itself is the condition
+        embeds = buffer[None].to(embeds.dtype)
     return {
         "prompt_embeds": embeds,
         "prompt_attention_mask": mask,

@@ -36,7 +36,7 @@ from tristage.data.features import FeatureLoader
 from tristage.train.config import Config, save_config, to_yaml
 from tristage.train.models import null_caption
 from tristage.train.training import checkpoint_files as ckpt
-from tristage.train.training import dcp
+from tristage.train.training import dcp, resume_checks
 from tristage.train.training.ema import EMA, whole_ema_model
 from tristage.train.training.nonfinite import DeviceGuard, SyncGuard
 from tristage.train.training.remote_run import RunMirror
@@ -67,18 +67,23 @@ class Checkpointer:
         self.saved: Saved | None = None
         self._found: tuple[Path, ckpt.Contents] | None = None
         self._last_saved = -1  # step of the checkpoint this process last committed or resumed from
+        self.saved_global_batch: int | None = None  # the global batch of the checkpoint resumed from
         self.sharded = cfg.train.sharded  # DCP shards instead of whole files
 
     # -- resume ----------------------------------------------------------------------------------
     def find(self) -> Path | None:
-        """The checkpoint to resume from per ``resume`` (read once and kept for :meth:`load`), or None."""
+        """The checkpoint to resume from per ``resume`` (read once and kept for :meth:`load`), or None.
+
+        A checkpoint of another model is refused in one line before anything is read or changed
+        (``resume_checks.py``)."""
         if self.mirror is not None:  # the local folder made a copy of the object store's run
             if self.accelerator.is_local_main_process:
                 self.mirror.sync_down(resume=self.cfg.resume != "none")
             self.accelerator.wait_for_everyone()
+        mode = self.cfg.resume
+        self._check_model(mode)
         if self.accelerator.is_main_process:
             ckpt.cleanup(self.root)  # temp folders of saves a crash cut short (no save is in flight yet)
-        mode = self.cfg.resume
         if mode == "none":
             return None
         if mode in ("auto", "latest"):
@@ -88,6 +93,13 @@ class Checkpointer:
         else:
             self._found = (Path(mode), ckpt.read(Path(mode)))
         return None if self._found is None else self._found[0]
+
+    def _check_model(self, mode: str) -> None:
+        """The checkpoint ``resume`` would take must hold this config's model (one line if not)."""
+        if mode not in ("none", "auto", "latest"):
+            resume_checks.check_model(Path(mode), self.cfg)
+        elif mode != "none" and (newest := ckpt.complete_checkpoints(self.root)):
+            resume_checks.check_model(newest[0][1], self.cfg)
 
     def load(self, saved: Saved) -> None:
         """Attach the live objects and, if :meth:`find` picked a checkpoint, restore all of them from it."""
@@ -104,7 +116,10 @@ class Checkpointer:
             saved.ema.load_state_dict(contents.ema)
             saved.optimizer.load_state_dict(contents.optimizer)
         saved.scheduler.load_state_dict(saved.state.scheduler)
-        saved.loader.load_state_dict(saved.state.loader)
+        self.saved_global_batch = resume_checks.saved_global_batch(
+            saved.state.loader, saved.state.step, saved.state.samples
+        )
+        saved.loader.load_state_dict({"global_batch": self.saved_global_batch, **saved.state.loader})
         saved.guard.load(saved.state.nonfinite_skips)
         ckpt.load_rank_rng(contents, self.accelerator.process_index)
         self._last_saved = saved.state.step

@@ -16,7 +16,8 @@ from tristage.train.families import feature_encoders
 
 def cache_stage(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
     """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts."""
-    return run_cache(cfg.data, feature_encoders(cfg), accelerator, cfg.validation.prompts, rebuild)
+    prompts, timeout = cfg.validation.prompts, cfg.run.lock_timeout
+    return run_cache(cfg.data, feature_encoders(cfg), accelerator, prompts, rebuild, timeout)
 
 
 def expected_fingerprint(cfg: Config) -> dict[str, str]:

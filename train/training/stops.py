@@ -1,11 +1,12 @@
 """Stops every rank agrees on.
 
-A run stops early for a stop request (SIGTERM or SIGUSR1, e.g. a SLURM pre-emption, delivered to any
-one rank), for the ``train.max_time`` budget, or after ``train.max_nonfinite`` consecutive non-finite
-steps.  Each rank only knows its own reasons, and a rank that stops alone leaves the others waiting
-in the next collective.  So the reasons are reduced across ranks at every step boundary -- one
-all-reduce (max) of a three-int host tensor -- and every rank stops after the same step, saves with
-the others and exits the same way.
+A run stops early for a stop request (SIGTERM or SIGUSR1, e.g. a SLURM pre-emption, or Ctrl-C's
+SIGINT, delivered to any one rank or to all: ``tristage/stopping.py``), for the ``train.max_time``
+budget, or after ``train.max_nonfinite`` consecutive non-finite steps.  Each rank only knows its own
+reasons, and a rank that stops alone leaves the others waiting in the next collective.  So the reasons
+are reduced across ranks at every step boundary -- one all-reduce (max) of a three-int host tensor, the
+stop request's flag being the signal's number -- and every rank stops after the same step, saves with
+the others and exits the same way (``tristage train`` exits 130 after Ctrl-C, 0 after SIGTERM/SIGUSR1).
 
 The flags are host values, so they go over a gloo group (the default group when it is gloo already,
 as on CPU; else one created at start-up): the reduction never waits for the accelerator's queue, and
@@ -18,7 +19,6 @@ took longer does not see a different budget.
 
 from __future__ import annotations
 
-import signal
 import time
 
 import torch
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 
 from tristage.data.features import CacheError
+from tristage.stopping import StopRequests, exit_status
 
 NONFINITE = "non-finite"  # the one stop that is an error (FloatingPointError after the save)
 REASONS = (NONFINITE, "stop request", "max_time")  # the flags tensor's order, and the precedence
@@ -36,19 +37,23 @@ class Stops:
 
     def __init__(self, accelerator: Accelerator, max_time: float | None):
         self.accelerator, self.max_time = accelerator, max_time
-        self.requested = False  # set by the SIGTERM / SIGUSR1 handler
+        self.requests = StopRequests(announce=accelerator.is_main_process)  # this rank's stop signals
+        self.signum = 0  # the agreed stop signal (the highest number any rank received; 0: none)
         self.nonfinite: str | None = None  # why the NaN guard wants to stop (the error message)
         self.started: float | None = None  # monotonic time of the agreed start
         self.group = _host_group()
 
     def install_handlers(self) -> None:
-        """SIGTERM / SIGUSR1 (SLURM pre-emption): finish the step, save with the other ranks, exit 0."""
+        """SIGTERM / SIGUSR1 (SLURM pre-emption) and Ctrl-C: finish the step, save with the other ranks,
+        exit (:meth:`exit_status`); :meth:`restore_handlers` when the run is over."""
+        self.requests.install()
 
-        def request_stop(signum, _frame):
-            self.requested = True
+    def restore_handlers(self) -> None:
+        self.requests.restore()
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
+    def exit_status(self) -> int:
+        """130 after an agreed Ctrl-C, else 0 (``tristage/stopping.py``)."""
+        return exit_status(self.signum) if self.signum else 0
 
     def start_clock(self) -> None:
         """The agreed start of ``train.max_time``: when the last rank is through its start-up."""
@@ -61,9 +66,11 @@ class Stops:
     def agreed(self) -> str | None:
         """The first reason any rank has to stop now, the same on every rank; None to go on."""
         out_of_time = self.max_time is not None and self.elapsed() > self.max_time
-        flags = torch.tensor([self.nonfinite is not None, self.requested, out_of_time], dtype=torch.int32)
+        signum = self.requests.signum  # the flag is the signal's number: every rank agrees on one
+        flags = torch.tensor([self.nonfinite is not None, signum, out_of_time], dtype=torch.int32)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        self.signum = int(flags[1])
         reasons = [reason for reason, flag in zip(REASONS, flags.tolist()) if flag]
         return reasons[0] if reasons else None
 

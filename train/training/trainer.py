@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -44,7 +45,7 @@ from tristage.train.diffusion.objective import Objective
 from tristage.train.families import family_of
 from tristage.train.models import null_caption
 from tristage.train.models.speed import build_for_training
-from tristage.train.training import fsdp, tracking, validation
+from tristage.train.training import fsdp, resume_checks, runlock, tracking, validation
 from tristage.train.training.checkpoint_files import TrainState
 from tristage.train.training.checkpointer import Checkpointer, Saved
 from tristage.train.training.ema import EMA
@@ -143,8 +144,16 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------
     def train(self) -> dict:
+        """Own the run dir and the stop signals for the whole run (released however it ends); run it."""
+        with runlock.owning(self.accelerator, self.cfg.run.dir, self.cfg.run.lock_timeout):
+            self.stops.install_handlers()
+            try:
+                return self._run()
+            finally:
+                self.stops.restore_handlers()
+
+    def _run(self) -> dict:
         """Restore, loop until max_steps or a stop every rank agrees on, save, finish."""
-        self.stops.install_handlers()
         self._restore()
         self._start_tracking()
         self.stops.start_clock()  # after every rank's start-up: train.max_time counts from here
@@ -196,6 +205,16 @@ class Trainer:
         # The raw AdamW: its state dict is what DCP's get_state_dict maps to parameter names.
         parts = Saved(self.model, self.ema, self.adamw, self.scheduler, self.loader, self.guard, self.state)
         self.checkpointer.load(parts)
+        self._resumed_at_another_batch()
+
+    def _resumed_at_another_batch(self) -> None:
+        """A resume at another global batch: the lr ``optim.auto_lr`` gives it, and one warning line."""
+        saved = self.checkpointer.saved_global_batch
+        if saved is None or saved == self.global_batch:
+            return
+        lr = self._lr()
+        resume_checks.set_lr(self.adamw, self.scheduler, lr)
+        self._info(resume_checks.batch_change_line(saved, self.accelerator.num_processes, self.cfg, lr))
 
     def _set_null_caption(self, source: torch.Tensor | None) -> None:
         """``data.null_caption: buffer``: the run's fixed null caption for the loader and validation."""
@@ -343,7 +362,8 @@ class Trainer:
             "stage": self.cfg.run.name,
             "steps": self.state.step,
             "finished": finished,
-            "stopped_by": stop,
+            "stopped_by": stop_reason(stop, self.stops.signum),
+            "exit_status": self.stops.exit_status(),  # tristage train's: 130 after Ctrl-C, else 0
             "wall_s": round(elapsed, 1),
             "img_per_s": round(steps * self.global_batch / max(elapsed, 1e-9), 2),
             "final_loss": window.last_loss,
@@ -386,6 +406,13 @@ class Trainer:
     def _info(self, message: str) -> None:
         if self.accelerator.is_main_process:
             log.info(message)
+
+
+def stop_reason(stop: str | None, signum: int) -> str | None:
+    """``stop request (SIGINT)`` names the signal; other reasons stay as they are."""
+    if stop == "stop request" and signum:
+        return f"{stop} ({signal.Signals(signum).name})"
+    return stop
 
 
 def set_tf32(allow: bool) -> None:
