@@ -319,11 +319,11 @@ def test_text_features_trimmed_to_real_tokens(stage2):
 
 
 # -- feature loader ---------------------------------------------------------------------------
-def spec(**kw) -> LoaderSpec:
-    """A global batch of 4, cut over ``world`` processes and ``grad_accum`` micro-batches."""
+def spec(global_batch: int = 4, **kw) -> LoaderSpec:
+    """A global batch (of 4), cut over ``world`` processes and ``grad_accum`` micro-batches."""
     base = dict(rank=0, world=1, grad_accum=1, seed=0, shuffle_buffer=8, cond_dropout=0.5, null_label=1000)
     base |= kw
-    return LoaderSpec(batch_size=4 // (base["world"] * base["grad_accum"]), **base)
+    return LoaderSpec(batch_size=global_batch // (base["world"] * base["grad_accum"]), **base)
 
 
 def take(loader: FeatureLoader, n: int) -> list[dict]:
