@@ -50,6 +50,7 @@ from tristage.data.config import DataConfig, EncoderConfig, SourceConfig
 from tristage.data.fingerprint import fingerprint
 from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source
 from tristage.data.text_codec import encode_text_feature
+from tristage.data.val_split import held_out, val_dir
 
 MIN_SIDE = 32  # images smaller than this (either side) are skipped as too small
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -226,12 +227,16 @@ def cache_unit(
     # Stamped before reading: a file that changes during the read shows up as changed next time.
     provenance = {"fingerprint": fp, "source": stamp(source.unit_files(unit))}
     writer = ShardWriter(enc, encoders, shard_path(cache_dir, unit))
+    # data.val_fraction: the held-out samples go to their own shard in val/ (data/val_split.py)
+    held = ShardWriter(enc, encoders, shard_path(val_dir(cache_dir), unit)) if data.val_fraction else None
     seen = 0
     for item in source.read(unit, skips):
         seen += 1
         decoded = decode(item, data, skips)
         if decoded is not None:
-            writer.add(*decoded)
+            (held if held and held_out(item.key, data.val_fraction) else writer).add(*decoded)
+    if held is not None:  # closed first: a unit marked done has both shards
+        held.close(Skips(), held.written, rank, provenance)
     writer.close(skips, seen, rank, provenance)
     return seen
 
@@ -380,14 +385,7 @@ def run_cache(
             log.warning("cache: %s is complete (%d samples), nothing to encode", cache_dir, done["samples"])
         return done if accelerator.is_main_process else None
     rank, world = accelerator.process_index, accelerator.num_processes
-    accelerator.wait_for_everyone()  # every rank has read the folder before any file is removed
-    forget(
-        own_units(stale, rank, world), cache_dir, drop_manifest=bool(stale) and accelerator.is_main_process
-    )
-    remove_stale_tmp(own_units(units, rank, world), cache_dir)
-    accelerator.wait_for_everyone()
-    fresh = [u for u in units if not done_marker(shard_path(cache_dir, u)).exists()]
-    accelerator.wait_for_everyone()  # every rank has listed `fresh` before any unit is written
+    fresh = clear_for_encoding(data, units, stale, accelerator)
     todo = [u for u in fresh if u.index % world == rank]
     # Only rank 0 needs the encoders without units of its own (null caption, scaling factor).
     encoders = Encoders.load(enc, accelerator.device) if todo or accelerator.is_main_process else None
@@ -398,9 +396,30 @@ def run_cache(
         return None
     write_null_caption(enc, encoders, cache_dir)
     write_validation_prompts(prompts, enc, encoders, cache_dir)
-    manifest = write_manifest(data.source, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
+    scale = float(encoders.vae.config.scaling_factor)
+    if data.val_fraction:  # before the stage's manifest, which marks the whole cache complete
+        write_manifest(data.source, units, val_dir(cache_dir), fp, scale)
+    manifest = write_manifest(data.source, units, cache_dir, fp, scale)
     log_summary(manifest, fresh, cache_dir, time.perf_counter() - start)
     return manifest
+
+
+def clear_for_encoding(data: DataConfig, units: list[Unit], stale: list[Unit], accelerator) -> list[Unit]:
+    """Delete this rank's stale shards and temporary leftovers (the held-out split's too); the units
+    left to encode, the same list on every rank."""
+    cache_dir, rank, world = Path(data.cache_dir), accelerator.process_index, accelerator.num_processes
+    accelerator.wait_for_everyone()  # every rank has read the folder before any file is removed
+    forget(
+        own_units(stale, rank, world), cache_dir, drop_manifest=bool(stale) and accelerator.is_main_process
+    )
+    remove_stale_tmp(own_units(units, rank, world), cache_dir)
+    if data.val_fraction:
+        val_dir(cache_dir).mkdir(exist_ok=True)
+        remove_stale_tmp(own_units(units, rank, world), val_dir(cache_dir))
+    accelerator.wait_for_everyone()
+    fresh = [u for u in units if not done_marker(shard_path(cache_dir, u)).exists()]
+    accelerator.wait_for_everyone()  # every rank has listed `fresh` before any unit is written
+    return fresh
 
 
 def encode_units(

@@ -41,10 +41,22 @@ class DataConfig:
     cond_dropout: float = 0.1  # caption/class dropout for classifier-free guidance
     null_caption: str = "t5_empty"  # dropped captions become t5_empty (T5("")) | buffer (the official null)
     on_damaged: str = "stop"  # a cached sample failing its checksum: "stop" the run, or "skip" and count it
+    val_fraction: float = 0.0  # share of the source held out for validation, by a hash of each sample's key
+    val_max_samples: int = 2000  # most held-out samples validation reads (those with the lowest key hashes)
+    val_paths: list[str] = field(default_factory=list)  # the source's own validation paths, not val_fraction
 
     def __post_init__(self) -> None:
         check_choice("data.null_caption", self.null_caption, NULL_CAPTIONS)
         check_choice("data.on_damaged", self.on_damaged, ON_DAMAGED)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"key 'data.val_fraction': must be in [0, 1), got {self.val_fraction}")
+        if self.val_max_samples < 1:
+            raise ConfigError(f"key 'data.val_max_samples': must be >= 1, got {self.val_max_samples}")
+        if self.val_paths and self.val_fraction > 0:
+            raise ConfigError(
+                "key 'data.val_paths': the validation split is either the source's own paths or a "
+                f"held-out share (data.val_fraction={self.val_fraction}); set data.val_fraction=0"
+            )
 
 
 @dataclass

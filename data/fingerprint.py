@@ -134,6 +134,9 @@ def fingerprint(data: DataConfig, enc: EncoderConfig) -> dict[str, str]:
         "source": repr(sorted(asdict(data.source).items())),
         "tristage_version": tristage_version(),
         "cache_format": FORMAT,
+        # data.val_fraction changes which samples the training shards hold (data/val_split.py); absent at
+        # 0, so caches without a split keep their fingerprint
+        **({"val_fraction": str(data.val_fraction)} if data.val_fraction else {}),
     }
 
 

@@ -86,6 +86,7 @@ class CheckpointConfig:
     every: int = 2000  # steps between full-state checkpoints
     keep_last: int = 3  # complete checkpoints kept on disk
     on_error: str = "raise"  # a failed save (disk full, I/O error): "raise" (stop) or "continue" training
+    keep_best: bool = False  # keep the checkpoint of the lowest val/loss in checkpoints/best (not rotated)
 
 
 @dataclass
@@ -104,6 +105,39 @@ class ValidationConfig:
     seed: int = 0  # fixed sampling seed
     steps: int = 20  # DPM-Solver++ steps
     guidance: float = 4.5  # classifier-free guidance scale
+    loss_every: int = 0  # steps between validation losses on the held-out split (data.val_*; 0 = never)
+    loss_timesteps: int = 8  # timesteps of the validation loss, equidistant over the training range
+    loss_seed: int = 0  # seeds the fixed noise of each held-out sample at each timestep
+    metrics_every: int = 0  # steps between sample metrics (0 = never)
+    metrics: list[str] = field(default_factory=list)  # clip_score | fid | a scorer in tristage.scorers
+    metrics_prompts: list[str] = field(default_factory=list)  # stage 2-3: prompts generated for the metrics
+    metrics_class_labels: list[int] = field(default_factory=list)  # stage 1: classes generated for them
+    metrics_per_prompt: int = 4  # images generated per prompt or class (seed: validation.seed + image index)
+    fid_feature_extractor: str | None = None  # fid: image model folder or hub id (e.g. facebook/dinov2-base)
+    clip_model: str | None = None  # clip_score: CLIP folder or hub id (e.g. openai/clip-vit-large-patch14)
+
+    def __post_init__(self) -> None:
+        for key in ("every", "loss_every", "metrics_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(
+                    f"key 'validation.{key}': must be >= 0 (0 = never), got {getattr(self, key)}"
+                )
+        for key in ("loss_timesteps", "metrics_per_prompt", "steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key 'validation.{key}': must be >= 1, got {getattr(self, key)}")
+        if self.metrics_every and not self.metrics:
+            raise ConfigError(
+                "key 'validation.metrics': name the metrics to compute every metrics_every steps"
+            )
+        needs = {
+            "fid": ("fid_feature_extractor", self.fid_feature_extractor),
+            "clip_score": ("clip_model", self.clip_model),
+        }
+        for metric, (key, value) in needs.items():
+            if metric in self.metrics and value is None:
+                raise ConfigError(
+                    f"key 'validation.{key}': the {metric} metric needs it (a folder or hub id)"
+                )
 
 
 @dataclass
@@ -262,7 +296,7 @@ def check_cache_paths(cfg: Config, path: str) -> None:
     check_source_paths(cfg, path)
     for key in ("vae", "text_encoder", "tokenizer"):
         value = getattr(cfg.encoders, key)
-        if value is not None and _looks_local(value):
+        if value is not None and looks_local(value):
             require_exists(path, f"encoders.{key}", value)
 
 
@@ -275,6 +309,9 @@ def check_source_paths(cfg: Config, path: str, skip: str | None = None) -> None:
             raise ConfigError(f"{path}: key 'data.source.paths[{i}]': matches nothing: {pattern}")
     if not cfg.data.source.paths:
         raise ConfigError(f"{path}: key 'data.source.paths': no source paths given")
+    for i, pattern in enumerate(cfg.data.val_paths):
+        if not glob.glob(pattern):
+            raise ConfigError(f"{path}: key 'data.val_paths[{i}]': matches nothing: {pattern}")
     for key in ("captions", "metadata", "synsets"):
         value = getattr(cfg.data.source, key)
         if value is not None and value != skip:
@@ -290,11 +327,11 @@ def check_caption_paths(cfg: Config, path: str) -> None:
     if cfg.caption.output is None:
         raise ConfigError(f"{path}: key 'caption.output': set the caption JSONL to write")
     check_source_paths(cfg, path, skip=cfg.caption.output)
-    if _looks_local(cfg.caption.model):
+    if looks_local(cfg.caption.model):
         require_exists(path, "caption.model", cfg.caption.model)
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     """Hub ids are "org/name"; anything absolute, relative-dotted or deeper is a local path."""
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
 

@@ -12,6 +12,7 @@ from diffusers import PixArtTransformer2DModel
 
 from tristage.data.cache import run_cache
 from tristage.data.config import EncoderConfig
+from tristage.data.val_split import val_source_data
 from tristage.train.config import Config
 from tristage.train.conversion.converters import DIT_CONVERTERS, PIXART_CONVERTERS, Converter
 from tristage.train.inference.pipelines import dit_pipeline, pixart_pipeline
@@ -94,6 +95,17 @@ def feature_encoders(cfg: Config) -> EncoderConfig:
     return replace(cfg.encoders, text_encoder=None)
 
 
+def cached_prompts(cfg: Config) -> list[str]:
+    """The prompts whose T5 features the cache pass stores: ``validation.prompts`` (the grids), then those
+    of ``validation.metrics_prompts`` not among them (the sample metrics)."""
+    v = cfg.validation
+    return list(dict.fromkeys([*v.prompts, *v.metrics_prompts]))
+
+
 def cache_stage(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
-    """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts."""
-    return run_cache(cfg.data, feature_encoders(cfg), accelerator, cfg.validation.prompts, rebuild)
+    """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts;
+    with ``data.val_paths`` first the source's own validation split, into ``CACHE/val/``."""
+    encoders = feature_encoders(cfg)
+    if cfg.data.val_paths:
+        run_cache(val_source_data(cfg.data), encoders, accelerator, (), rebuild)
+    return run_cache(cfg.data, encoders, accelerator, cached_prompts(cfg), rebuild)

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
 def test_readme_map_names_every_module():
     """The README's "Where things live" map stays true: every module of the role folders is named in it,
     and every file it names exists."""
@@ -217,7 +219,9 @@ def test_every_error_class_derives_from_the_one_base():
             strays += [
                 f"{name}.{cls.__name__}"
                 for cls in vars(module).values()
-                if inspect.isclass(cls) and cls.__module__ == name and cls.__name__.endswith("Error")
+                if inspect.isclass(cls)
+                and cls.__module__ == name
+                and cls.__name__.endswith("Error")
                 and not issubclass(cls, TristageError)
             ]
     assert strays == []
