@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 import xxhash
 
-from tristage.data.cache_format import MANIFEST, CacheError, check_sample, sample_tensors, shard_samples
+from tristage.data.cache_format import (
+    MANIFEST,
+    CacheError,
+    check_sample,
+    sample_tensors,
+    shard_samples,
+    spend_readonly_buffer_warning,
+)
 from tristage.data.config import DataConfig
 from tristage.data.features import _pad_text, open_manifest
 
@@ -89,6 +96,7 @@ class ValSplit:
         found = [ValSample(m, json.loads(bytes(m["json"]))) for m in self._members(folder, manifest)]
         chosen = sorted(found, key=lambda s: (key_hash(s.key), s.key))[: data.val_max_samples]
         self.samples = sorted(chosen, key=lambda s: (tuple(s.meta["bucket"]), key_hash(s.key), s.key))
+        spend_readonly_buffer_warning()  # the tensors view the mapped shards, which are never written
 
     @staticmethod
     def _members(folder: Path, manifest: dict) -> list[dict]:

@@ -144,8 +144,11 @@ class Evaluator:
         """``null_buffer``: returns the run's ``data.null_caption: buffer`` (None: T5("")), for CFG."""
         v = cfg.validation
         self.cfg, self.accelerator = cfg, accelerator
-        self.loss = ValLoss(cfg, accelerator, objective, family) if v.loss_every else None
-        self.metrics = SampleMetrics(cfg, accelerator, family, null_buffer) if v.metrics_every else None
+        try:
+            self.loss = ValLoss(cfg, accelerator, objective, family) if v.loss_every else None
+            self.metrics = SampleMetrics(cfg, accelerator, family, null_buffer) if v.metrics_every else None
+        except ConfigError as err:  # named as check_train_options names the run's config
+            raise ConfigError(f"{cfg.run.name} config: {err}") from None
 
     def due(self, step: int) -> tuple[bool, bool]:
         v = self.cfg.validation
