@@ -54,6 +54,8 @@ def write_tiny_stage1(root: Path, extra: tuple[str, ...] = ()) -> Path:
         f"checkpoint.every={EVERY}",
         "checkpoint.keep_last=2",
         "tracking.mode=disabled",
+        "validation.loss_every=0",  # the demo's evaluation needs its held-out split; `extra` may ask for one
+        "validation.metrics_every=0",
         *extra,
     ]
     cfg = load_config(CONFIGS / "stage1.yaml", overrides)
