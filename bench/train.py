@@ -109,11 +109,17 @@ def bench_config(root: Path, args: argparse.Namespace, device: torch.device):
         "checkpoint.every=1000000000",
         "checkpoint.keep_last=1",
         "tracking.mode=disabled",
+        *val_overrides(args),
     ]
-    if args.val_loss_every:  # a held-out split (write_cache writes it) and its loss every N steps
-        overrides += ["data.val_fraction=0.01", f"validation.loss_every={args.val_loss_every}"]
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(overrides))
     return OmegaConf.to_object(merged)
+
+
+def val_overrides(args: argparse.Namespace) -> list[str]:
+    """--val-loss-every N: a held-out split (``write_cache`` writes it) and its loss every N steps."""
+    if not args.val_loss_every:
+        return []
+    return ["data.val_fraction=0.01", f"validation.loss_every={args.val_loss_every}"]
 
 
 def write_cache(cfg, samples: int, held_out: int = 0) -> None:
@@ -289,16 +295,11 @@ def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
     from tristage.train.models.sizes import size_of
 
     cfg = bench_config(root, args, device)
-    write_cache(
-        cfg, samples=4 * args.batch * args.grad_accum, held_out=args.val_samples * bool(args.val_loss_every)
-    )
+    write_cache(cfg, 4 * args.batch * args.grad_accum, args.val_samples if args.val_loss_every else 0)
     batches = loader_batches(cfg, (args.window + args.steps) * args.grad_accum, device)
     images = args.window * args.batch * args.grad_accum
     trainer, bare, by_repeat = timed_repeats(cfg, args, root, batches, device)
     ours, theirs = timing(trainer, images), timing(bare, images)
-    evaluation = (
-        val_figures(cfg, [root / f"run{r}" for r in range(args.repeats)], ours) if args.val_loss_every else {}
-    )
     tokens = image_tokens(args.resolution, size_of(args.size).patch_size)
     flops = train_flops_per_image(cfg.model, tokens, args.text_tokens)
     clock = CLOCKS[device.type]  # the seconds that count: wall on CUDA, CPU seconds on CPU
@@ -328,36 +329,36 @@ def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
         "flops_per_image": flops,
         "peak_mem_gb": round(peak_memory_gb(device), 3),
         "data_wait_share": round(sum(w["wait_s"] for w in trainer) / sum(w["s"] for w in trainer), 4),
-        **evaluation,
     }
 
 
-def val_figures(cfg, run_dirs: list[Path], ours: dict[str, float]) -> dict:
-    """What val/loss costs in the Trainer runs: its share of their wall time, seconds per evaluation, and
-    its forward rows (held-out samples x timesteps) per second against the training images per second
-    (the ratio that carries to another device: docs/evaluation.md estimates a GPU run's share with it)."""
-    seconds, wall = [], 0.0
-    for run_dir in run_dirs:
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        seconds += [r["val/seconds"] for r in rows if "val/loss" in r]
+def val_figures(root: Path, repeats: int, result: dict) -> dict:
+    """What val/loss cost in the Trainer runs: its share of their wall time, seconds per evaluation, and
+    its forward rows (held-out samples x timesteps) per second against the training images per second,
+    both by the run's clock (the ratio that carries to another device: docs/evaluation.md estimates a
+    GPU run's share with it)."""
+    seconds, cpu, wall, timesteps = [], [], 0.0, 0
+    for run_dir in (root / f"run{r}" for r in range(repeats)):
+        found = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        found = [r for r in found if "val/loss" in r]
+        seconds, cpu = (
+            seconds + [r["val/seconds"] for r in found],
+            cpu + [r["val/cpu_seconds"] for r in found],
+        )
+        timesteps = len([k for k in found[0] if k.startswith("val/loss_t")])
         wall += json.loads((run_dir / "summary.json").read_text())["wall_s"]
-    per_eval = sum(seconds) / len(seconds)
-    rows_per_s = min(cfg.data.val_max_samples, val_samples(cfg)) * cfg.validation.loss_timesteps / per_eval
+    samples = json.loads((root / "cache" / "val" / "manifest.json").read_text())["samples"]
+    per_eval = {"img_per_s": sum(seconds) / len(seconds), "img_per_cpu_s": sum(cpu) / len(cpu)}
+    rows_per_s = samples * timesteps / per_eval[result["clock"]]
     return {
-        "val_loss_every": cfg.validation.loss_every,
-        "val_samples": val_samples(cfg),
+        "val_samples": samples,
         "val_evaluations": len(seconds),
-        "val_seconds_per_evaluation": round(per_eval, 4),
+        "val_seconds_per_evaluation": round(per_eval["img_per_s"], 4),
+        "val_cpu_seconds_per_evaluation": round(per_eval["img_per_cpu_s"], 4),
         "val_share_of_wall": round(sum(seconds) / wall, 4),
-        "val_rows_per_s": round(rows_per_s, 3),
-        "val_rows_per_training_image": round(rows_per_s / ours["img_per_s"], 3),
+        "val_rows_per_s": round(rows_per_s, 3),  # by the clock that counts (result["clock"])
+        "val_rows_per_training_image": round(rows_per_s / result[result["clock"]], 3),
     }
-
-
-def val_samples(cfg) -> int:
-    from tristage.data.val_split import val_dir
-
-    return json.loads((val_dir(cfg.data.cache_dir) / "manifest.json").read_text())["samples"]
 
 
 # Which throughput counts: on a GPU the wall clock; on a CPU the process's CPU seconds, because the CPU
@@ -456,6 +457,9 @@ def main(argv: list[str] | None = None) -> dict:
             result = compare_parallelism(args, Path(args.workdir or tmp), device)
         else:
             result = measure(args, Path(args.workdir or tmp), device)
+            if args.val_loss_every:
+                figures = val_figures(Path(args.workdir or tmp), args.repeats, result)
+                result = {**result, "val_loss_every": args.val_loss_every, **figures}
     if args.label is not None:
         result = {"figure": args.label, **result}
     print(json.dumps(result), flush=True)

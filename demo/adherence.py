@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiTPipeline, PixArtAlphaPipeline
+from diffusers import DiffusionPipeline, DiTPipeline, PixArtAlphaPipeline
 from PIL import Image
 
 from tristage.demo import synthetic
 from tristage.train.inference.grid import grid
-from tristage.train.inference.pipelines import load_exported
+from tristage.train.models.pipelines import load_exported
 
 FOREGROUND_DISTANCE = 60.0  # RGB units from the background: about half the closest palette/background pair
 MIN_OBJECT = 0.005  # share of the image a component needs to count as an object (smaller: a speck)
@@ -250,15 +250,16 @@ def asked_of(condition: int | str) -> Asked:
     shape = next((w for w in words if w in synthetic.SHAPES), None)
     background = re.search(r"(\w+) background", condition)
     if colour is None or shape is None:
-        raise ValueError(f"demo_adherence: {condition!r} names no demo colour and shape")
+        raise ValueError(f"adherence: {condition!r} names no demo colour and shape")
     size = next((w for w in words if w in synthetic.SIDES), None)
     position = next((p for p in synthetic.POSITIONS.values() if p in condition), None)
     return Asked(colour, shape, background and background.group(1), size, position)
 
 
-def online_scores(images: list[Image.Image], conditions: list[int | str]) -> list[float]:
-    """The ``demo_adherence`` sample metric (entry point group ``tristage.scorers``, pyproject.toml): 1.0
-    for a sample that is one shape meeting every property its class or prompt asks for, else 0.0."""
+def score_images(images: list[Image.Image], conditions: list[int | str]) -> list[float]:
+    """The ``adherence`` image scorer (entry point group ``tristage.image_scorers``, pyproject.toml) of the
+    sample metrics during training: 1.0 for a sample that is one shape meeting every property its class or
+    prompt asks for, else 0.0."""
     return [float(score(classify(im), asked_of(c))["all"]) for im, c in zip(images, conditions)]
 
 
@@ -307,10 +308,8 @@ def seen_prompts() -> list[tuple[str, Asked]]:
     return prompts
 
 
-def stage1_adherence(export_dir: Path, per_class: int, seed: int = 0) -> tuple[dict, list[Image.Image]]:
-    """Every class ``per_class`` times through ``DiTPipeline``: one shape of the class's kind and colour."""
-    pipe = load_exported(export_dir, DiTPipeline)
-    pipe.set_progress_bar_config(disable=True)
+def stage1_adherence(pipe: DiTPipeline, per_class: int, seed: int = 0) -> tuple[dict, list[Image.Image]]:
+    """Every class ``per_class`` times through ``pipe``: one shape of the class's kind and colour."""
     names = [synthetic.class_name(i) for i in range(len(synthetic.CLASSES))]
     ids = [i for name in names for i in pipe.get_label_ids([name]) * per_class]
     g = torch.Generator().manual_seed(seed)
@@ -323,17 +322,21 @@ def stage1_adherence(export_dir: Path, per_class: int, seed: int = 0) -> tuple[d
     return report, images
 
 
-def held_out_adherence(
-    export_dir: Path, per_prompt: int, seed: int = 0, size: int = synthetic.STAGE3_RESOLUTION
-) -> tuple[dict, list[Image.Image]]:
-    """The held-out prompts through ``PixArtAlphaPipeline`` at ``size`` px, ``per_prompt`` samples each."""
-    return prompt_adherence(load_pixart(export_dir), held_out_prompts(), per_prompt, seed, size)
-
-
-def load_pixart(export_dir: Path) -> PixArtAlphaPipeline:
-    pipe = load_exported(export_dir, PixArtAlphaPipeline)
+def load_pipeline(export_dir: Path) -> DiffusionPipeline:
+    """An exported demo pipeline (``DiTPipeline`` or ``PixArtAlphaPipeline``), its progress bar off."""
+    pipe = load_exported(export_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def score_pipeline(pipe: DiffusionPipeline, per_prompt: int, seed: int = 0) -> dict:
+    """The ``adherence`` scorer (entry point group ``tristage.scorers``, pyproject.toml) that
+    ``tristage eval --adherence`` runs: every class through a ``DiTPipeline`` (stage 1), the held-out
+    prompts through a ``PixArtAlphaPipeline`` (the text stages); ``per_prompt`` samples each."""
+    pipe.set_progress_bar_config(disable=True)
+    if isinstance(pipe, DiTPipeline):
+        return stage1_adherence(pipe, per_prompt, seed)[0]
+    return prompt_adherence(pipe, held_out_prompts(), per_prompt, seed)[0]
 
 
 def prompt_adherence(
@@ -368,9 +371,9 @@ def prompt_adherence(
 def adherence_report(out: Path, per_prompt: int, seed: int = 0) -> dict:
     """Measure both exports and write the sample grids."""
     per_class = min(per_prompt, 4)
-    stage1, images1 = stage1_adherence(out / "stage1" / "export", per_class, seed)
+    stage1, images1 = stage1_adherence(load_pipeline(out / "stage1" / "export"), per_class, seed)
     grid(images1, columns=per_class * 3).save(out / "stage1" / "samples.png")
-    pipe = load_pixart(out / "export")
+    pipe = load_pipeline(out / "export")
     held, images3 = prompt_adherence(pipe, held_out_prompts(), per_prompt, seed)
     grid(images3, columns=per_prompt).save(out / "samples.png")
     per_seen = max(1, per_prompt // 2)

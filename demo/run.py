@@ -195,14 +195,14 @@ def loss_fell(run_dir: Path) -> bool:
 def online_evaluation(run_dir: Path) -> dict:
     """A stage's last validation figures during training: val/loss (and its best) and the demo adherence."""
     rows = metric_rows(run_dir)
-    val, metrics = [r for r in rows if "val/loss" in r], [r for r in rows if "val/demo_adherence" in r]
+    val, metrics = [r for r in rows if "val/loss" in r], [r for r in rows if "val/adherence" in r]
     if not val:
         return {}
     best = min(val, key=lambda r: r["val/loss"])
     last = {k: v for k, v in val[-1].items() if k in ("val/loss", "val/loss_mse", "val/loss_vlb")}
     found = {"step": val[-1]["step"], **last, "best_val_loss": best["val/loss"], "best_step": best["step"]}
     if metrics:
-        found["demo_adherence"] = metrics[-1]["val/demo_adherence"]
+        found["adherence"] = metrics[-1]["val/adherence"]
     return found
 
 
@@ -269,7 +269,7 @@ def print_report(report: dict) -> None:
         lines.append(f"    {rate:6.1%}  {prompt}")
     lines.append(f"  loss fell: {report['loss_fell']}")
     for stage, found in report["online_evaluation"].items():
-        adherence = f", demo adherence {found['demo_adherence']:.1%}" if "demo_adherence" in found else ""
+        adherence = f", adherence {found['adherence']:.1%}" if "adherence" in found else ""
         lines.append(
             f"  {stage} at step {found['step']}: val/loss {found['val/loss']:.4f} "
             f"(best {found['best_val_loss']:.4f} at step {found['best_step']}){adherence}"

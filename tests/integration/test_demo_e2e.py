@@ -42,7 +42,7 @@ def test_demo_writes_everything(demo_dir):
     assert (demo_dir / "samples_seen.png").is_file()
     for n, steps in zip((1, 2, 3), (6, 6, 4)):  # val/loss every 2 steps, the sample metrics at the last
         found = report["online_evaluation"][f"stage{n}"]
-        assert found["step"] == steps and np.isfinite(found["val/loss"]) and 0 <= found["demo_adherence"] <= 1
+        assert found["step"] == steps and np.isfinite(found["val/loss"]) and 0 <= found["adherence"] <= 1
         assert report["stages"][n - 1]["val_loss"] == found["val/loss"]  # the trainer's summary
         assert (
             json.loads((demo_dir / "cache" / f"stage{n}" / "val" / "manifest.json").read_text())["samples"]
@@ -108,7 +108,7 @@ def test_export_cli(demo_dir, tmp_path):
 def test_sample_defaults_to_the_trained_size(demo_dir, tmp_path):
     from PIL import Image
 
-    from tristage.train.cli import main
+    from tristage.cli import main
 
     args = ["sample", str(demo_dir / "export"), "--prompt", "a red circle", "--steps", "2"]
     assert main([*args, "--out", str(tmp_path)]) == 0

@@ -172,12 +172,12 @@ def test_val_paths_cache_the_source_s_own_split(tmp_path):
         ("data.val_paths=[x]", "key 'data.val_paths': the validation split is either the source's own paths"),
         ("validation.loss_timesteps=0", "key 'validation.loss_timesteps': must be >= 1, got 0"),
         ("validation.loss_every=-1", "key 'validation.loss_every': must be >= 0 (0 = never), got -1"),
-        ("validation.metrics_every=5", "key 'validation.metrics': name the metrics to compute"),
+        ("validation.metrics=[]", "key 'validation.metrics': name the metrics to compute"),
         ("validation.metrics=[fid]", "key 'validation.fid_feature_extractor': the fid metric needs it"),
     ],
 )
 def test_bad_evaluation_settings_are_one_line(tiny, override, message):
-    extra = ["data.val_fraction=0.1"] if "val_paths" in override else []
+    extra = ["data.val_fraction=0.1"] if "val_paths" in override else ["validation.metrics_every=5"]
     with pytest.raises(ConfigError) as err:
         load_config(tiny, [*extra, override])
     assert message in str(err.value) and str(tiny) in str(err.value) and "\n" not in str(err.value)

@@ -1,4 +1,4 @@
-"""What the sample metrics measure images with: an image model for FID, and scorers found by name.
+"""What the sample metrics measure images with: an image model for FID, a CLIP for the CLIP score.
 
 * ``validation.fid_feature_extractor``: any transformers image model, through ``AutoModel`` /
   ``AutoImageProcessor.from_pretrained`` (a folder or hub id).  Its pooled output is the feature: DINOv2's
@@ -6,15 +6,12 @@
   metrics", arXiv:2306.04675), or a CLIP's projected image embedding.
 * ``validation.clip_model``: a CLIP folder or hub id for torchmetrics' ``CLIPScore``
   (``evaluate.clip_metric``).
-* Any other name in ``validation.metrics`` is a scorer registered under the ``tristage.scorers`` entry
-  point group (``pyproject.toml``): ``score(images, conditions) -> [one float in [0, 1] per image]``.  The
-  demo registers its adherence classifier there (``demo_adherence``), so ``train/`` never imports ``demo/``.
+* Any other name in ``validation.metrics`` is an image scorer found by name (``scorers.py``, the entry
+  point group ``tristage.image_scorers``): the demo registers its adherence classifier as ``adherence``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
@@ -22,19 +19,7 @@ import torch
 from tristage.errors import ConfigError
 from tristage.train.config import looks_local
 
-BUILT_IN = ("clip_score", "fid")  # validation.metrics names computed here; others are entry points
-SCORERS = "tristage.scorers"  # entry point group of the other sample scorers
-
-Scorer = Callable[[list, list], list[float]]  # (PIL images, prompts or class ids) -> score per image
-
-
-def scorer(name: str) -> Scorer:
-    """The scorer registered as ``name``; one line naming the known metrics when there is none."""
-    found = {ep.name: ep for ep in entry_points(group=SCORERS)}
-    if name not in found:
-        known = ", ".join([*BUILT_IN, *sorted(found)])
-        raise ConfigError(f"key 'validation.metrics': unknown metric {name!r}; known: {known}")
-    return found[name].load()
+BUILT_IN = ("clip_score", "fid")  # validation.metrics names computed here; others are image scorers
 
 
 class ImageFeatures(torch.nn.Module):

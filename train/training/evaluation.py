@@ -17,8 +17,9 @@ per-timestep sums are added over the ranks in float64 -- the same value, to fp32
 on any number of processes, at any batch size or gradient accumulation, and after a resume.
 
 The sample metrics (``validation.metrics_every``) are ``sample_metrics.py``'s.  ``val/seconds`` is the
-wall time of one evaluation.  The lowest ``val/loss`` and its step go into the train state (and so the
-checkpoints), the run's summary and ``final/training.json``; ``checkpoint.keep_best`` keeps its checkpoint.
+wall time of one evaluation (``val/cpu_seconds`` the CPU time of this process's threads).  The lowest
+``val/loss`` and its step go into the train state (and so the checkpoints), the run's summary and
+``final/training.json``; ``checkpoint.keep_best`` keeps its checkpoint.
 """
 
 from __future__ import annotations
@@ -161,13 +162,16 @@ class Evaluator:
         loss_due, metrics_due = self.due(step)
         if not (loss_due or metrics_due):
             return None
-        start, values, device = time.perf_counter(), {}, self.accelerator.device
+        start, cpu, values, device = time.perf_counter(), time.process_time(), {}, self.accelerator.device
         with whole_ema_model(model, ema, True, device) as evaluated:  # every rank: the EMA weights, whole
             if loss_due:
                 values.update(self.loss.run(evaluated))
             if metrics_due:
                 values.update(self.metrics.run(evaluated, step))
         values["val/seconds"] = time.perf_counter() - start
+        values["val/cpu_seconds"] = (
+            time.process_time() - cpu
+        )  # this process's threads: the work on a CPU host
         return values
 
 

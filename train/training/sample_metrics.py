@@ -7,7 +7,7 @@ draws it.  Every rank generates one contiguous share (sizes differ by at most on
 through the stage's pipeline (DPM-Solver++, ``validation.steps`` and ``guidance``): no rank waits while
 another generates alone.  Each rank then measures its own share -- FID features
 (``validation.fid_feature_extractor``), the CLIP score's sums (``validation.clip_model``, torchmetrics'
-``CLIPScore``) and each registered scorer's per-image scores (``train/inference/extractors.py``) -- and
+``CLIPScore``) and each image scorer's per-image scores (``train/inference/scorers.py``) -- and
 rank 0 gathers them: FID through torchmetrics against the statistics of the held-out split, the mean
 CLIP score, the mean of each scorer (``val/fid``, ``val/clip_score``, ``val/<scorer>``).
 
@@ -33,8 +33,9 @@ from tristage.data.val_split import ValSplit, has_split, split_data
 from tristage.train.config import Config, ConfigError
 from tristage.train.families import Family, feature_encoders
 from tristage.train.inference import evaluate
-from tristage.train.inference.extractors import BUILT_IN, ImageFeatures, clip_scorer, scorer
-from tristage.train.inference.pipelines import scheduler_for
+from tristage.train.inference.extractors import BUILT_IN, ImageFeatures, clip_scorer
+from tristage.train.inference.scorers import image_scorer_names, load_image_scorer
+from tristage.train.models.pipelines import scheduler_for
 from tristage.train.training.validation import load_prompt_features, null_condition
 
 REFERENCE = "fid_reference.npz"  # in run.dir/eval/
@@ -58,7 +59,7 @@ class SampleMetrics:
             key = "metrics_prompts" if family.needs_text else "metrics_class_labels"
             raise ConfigError(f"key 'validation.{key}': the sample metrics need what to generate")
         self.count = len(self.conditions) * v.metrics_per_prompt
-        self.scorers = {name: scorer(name) for name in v.metrics if name not in BUILT_IN}
+        self.scorers = {name: image_scorer(name) for name in v.metrics if name not in BUILT_IN}
         self.features = ImageFeatures(v.fid_feature_extractor) if "fid" in v.metrics else None
         self.clip = clip_scorer(v.clip_model) if "clip_score" in v.metrics else None
         self.split = self._split() if self.features is not None else None
@@ -194,6 +195,14 @@ class SampleMetrics:
             uint8 = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             feats.append(self.features.to(device)(uint8).cpu())
         return torch.cat(feats) if feats else torch.zeros(0)
+
+
+def image_scorer(name: str):
+    """The image scorer ``name`` names; an unknown name is one line listing every metric there is."""
+    if name not in image_scorer_names():
+        known = ", ".join([*BUILT_IN, *image_scorer_names()])
+        raise ConfigError(f"key 'validation.metrics': unknown metric {name!r}; known: {known}")
+    return load_image_scorer(name)
 
 
 def class_names(cfg: Config) -> dict[str, str]:
