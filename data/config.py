@@ -42,7 +42,7 @@ class DataConfig:
     null_caption: str = "t5_empty"  # dropped captions become t5_empty (T5("")) | buffer (the official null)
     on_damaged: str = "stop"  # a cached sample failing its checksum: "stop" the run, or "skip" and count it
     val_fraction: float = 0.0  # share of the source held out for validation, by a hash of each sample's key
-    val_max_samples: int = 2000  # most held-out samples validation reads (those with the lowest key hashes)
+    val_max_samples: int = 1000  # most held-out samples validation reads (those with the lowest key hashes)
     val_paths: list[str] = field(default_factory=list)  # the source's own validation paths, not val_fraction
 
     def __post_init__(self) -> None:
