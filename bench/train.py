@@ -63,6 +63,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--processes", type=int, default=2, help="with --parallelism: processes per run")
     parser.add_argument("--label", default=None, help="a name for this figure, copied into the JSON line")
+    parser.add_argument(
+        "--val-loss-every",
+        type=int,
+        default=0,
+        help="validation.loss_every for the Trainer runs: also report the share of wall time val/loss takes",
+    )
+    parser.add_argument("--val-samples", type=int, default=64, help="held-out samples val/loss reads")
     return parser.parse_args(argv)
 
 
@@ -102,35 +109,57 @@ def bench_config(root: Path, args: argparse.Namespace, device: torch.device):
         "checkpoint.every=1000000000",
         "checkpoint.keep_last=1",
         "tracking.mode=disabled",
+        *val_overrides(args),
     ]
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(overrides))
     return OmegaConf.to_object(merged)
 
 
-def write_cache(cfg, samples: int) -> None:
-    """Random features in the cache format (feature shards + manifest with the config's fingerprint)."""
+def val_overrides(args: argparse.Namespace) -> list[str]:
+    """--val-loss-every N: a held-out split (``write_cache`` writes it) and its loss every N steps."""
+    if not args.val_loss_every:
+        return []
+    return ["data.val_fraction=0.01", f"validation.loss_every={args.val_loss_every}"]
+
+
+def write_cache(cfg, samples: int, held_out: int = 0) -> None:
+    """Random features in the cache format (feature shards + manifest with the config's fingerprint), and
+    ``held_out`` more in ``val/`` (the held-out split val/loss reads)."""
+    from safetensors.torch import save_file
+
+    from tristage.data.cache_format import NULL_CAPTION
+    from tristage.data.val_split import val_dir
+
+    cache, text = Path(cfg.data.cache_dir), (cfg.encoders.max_tokens, cfg.model.caption_channels)
+    write_features(cfg, cache, samples, seed=0)
+    save_file({"t5": torch.zeros(*text).bfloat16()}, cache / NULL_CAPTION)
+    if held_out:
+        write_features(cfg, val_dir(cache), held_out, seed=1)
+
+
+def write_features(cfg, folder: Path, samples: int, seed: int) -> None:
+    """One shard of ``samples`` random samples and its manifest in ``folder``."""
     import webdataset as wds
-    from safetensors.torch import save, save_file
+    from safetensors.torch import save
 
     from tristage.data.cache_format import MANIFEST, NULL_CAPTION, sample_json
     from tristage.train.training.stage_cache import expected_fingerprint
 
-    cache, res = Path(cfg.data.cache_dir), cfg.data.resolution
-    cache.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
+    res = cfg.data.resolution
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
     side, text = res // 8, (cfg.encoders.max_tokens, cfg.model.caption_channels)
-    with wds.TarWriter(str(cache / "shard-000000.tar")) as writer:
+    with wds.TarWriter(str(folder / "shard-000000.tar")) as writer:
         for i in range(samples):
             tensors = {
                 "mean": torch.randn(4, side, side, generator=g).bfloat16(),
                 "std": torch.rand(4, side, side, generator=g).bfloat16() * 0.1,
                 "t5": torch.randn(*text, generator=g).bfloat16(),
             }
-            meta = {"key": f"{i:06d}", "caption": "", "label": None, "score": None, "tokens": text[0]}
+            meta = {"key": f"{seed}_{i:06d}", "caption": "", "label": None, "score": None, "tokens": text[0]}
             meta.update(original_size=[res, res], crop=[0, 0], bucket=[res, res])
             feat = save(tensors)
             writer.write({"__key__": meta["key"], "feat.safetensors": feat, "json": sample_json(meta, feat)})
-    save_file({"t5": torch.zeros(*text).bfloat16()}, cache / NULL_CAPTION)
     manifest = {
         "fingerprint": expected_fingerprint(cfg),
         "shards": [{"file": "shard-000000.tar", "samples": samples}],
@@ -140,7 +169,7 @@ def write_cache(cfg, samples: int) -> None:
         "null_caption": NULL_CAPTION,
         "skipped": {},
     }
-    (cache / MANIFEST).write_text(json.dumps(manifest))
+    (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
 def sync(device: torch.device) -> None:
@@ -149,20 +178,27 @@ def sync(device: torch.device) -> None:
 
 
 def run_trainer(cfg, run_dir: Path) -> list[dict[str, float]]:
-    """One Trainer run: its metric windows after the first, as wall, data-wait and CPU seconds."""
+    """One Trainer run: its metric windows after the first, as wall, data-wait and CPU seconds (those
+    holding a validation loss left out); its wall time into ``run_dir/summary.json``."""
     from tristage.train.training.trainer import Trainer
 
     cfg.run.dir = str(run_dir)
-    Trainer(cfg).train()
-    return metric_windows(run_dir, cfg.train.log_every * cfg.data.batch_size * cfg.train.grad_accum)
+    summary = Trainer(cfg).train()
+    (run_dir / "summary.json").write_text(json.dumps({"wall_s": summary["wall_s"]}))
+    images = cfg.train.log_every * cfg.data.batch_size * cfg.train.grad_accum
+    return metric_windows(run_dir, images, every=cfg.validation.loss_every)
 
 
-def metric_windows(run_dir: Path, images: int, processes: int = 1) -> list[dict[str, float]]:
+def metric_windows(run_dir: Path, images: int, processes: int = 1, every: int = 0) -> list[dict[str, float]]:
     """Rank 0's metric windows after the first, as wall, data-wait and CPU seconds; with several
-    processes the CPU seconds are the whole job's (rank 0's share times the processes: ranks are alike)."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    processes the CPU seconds are the whole job's (rank 0's share times the processes: ranks are alike).
+    ``every``: validation.loss_every -- a window that began with a validation loss is left out."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "img_per_s" in r]  # the training windows, not the val/* rows
     windows = []
-    for w in [json.loads(line) for line in lines][1:]:
+    for before, w in zip(rows, rows[1:]):
+        if every and (w["step"] - 1) // every >= -(-before["step"] // every):
+            continue  # a validation loss ran at a step in [before, w): after before's flush, or within
         seconds = images / w["img_per_s"]
         cpu = processes * w["cpu_util"] * seconds
         windows.append({"s": seconds, "wait_s": w["data_wait_share"] * seconds, "cpu_s": cpu})
@@ -258,7 +294,7 @@ def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
     from tristage.train.models.sizes import size_of
 
     cfg = bench_config(root, args, device)
-    write_cache(cfg, samples=4 * args.batch * args.grad_accum)
+    write_cache(cfg, 4 * args.batch * args.grad_accum, args.val_samples if args.val_loss_every else 0)
     batches = loader_batches(cfg, (args.window + args.steps) * args.grad_accum, device)
     images = args.window * args.batch * args.grad_accum
     trainer, bare, by_repeat = timed_repeats(cfg, args, root, batches, device)
@@ -292,6 +328,35 @@ def measure(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
         "flops_per_image": flops,
         "peak_mem_gb": round(peak_memory_gb(device), 3),
         "data_wait_share": round(sum(w["wait_s"] for w in trainer) / sum(w["s"] for w in trainer), 4),
+    }
+
+
+def val_figures(root: Path, repeats: int, result: dict) -> dict:
+    """What val/loss cost in the Trainer runs: its share of their wall time, seconds per evaluation, and
+    its forward rows (held-out samples x timesteps) per second against the training images per second,
+    both by the run's clock (the ratio that carries to another device: docs/evaluation.md estimates a
+    GPU run's share with it)."""
+    seconds, cpu, wall, timesteps = [], [], 0.0, 0
+    for run_dir in (root / f"run{r}" for r in range(repeats)):
+        found = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        found = [r for r in found if "val/loss" in r]
+        seconds, cpu = (
+            seconds + [r["val/seconds"] for r in found],
+            cpu + [r["val/cpu_seconds"] for r in found],
+        )
+        timesteps = len([k for k in found[0] if k.startswith("val/loss_t")])
+        wall += json.loads((run_dir / "summary.json").read_text())["wall_s"]
+    samples = json.loads((root / "cache" / "val" / "manifest.json").read_text())["samples"]
+    per_eval = {"img_per_s": sum(seconds) / len(seconds), "img_per_cpu_s": sum(cpu) / len(cpu)}
+    rows_per_s = samples * timesteps / per_eval[result["clock"]]
+    return {
+        "val_samples": samples,
+        "val_evaluations": len(seconds),
+        "val_seconds_per_evaluation": round(per_eval["img_per_s"], 4),
+        "val_cpu_seconds_per_evaluation": round(per_eval["img_per_cpu_s"], 4),
+        "val_share_of_wall": round(sum(seconds) / wall, 4),
+        "val_rows_per_s": round(rows_per_s, 3),  # by the clock that counts (result["clock"])
+        "val_rows_per_training_image": round(rows_per_s / result[result["clock"]], 3),
     }
 
 
@@ -391,6 +456,9 @@ def main(argv: list[str] | None = None) -> dict:
             result = compare_parallelism(args, Path(args.workdir or tmp), device)
         else:
             result = measure(args, Path(args.workdir or tmp), device)
+            if args.val_loss_every:
+                figures = val_figures(Path(args.workdir or tmp), args.repeats, result)
+                result = {**result, "val_loss_every": args.val_loss_every, **figures}
     if args.label is not None:
         result = {"figure": args.label, **result}
     print(json.dumps(result), flush=True)

@@ -64,6 +64,7 @@ from tristage.data.fingerprint import fingerprint
 from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source, skipped_text
 from tristage.data.text_codec import encode_text_feature
 from tristage.data.unit_work import UnitPass, work_through
+from tristage.data.val_split import held_out, val_dir
 from tristage.disks import check_writable, is_refused, storage_error
 from tristage.files import remove_tmp, tmp_path
 from tristage.stopping import StopRequests
@@ -244,22 +245,28 @@ def cache_unit(
     so a file that changes during it shows up as changed next time."""
     skips = Skips()
     writer = ShardWriter(enc, encoders, shard_path(cache_dir, unit), staging_dir(str(cache_dir)))
+    # data.val_fraction: the held-out samples go to their own shard in val/ (data/val_split.py)
+    val = str(val_dir(cache_dir))
+    held = ShardWriter(enc, encoders, shard_path(val, unit), staging_dir(val)) if data.val_fraction else None
     seen = 0
     for item in source.read(unit, skips):
         seen += 1
         decoded = decode(item, data, skips)
         if decoded is not None:
-            writer.add(*decoded)
+            (held if held and held_out(item.key, data.val_fraction) else writer).add(*decoded)
+    if held is not None:  # closed first: a unit marked done has both shards
+        held.close(Skips(), held.written, rank, provenance)
     writer.close(skips, seen, rank, provenance)
     return seen
 
 
-def remove_stale_tmp(units: list[Unit], cache_dir: str) -> int:
-    """Delete the ``*.tmp-*`` files a killed pass left for these units (only their owner calls this).
-    On an object store nothing half-written is visible: only the local staging copies are."""
-    staging = staging_dir(cache_dir)
+def remove_stale_tmp(units: list[Unit], *folders: str) -> int:
+    """Delete the ``*.tmp-*`` files a killed pass left for these units in each cache folder (only their
+    owner calls this).  On an object store nothing half-written is visible: only the local staging
+    copies are."""
     names = [shard_name(unit.cache_index) for unit in units]
-    return remove_tmp(staging / name for name in [*names, *map(done_marker_name, names)])
+    files = [*names, *map(done_marker_name, names)]
+    return sum(remove_tmp(staging_dir(folder) / name for name in files) for folder in folders)
 
 
 def write_null_caption(enc: EncoderConfig, encoders: Encoders, cache_dir: str | Path) -> None:
@@ -420,6 +427,8 @@ def run_cache(
             log.info("cache: %s is complete (%d samples), nothing to encode", cache_dir, plan.done["samples"])
         return plan.done if accelerator.is_main_process else None
     check_writable(cache_dir, "data.cache_dir")  # before any encoder loads; a complete cache may be read-only
+    if data.val_fraction:
+        storage.makedirs(str(val_dir(cache_dir)))
     accelerator.wait_for_everyone()  # every rank has read the folder before any file is removed
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     forget(own_units(plan.stale, rank, world), cache_dir, drop_manifest=bool(plan.stale) and main)
@@ -511,7 +520,7 @@ def cache_pass(
         done=lambda u: storage.exists(marker(u)),
         run=lambda u: cache_unit(data, enc, encoders(), source, u, cache_dir, rank, provenance(u)),
         outputs=lambda u: [Path(shard_path(cache_dir, u)), Path(marker(u))] if local else [],
-        remove_tmp=lambda u: remove_stale_tmp([u], cache_dir),
+        remove_tmp=lambda u: remove_stale_tmp([u], cache_dir, str(val_dir(cache_dir))),
         lock_timeout=lock_timeout,
     )
 
@@ -530,7 +539,10 @@ def finish_cache(
     try:
         write_null_caption(enc, encoders, cache_dir)
         write_validation_prompts(prompts, enc, encoders, cache_dir)
-        return write_manifest(data.source, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
+        scale = float(encoders.vae.config.scaling_factor)
+        if data.val_fraction:  # before the stage's manifest, which marks the whole cache complete
+            write_manifest(data.source, units, str(val_dir(cache_dir)), fp, scale)
+        return write_manifest(data.source, units, cache_dir, fp, scale)
     except OSError as err:
         if not is_refused(err):
             raise

@@ -57,6 +57,9 @@ class DataConfig:
     on_damaged: str = "stop"  # a cached sample failing its checksum: "stop" the run, or "skip" and count it
     remote_cache_dir: str | None = None  # local folder for copies of s3:// / gs:// shards (null: TMPDIR)
     remote_cache_gb: float = 50.0  # per-process size cap of that folder; least recently used shards go first
+    val_fraction: float = 0.0  # share of the source held out for validation, by a hash of each sample's key
+    val_max_samples: int = 1000  # most held-out samples validation reads (those with the lowest key hashes)
+    val_paths: list[str] = field(default_factory=list)  # the source's own validation paths, not val_fraction
 
     def __post_init__(self) -> None:
         at_least("data.resolution", self.resolution, 8)  # one latent pixel of the VAE's factor 8
@@ -65,8 +68,19 @@ class DataConfig:
         in_range("data.cond_dropout", self.cond_dropout, 0.0, 1.0)
         check_choice("data.null_caption", self.null_caption, NULL_CAPTIONS)
         check_choice("data.on_damaged", self.on_damaged, ON_DAMAGED)
-        if not self.remote_cache_gb > 0:
-            raise ConfigError(f"key 'data.remote_cache_gb': must be > 0, got {self.remote_cache_gb}")
+        positive("data.remote_cache_gb", self.remote_cache_gb)
+        in_range("data.val_fraction", self.val_fraction, 0.0, 1.0, open_high=True)
+        at_least("data.val_max_samples", self.val_max_samples, 1)
+        if self.val_paths and self.val_fraction > 0:
+            raise ConfigError(
+                "key 'data.val_paths': the validation split is either the source's own paths or a "
+                f"held-out share (data.val_fraction={self.val_fraction}); set data.val_fraction=0"
+            )
+        if (self.val_paths or self.val_fraction > 0) and "://" in str(self.cache_dir):
+            raise ConfigError(
+                f"key 'data.cache_dir': a validation split (data.val_fraction, data.val_paths) needs a "
+                f"local cache folder for now, got {self.cache_dir}"
+            )
 
 
 @dataclass

@@ -138,6 +138,9 @@ def fingerprint(data: DataConfig, enc: EncoderConfig) -> dict[str, str]:
         "source": repr(sorted((k, v) for k, v in asdict(data.source).items() if k not in SOURCE_PATHS)),
         "tristage_version": tristage_version(),
         "cache_format": FORMAT,
+        # data.val_fraction changes which samples the training shards hold (data/val_split.py); absent at
+        # 0, so caches without a split keep their fingerprint
+        **({"val_fraction": str(data.val_fraction)} if data.val_fraction else {}),
     }
 
 

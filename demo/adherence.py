@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -238,6 +239,28 @@ def score(reading: Reading, asked: Asked) -> dict[str, bool | None]:
     scored = {k: None if v is None else reading.single and v for k, v in checks.items()}
     scored["all"] = reading.single and all(v for v in checks.values() if v is not None)
     return {"single": reading.single, **scored}
+
+
+def asked_of(condition: int | str) -> Asked:
+    """What a stage-1 class id, or a prompt in the demo's words, asks for."""
+    if isinstance(condition, int):
+        return Asked(*synthetic.CLASSES[condition])
+    words = re.findall(r"[a-z]+", condition.lower())
+    colour = next((w for w in words if w in synthetic.COLOURS), None)
+    shape = next((w for w in words if w in synthetic.SHAPES), None)
+    background = re.search(r"(\w+) background", condition)
+    if colour is None or shape is None:
+        raise ValueError(f"adherence: {condition!r} names no demo colour and shape")
+    size = next((w for w in words if w in synthetic.SIDES), None)
+    position = next((p for p in synthetic.POSITIONS.values() if p in condition), None)
+    return Asked(colour, shape, background and background.group(1), size, position)
+
+
+def score_images(images: list[Image.Image], conditions: list[int | str]) -> list[float]:
+    """The ``adherence`` image scorer (entry point group ``tristage.image_scorers``, pyproject.toml) of the
+    sample metrics during training: 1.0 for a sample that is one shape meeting every property its class or
+    prompt asks for, else 0.0."""
+    return [float(score(classify(im), asked_of(c))["all"]) for im, c in zip(images, conditions)]
 
 
 def rates(scores: list[dict[str, bool | None]]) -> dict[str, float | int]:

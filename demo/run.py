@@ -38,18 +38,29 @@ class Scale:
     steps: tuple[int, int, int] | None  # None: each config's own train.max_steps (= its validation.every)
     samples_per_prompt: int
     overrides: tuple[str, ...] = ()  # extra config overrides for every stage
+    held_out: int = 48  # images per stage in the source's own validation split (data.val_paths): val/loss
 
 
 FULL = Scale(1800, 1920, 1440, None, 8)  # stage 3: 1440, not 720 (demo/configs/stage3.yaml)
-FAST = Scale(144, 144, 72, (6, 6, 4), 2, ("data.batch_size=8", "checkpoint.every=3", "train.log_every=2"))
+FAST = Scale(
+    144,
+    144,
+    72,
+    (6, 6, 4),
+    2,
+    ("data.batch_size=8", "checkpoint.every=3", "train.log_every=2", "validation.loss_every=2"),
+    held_out=8,
+)
 
 
 def write_world(root: Path, scale: Scale) -> dict[str, Path]:
-    """Raw source shards for the three stages, in the formats the real readers consume."""
+    """Raw source shards for the three stages, in the formats the real readers consume, each with a
+    held-out split drawn after the training images (which it leaves unchanged)."""
+    held = scale.held_out
     return {
-        "stage1": synthetic.write_stage1(root / "stage1", scale.stage1_images),
-        "stage2": synthetic.write_stage2(root / "stage2", scale.stage2_images),
-        "stage3": synthetic.write_stage3(root / "stage3", scale.stage3_images),
+        "stage1": synthetic.write_stage1(root / "stage1", scale.stage1_images, held_out=held),
+        "stage2": synthetic.write_stage2(root / "stage2", scale.stage2_images, held_out=held),
+        "stage3": synthetic.write_stage3(root / "stage3", scale.stage3_images, held_out=held),
     }
 
 
@@ -62,6 +73,11 @@ def source_overrides(n: int, raw: Path) -> list[str]:
     }[n]
 
 
+def val_overrides(n: int, raw: Path) -> list[str]:
+    """``data.val_paths`` of demo stage ``n``: the held-out split ``write_world`` draws (val/loss)."""
+    return [f"data.val_paths=[{raw / 'val' / {1: 'imagenet-*.tar', 2: 'sa_*.tar', 3: 'images'}[n]}]"]
+
+
 def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale, vae: Path | None = None) -> Config:
     """demo/configs/stageN.yaml with this run's paths filled in."""
     enc, raw = out / "encoders", data[f"stage{n}"]
@@ -71,15 +87,19 @@ def stage_config(n: int, out: Path, data: dict[str, Path], scale: Scale, vae: Pa
         f"encoders.vae={vae or demo_vae_path()}",
     ]
     if scale.steps is not None:
-        steps = scale.steps[n - 1]  # and one grid per stage, at its last step (W&B image)
-        overrides += [f"train.max_steps={steps}", f"validation.every={steps}"]
+        steps = scale.steps[n - 1]  # and one grid and one metrics evaluation per stage, at its last step
+        overrides += [
+            f"train.max_steps={steps}",
+            f"validation.every={steps}",
+            f"validation.metrics_every={steps}",
+        ]
     if n > 1:
         overrides += [
             f"init_from={out / f'stage{n - 1}' / 'final'}",
             f"encoders.text_encoder={enc / 'text_encoder'}",
             f"encoders.tokenizer={enc / 'tokenizer'}",
         ]
-    overrides += source_overrides(n, raw) + list(scale.overrides)
+    overrides += source_overrides(n, raw) + val_overrides(n, raw) + list(scale.overrides)
     return load_config(CONFIGS / f"stage{n}.yaml", overrides)
 
 
@@ -148,17 +168,27 @@ def run_stage(cfg: Config, stop: StopSignals) -> dict | None:
     return summary
 
 
+def metric_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's rows: training windows (``loss``, ...) and evaluations (``val/*``)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def plot_loss(run_dir: Path) -> Path:
-    """loss.png from metrics.jsonl."""
+    """loss.png from metrics.jsonl: the training loss and the validation loss (val/loss)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(run_dir)
+    train, val = [r for r in rows if "loss" in r], [r for r in rows if "val/loss" in r]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", ms=3)
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], marker="o", ms=3, label="training loss")
+    if val:
+        steps, losses = [r["step"] for r in val], [r["val/loss"] for r in val]
+        ax.plot(steps, losses, marker="s", ms=4, label="val/loss (held out, 8 fixed timesteps)")
     ax.set(xlabel="step", ylabel="loss (MSE + VLB)", title=run_dir.name)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(run_dir / "loss.png", dpi=100)
     plt.close(fig)
@@ -166,8 +196,22 @@ def plot_loss(run_dir: Path) -> Path:
 
 
 def loss_fell(run_dir: Path) -> bool:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in metric_rows(run_dir) if "loss" in r]
     return len(rows) >= 2 and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def online_evaluation(run_dir: Path) -> dict:
+    """A stage's last validation figures during training: val/loss (and its best) and the demo adherence."""
+    rows = metric_rows(run_dir)
+    val, metrics = [r for r in rows if "val/loss" in r], [r for r in rows if "val/adherence" in r]
+    if not val:
+        return {}
+    best = min(val, key=lambda r: r["val/loss"])
+    last = {k: v for k, v in val[-1].items() if k in ("val/loss", "val/loss_mse", "val/loss_vlb")}
+    found = {"step": val[-1]["step"], **last, "best_val_loss": best["val/loss"], "best_step": best["step"]}
+    if metrics:
+        found["adherence"] = metrics[-1]["val/adherence"]
+    return found
 
 
 def run_demo(out: str | Path, fast: bool = False, vae: str | Path | None = None) -> dict:
@@ -197,6 +241,7 @@ def run_demo(out: str | Path, fast: bool = False, vae: str | Path | None = None)
     report = adherence_report(out, scale.samples_per_prompt)
     report["exports"] = {f"stage{n}": str(folder) for n, folder in exports.items()}
     report["loss_fell"] = {f"stage{n}": loss_fell(out / f"stage{n}") for n in (1, 2, 3)}
+    report["online_evaluation"] = {f"stage{n}": online_evaluation(out / f"stage{n}") for n in (1, 2, 3)}
     report["stages"] = summaries
     report["wall_s"] = round(time.time() - started, 1)
     usage = resource.getrusage(resource.RUSAGE_SELF)  # the budget is CPU: wall time hides a loaded machine
@@ -232,5 +277,11 @@ def print_report(report: dict) -> None:
     for prompt, rate in report["held_out"]["per_prompt"].items():
         lines.append(f"    {rate:6.1%}  {prompt}")
     lines.append(f"  loss fell: {report['loss_fell']}")
+    for stage, found in report["online_evaluation"].items():
+        adherence = f", adherence {found['adherence']:.1%}" if "adherence" in found else ""
+        lines.append(
+            f"  {stage} at step {found['step']}: val/loss {found['val/loss']:.4f} "
+            f"(best {found['best_val_loss']:.4f} at step {found['best_step']}){adherence}"
+        )
     lines.append(f"  wall time: {report['wall_s']} s, CPU time {report['cpu_s']} s")
     print("\n".join(lines), flush=True)

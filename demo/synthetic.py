@@ -229,48 +229,64 @@ def _shard_chunks(n: int, per_shard: int) -> Iterator[range]:
         yield range(start, min(n, start + per_shard))
 
 
-def write_stage1(out: Path, n: int, size: int = 64, seed: int = 0, per_shard: int = 500) -> Path:
+def write_stage1(
+    out: Path, n: int, size: int = 64, seed: int = 0, per_shard: int = 500, held_out: int = 0
+) -> Path:
     """ImageNet-style webdataset tars (``KEY.png`` + ``KEY.cls``) plus ``synsets.txt``.
 
     Backgrounds are random; every class gets the same number of images, all object-centric.
+    ``held_out`` more images, drawn after the ``n`` (which they leave unchanged), go to
+    ``out/val/imagenet-00000.tar``: a validation split of the source's own (``data.val_paths``).
     """
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     (out / "synsets.txt").write_text("".join(f"n{i:08d} {class_name(i)}\n" for i in range(len(CLASSES))))
     for shard, idx in enumerate(_shard_chunks(n, per_shard)):
-        with tarfile.open(out / f"imagenet-{shard:05d}.tar", "w") as tar:
-            for i in idx:
-                label = i % len(CLASSES)
-                colour, shape = CLASSES[label]
-                scene = centred_scene(rng, colour, shape, rng.choice(list(BACKGROUNDS)), size, size)
-                _add(tar, f"{i:08d}.png", _encode(render(scene), "PNG"))
-                _add(tar, f"{i:08d}.cls", str(label).encode())
+        _stage1_tar(out / f"imagenet-{shard:05d}.tar", idx, rng, size)
+    if held_out:
+        (out / "val").mkdir(exist_ok=True)
+        _stage1_tar(out / "val" / "imagenet-00000.tar", range(n, n + held_out), rng, size)
     return out
 
 
-def write_stage2(out: Path, n: int, size: int = 64, seed: int = 1, per_shard: int = 500) -> Path:
-    """SA-1B-style tars (``sa_N.jpg`` + ``sa_N.json``) and a LLaVA caption JSONL (id -> caption)."""
+def _stage1_tar(path: Path, idx: range, rng: random.Random, size: int) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i in idx:
+            label = i % len(CLASSES)
+            colour, shape = CLASSES[label]
+            scene = centred_scene(rng, colour, shape, rng.choice(list(BACKGROUNDS)), size, size)
+            _add(tar, f"{i:08d}.png", _encode(render(scene), "PNG"))
+            _add(tar, f"{i:08d}.cls", str(label).encode())
+
+
+def write_stage2(
+    out: Path, n: int, size: int = 64, seed: int = 1, per_shard: int = 500, held_out: int = 0
+) -> Path:
+    """SA-1B-style tars (``sa_N.jpg`` + ``sa_N.json``) and a LLaVA caption JSONL (id -> caption);
+    ``held_out`` more in ``out/val/sa_000000.tar``, captioned in the same file (as ``write_stage1``)."""
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    combos = text_combinations()
     with open(out / "llava_captions.jsonl", "w") as captions:
         for shard, idx in enumerate(_shard_chunks(n, per_shard)):
-            with tarfile.open(out / f"sa_{shard:06d}.tar", "w") as tar:
-                for i in idx:
-                    scene = text_scene(rng, *combos[i % len(combos)], size, size)
-                    image_id = f"sa_{i + 1}"
-                    meta = {
-                        "image": {
-                            "image_id": i + 1,
-                            "width": size,
-                            "height": size,
-                            "file_name": f"{image_id}.jpg",
-                        }
-                    }
-                    _add(tar, f"{image_id}.jpg", _encode(render(scene), "JPEG"))
-                    _add(tar, f"{image_id}.json", json.dumps(meta).encode())
-                    captions.write(json.dumps({"id": image_id, "caption": caption(scene, rng)}) + "\n")
+            _stage2_tar(out / f"sa_{shard:06d}.tar", idx, rng, size, captions)
+        if held_out:
+            (out / "val").mkdir(exist_ok=True)
+            _stage2_tar(out / "val" / "sa_000000.tar", range(n, n + held_out), rng, size, captions)
     return out
+
+
+def _stage2_tar(path: Path, idx: range, rng: random.Random, size: int, captions) -> None:
+    combos = text_combinations()
+    with tarfile.open(path, "w") as tar:
+        for i in idx:
+            scene = text_scene(rng, *combos[i % len(combos)], size, size)
+            image_id = f"sa_{i + 1}"
+            meta = {
+                "image": {"image_id": i + 1, "width": size, "height": size, "file_name": f"{image_id}.jpg"}
+            }
+            _add(tar, f"{image_id}.jpg", _encode(render(scene), "JPEG"))
+            _add(tar, f"{image_id}.json", json.dumps(meta).encode())
+            captions.write(json.dumps({"id": image_id, "caption": caption(scene, rng)}) + "\n")
 
 
 # Stage 3's base resolution (demo/configs/stage3.yaml data.resolution; the report samples at it) and the
@@ -286,23 +302,26 @@ STAGE3_RESOLUTION = 96
 STAGE3_SIZES: tuple[tuple[int, int], ...] = ((96, 96),)
 
 
-def write_stage3(out: Path, n: int, seed: int = 2) -> Path:
+def write_stage3(out: Path, n: int, seed: int = 2, held_out: int = 0) -> Path:
     """An aesthetic image folder with ``metadata.jsonl`` (file, caption, aesthetic_score).
 
     About a quarter of the images get a score below 5.0 (they are drawn like the rest), so the
-    stage's score threshold has work to do.
+    stage's score threshold has work to do.  ``held_out`` more images, drawn after the ``n``, go to
+    ``out/val/images`` with their records in the same metadata file (``data.val_paths``): each split's
+    pass counts the other's records as ``missing_image``.
     """
-    images = out / "images"
-    images.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    if held_out:
+        (out / "val" / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     combos = text_combinations()
     with open(out / "metadata.jsonl", "w") as meta:
-        for i in range(n):
+        for i in range(n + held_out):
             height, width = STAGE3_SIZES[i % len(STAGE3_SIZES)]
             scene = text_scene(rng, *combos[(i // len(STAGE3_SIZES)) % len(combos)], height, width)
             score = rng.uniform(5.5, 7.5) if rng.random() > 0.25 else rng.uniform(3.0, 4.9)
             name = f"{i:06d}.png"
-            render(scene).save(images / name)
+            render(scene).save(out / ("images" if i < n else "val/images") / name)
             record = {"file": name, "caption": caption(scene, rng), "aesthetic_score": round(score, 3)}
             meta.write(json.dumps(record) + "\n")
     return out

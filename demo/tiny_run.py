@@ -28,8 +28,9 @@ def tiny_vae(folder: Path) -> Path:
     return folder
 
 
-def write_tiny_stage1(root: Path) -> Path:
-    """Raw shards, the VAE, the cache and ``root/stage.yaml`` (run.dir ``root/ref``); returns the config."""
+def write_tiny_stage1(root: Path, extra: tuple[str, ...] = ()) -> Path:
+    """Raw shards, the VAE, the cache and ``root/stage.yaml`` (run.dir ``root/ref``); returns the config.
+    ``extra``: more config overrides (e.g. ``data.val_fraction=0.1``, a held-out split)."""
     from accelerate import Accelerator
 
     from tristage.demo import synthetic
@@ -53,6 +54,9 @@ def write_tiny_stage1(root: Path) -> Path:
         f"checkpoint.every={EVERY}",
         "checkpoint.keep_last=2",
         "tracking.mode=disabled",
+        "validation.loss_every=0",  # the demo's evaluation needs its held-out split; `extra` may ask for one
+        "validation.metrics_every=0",
+        *extra,
     ]
     cfg = load_config(CONFIGS / "stage1.yaml", overrides)
     cache_stage(cfg, Accelerator(cpu=True))

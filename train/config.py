@@ -154,6 +154,7 @@ class CheckpointConfig:
     every: int = 2000  # steps between full-state checkpoints
     keep_last: int = 3  # complete checkpoints kept on disk
     on_error: str = "raise"  # a failed save (disk full, I/O error): "raise" (stop) or "continue" training
+    keep_best: bool = False  # keep the checkpoint of the lowest val/loss in checkpoints/best (not rotated)
 
     def __post_init__(self) -> None:
         at_least("checkpoint.every", self.every, 1)
@@ -180,14 +181,45 @@ class ValidationConfig:
     seed: int = 0  # fixed sampling seed
     steps: int = 20  # DPM-Solver++ steps
     guidance: float = 4.5  # classifier-free guidance scale
+    loss_every: int = 0  # steps between validation losses on the held-out split (data.val_*; 0 = never)
+    loss_timesteps: int = 8  # timesteps of the validation loss, equidistant over the training range
+    loss_seed: int = 0  # seeds the fixed noise of each held-out sample at each timestep
+    metrics_every: int = 0  # steps between sample metrics (0 = never)
+    metrics: list[str] = field(default_factory=list)  # clip_score | fid | a scorer in tristage.scorers
+    metrics_prompts: list[str] = field(default_factory=list)  # stage 2-3: prompts generated for the metrics
+    metrics_class_labels: list[int] = field(default_factory=list)  # stage 1: classes generated for them
+    metrics_per_prompt: int = 4  # images generated per prompt or class (seed: validation.seed + image index)
+    fid_feature_extractor: str | None = None  # fid: image model folder or hub id (e.g. facebook/dinov2-base)
+    clip_model: str | None = None  # clip_score: CLIP folder or hub id (e.g. openai/clip-vit-large-patch14)
 
     def __post_init__(self) -> None:
-        at_least("validation.every", self.every, 0)
-        for i, label in enumerate(self.class_labels):
-            at_least(f"validation.class_labels[{i}]", label, 0)
+        for key in ("every", "loss_every", "metrics_every"):
+            at_least(f"validation.{key}", getattr(self, key), 0)  # 0 = never
+        for key in ("steps", "loss_timesteps", "metrics_per_prompt"):
+            at_least(f"validation.{key}", getattr(self, key), 1)
+        for key in ("class_labels", "metrics_class_labels"):
+            for i, label in enumerate(getattr(self, key)):
+                at_least(f"validation.{key}[{i}]", label, 0)
         seed("validation.seed", self.seed)
-        at_least("validation.steps", self.steps, 1)
+        seed("validation.loss_seed", self.loss_seed)
         at_least("validation.guidance", self.guidance, 0.0)
+        self._check_metrics()
+
+    def _check_metrics(self) -> None:
+        """Metrics named when they are on; each with the model it needs."""
+        if self.metrics_every and not self.metrics:
+            raise ConfigError(
+                "key 'validation.metrics': name the metrics to compute every metrics_every steps"
+            )
+        needs = {
+            "fid": ("fid_feature_extractor", self.fid_feature_extractor),
+            "clip_score": ("clip_model", self.clip_model),
+        }
+        for metric, (key, value) in needs.items():
+            if metric in self.metrics and value is None:
+                raise ConfigError(
+                    f"key 'validation.{key}': the {metric} metric needs it (a folder or hub id)"
+                )
 
 
 @dataclass

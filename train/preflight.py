@@ -52,7 +52,7 @@ def check_cache_paths(cfg: Config, path: str) -> None:
     check_source_paths(cfg, path)
     for key in ("vae", "text_encoder", "tokenizer"):
         value = getattr(cfg.encoders, key)
-        if value is not None and _looks_local(value):
+        if value is not None and looks_local(value):
             require_exists(path, f"encoders.{key}", value)
 
 
@@ -64,6 +64,9 @@ def check_source_paths(cfg: Config, path: str, skip: str | None = None) -> None:
             raise ConfigError(f"{path}: key 'data.source.paths[{i}]': matches nothing: {pattern}")
     if not cfg.data.source.paths:
         raise ConfigError(f"{path}: key 'data.source.paths': no source paths given")
+    for i, pattern in enumerate(cfg.data.val_paths):
+        if not storage.is_pipe(pattern) and not storage.glob(pattern):
+            raise ConfigError(f"{path}: key 'data.val_paths[{i}]': matches nothing: {pattern}")
     for key in ("captions", "metadata", "synsets"):
         value = getattr(cfg.data.source, key)
         if value is not None and value != skip:
@@ -79,11 +82,11 @@ def check_caption_paths(cfg: Config, path: str) -> None:
     if cfg.caption.output is None:
         raise ConfigError(f"{path}: key 'caption.output': set the caption JSONL to write")
     check_source_paths(cfg, path, skip=cfg.caption.output)
-    if _looks_local(cfg.caption.model):
+    if looks_local(cfg.caption.model):
         require_exists(path, "caption.model", cfg.caption.model)
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     """Hub ids are "org/name"; anything absolute, relative-dotted or deeper is a local path."""
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name).exists()
 

@@ -22,13 +22,15 @@ def test_bench_cache_prints_the_three_figures():
     assert figures["bytes_per_sample_256_bf16"] > 2 * 80 * 4096
 
 
-def test_bench_train_prints_overhead_and_throughput():
+def test_bench_train_prints_overhead_throughput_and_the_validation_share():
     args = "--steps 4 --repeats 1 --resolution 64 --window 2 --batch 2 --grad-accum 2".split()
-    result = run_cli("bench", "train", *args)
+    result = run_cli("bench", "train", *args, "--val-loss-every", "4", "--val-samples", "4")
     assert result.returncode == 0, result.stderr[-2000:]
     figures = last_json(result.stdout)
     assert figures["img_per_s"] > 0 and figures["bare_img_per_s"] > 0
     assert "overhead_vs_bare" in figures and figures["steps"] == 4 and figures["grad_accum"] == 2
+    assert figures["val_evaluations"] == 1 and figures["val_samples"] == 4  # at step 4 of 6
+    assert 0 < figures["val_share_of_wall"] < 1 and figures["val_rows_per_training_image"] > 0
 
 
 def test_bench_caption_prints_the_ratio(capsys):

@@ -40,6 +40,15 @@ def test_demo_writes_everything(demo_dir):
     assert [s["export"] for s in report["stages"]][::2] == [exports["stage1"], exports["stage3"]]
     assert (demo_dir / "samples.png").is_file() and (demo_dir / "stage1" / "samples.png").is_file()
     assert (demo_dir / "samples_seen.png").is_file()
+    for n, steps in zip((1, 2, 3), (6, 6, 4)):  # val/loss every 2 steps, the sample metrics at the last
+        found = report["online_evaluation"][f"stage{n}"]
+        assert found["step"] == steps and np.isfinite(found["val/loss"]) and 0 <= found["adherence"] <= 1
+        assert report["stages"][n - 1]["val_loss"] == found["val/loss"]  # the trainer's summary
+        assert (
+            json.loads((demo_dir / "cache" / f"stage{n}" / "val" / "manifest.json").read_text())["samples"]
+            > 0
+        )
+        assert (demo_dir / f"stage{n}" / "eval" / f"step_{steps:07d}.json").is_file()
 
 
 def test_stage3_skipped_low_aesthetic(demo_dir):

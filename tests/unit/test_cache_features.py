@@ -607,6 +607,7 @@ def test_trainer_keeps_the_buffer_through_resume_final_and_export(stage2, tmp_pa
     cfg.run.dir, cfg.model.size, cfg.data.null_caption = str(tmp_path / "run"), "tiny", "buffer"
     cfg.data.batch_size, cfg.train.max_steps, cfg.checkpoint.every = 2, 1, 1
     cfg.tracking.mode, cfg.validation.every = "disabled", 0
+    cfg.validation.loss_every = cfg.validation.metrics_every = 0  # no held-out split in this cache
     Trainer(cfg).train()
     buffer = load_buffer(tmp_path / "run")
     assert buffer.shape == (cfg.encoders.max_tokens, cfg.model.caption_channels)
@@ -643,19 +644,24 @@ def test_validation_samples_with_the_training_null(stage2):
 
 
 def test_validation_prompts_encoded_in_the_cache_pass(stage2):
-    """validation.prompts and "" (the CFG null), each as T5 encodes it alone, padded with zeros and a mask."""
+    """validation.prompts, then the metrics' prompts, and "" (the CFG null), each as T5 encodes it alone,
+    padded with zeros and a mask."""
     from safetensors import safe_open
     from transformers import AutoTokenizer, T5EncoderModel
 
     from tristage.data.cache import VALIDATION_PROMPTS
+    from tristage.train.training.stage_cache import cached_prompts
 
     cfg, _ = stage2
+    prompts = cached_prompts(cfg)
+    assert prompts[: len(cfg.validation.prompts)] == list(cfg.validation.prompts) != []
+    assert set(cfg.validation.metrics_prompts) <= set(prompts)
     with safe_open(str(Path(cfg.data.cache_dir) / VALIDATION_PROMPTS), framework="pt") as stored:
-        assert json.loads(stored.metadata()["prompts"]) == list(cfg.validation.prompts) != []
+        assert json.loads(stored.metadata()["prompts"]) == prompts
         embeds, mask = stored.get_tensor("embeds"), stored.get_tensor("mask")
     tokenizer = AutoTokenizer.from_pretrained(cfg.encoders.tokenizer)
     t5 = T5EncoderModel.from_pretrained(cfg.encoders.text_encoder).eval()
-    for i, text in enumerate([*cfg.validation.prompts, ""]):
+    for i, text in enumerate([*prompts, ""]):
         ids = tokenizer(text).input_ids
         assert mask[i].tolist() == [1] * len(ids) + [0] * (mask.shape[1] - len(ids))
         with torch.no_grad():

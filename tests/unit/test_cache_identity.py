@@ -48,6 +48,8 @@ def overrides(raw: str, cache_dir: Path, run_dir: Path) -> list[str]:
         "train.max_steps=2",
         "train.log_every=1",
         "validation.every=0",
+        "validation.loss_every=0",
+        "validation.metrics_every=0",
         "checkpoint.every=1000",
         "tracking.mode=disabled",
     ]

@@ -152,11 +152,13 @@ def test_outdated_validation_prompts_fail_at_start(tmp_path):
     from tristage.data.features import CacheError
     from tristage.train.training.validation import Validator
 
-    cfg = pixart_validation_config(tmp_path, "validation.prompts=[a red circle]")  # cached: two prompts
+    cfg = pixart_validation_config(tmp_path, "validation.prompts=[a green triangle]")  # cached: two others
     with pytest.raises(
-        CacheError, match=r"validation_prompts.safetensors: holds other validation.prompts; rerun"
+        CacheError, match=r"validation_prompts.safetensors: holds other validation prompts; rerun"
     ):
         Validator(cfg)
+    cfg.validation.prompts = ["a blue square"]  # one of those cached: its features are there
+    Validator(cfg)
     (tmp_path / "cache" / "validation_prompts.safetensors").unlink()
     with pytest.raises(CacheError, match=r"validation_prompts.safetensors: missing; run `tristage cache`"):
         Validator(cfg)

@@ -114,18 +114,28 @@ def extractor_from_args(args: argparse.Namespace) -> torch.nn.Module:
     raise EvalError("FID needs a feature extractor: --inception WEIGHTS or --features TORCHSCRIPT")
 
 
-def new_fid(feature: torch.nn.Module, input_size: int = 299):
+def new_fid(feature: torch.nn.Module, input_size: int = 299, **metric_options):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     return FrechetInceptionDistance(
-        feature=feature, reset_real_features=True, input_img_size=(3, input_size, input_size)
+        feature=feature,
+        reset_real_features=True,
+        input_img_size=(3, input_size, input_size),
+        **metric_options,
     )
 
 
 @torch.no_grad()
 def statistics(feature: torch.nn.Module, images: torch.Tensor, batch: int = 64) -> dict[str, np.ndarray]:
     """Mean, covariance and count of the features of uint8 images (the reference ``.npz``)."""
-    feats = torch.cat([feature(images[i : i + batch]).double() for i in range(0, len(images), batch)])
+    return feature_statistics(
+        torch.cat([feature(images[i : i + batch]) for i in range(0, len(images), batch)])
+    )
+
+
+def feature_statistics(feats: torch.Tensor) -> dict[str, np.ndarray]:
+    """Mean, covariance and count of (N, D) features."""
+    feats = feats.double().cpu()
     if len(feats) < 2:
         raise EvalError("statistics need at least 2 images")
     return {"mu": feats.mean(0).numpy(), "sigma": np.cov(feats.numpy(), rowvar=False), "n": len(feats)}
@@ -143,6 +153,27 @@ def load_stats(fid, stats: dict) -> None:
     fid.real_features_sum = mu * n
     fid.real_features_cov_sum = sigma * (n - 1) + n * torch.outer(mu, mu)  # torchmetrics' raw sums
     fid.real_features_num_samples = torch.tensor(n, dtype=torch.long)
+
+
+class GivenFeatures(torch.nn.Module):
+    """The FID metric's extractor when the features were measured elsewhere (on other ranks): what it
+    is given is already the (N, D) features."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features  # read by torchmetrics instead of a dummy forward
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features
+
+
+def fid_of_features(generated: torch.Tensor, reference: dict) -> float:
+    """FID of (N, D) generated features against reference statistics, through torchmetrics' update and
+    compute (on one process: no state sync)."""
+    fid = new_fid(GivenFeatures(generated.shape[1]), sync_on_compute=False)
+    load_stats(fid, reference)
+    fid.update(generated, real=False)
+    return float(fid.compute())
 
 
 @torch.no_grad()
@@ -181,12 +212,13 @@ def per_class_fid(
 
 
 # -- CLIP score -----------------------------------------------------------------------------------
-def clip_metric(clip_dir: str | Path):
-    """torchmetrics ``CLIPScore`` around a local CLIP folder (never a hub id)."""
+def clip_metric(clip_dir: str | Path, check_local: bool = True):
+    """torchmetrics ``CLIPScore`` around a CLIP folder (``tristage eval``: a local one, never a hub id;
+    ``check_local=False``: any ``from_pretrained`` name, as training's ``validation.clip_model``)."""
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
-    if not (Path(clip_dir) / "config.json").is_file():
+    if check_local and not (Path(clip_dir) / "config.json").is_file():
         raise EvalError(f"--clip: {clip_dir} is not a saved CLIP folder (config.json missing)")
 
     def load():

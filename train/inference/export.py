@@ -75,7 +75,7 @@ def export(run_dir: str | Path, out: str | Path) -> Path:
         pipe.register_to_config(id2label=id2label(cfg))
     pipe.save_pretrained(out, safe_serialization=True)
     keep_null_buffer(folder, Path(out))
-    write_trained_size(cfg, Path(out))
+    write_trained_size(cfg, Path(out), final)
     return Path(out)
 
 
@@ -93,8 +93,11 @@ def keep_null_buffer(folder: Path, out: Path) -> None:
         )
 
 
-def write_trained_size(cfg: Config, out: Path) -> None:
+def write_trained_size(cfg: Config, out: Path, final: Path | None = None) -> None:
     """What `tristage sample` defaults to: the transformer's ``sample_size`` is not the trained size when
-    the pos-embed base was chosen apart from it (the demo's PixArt: 32 latents, trained at 64 / 96 px)."""
-    record = {"resolution": cfg.data.resolution, "multi_aspect": cfg.data.multi_aspect}
+    the pos-embed base was chosen apart from it (the demo's PixArt: 32 latents, trained at 64 / 96 px).
+    The run's own ``final/training.json`` (steps, val/loss and its best) is carried along."""
+    trained = final / TRAINING_SIZE if final is not None else None
+    record = json.loads(trained.read_text()) if trained is not None and trained.is_file() else {}
+    record.update(resolution=cfg.data.resolution, multi_aspect=cfg.data.multi_aspect)
     (out / TRAINING_SIZE).write_text(json.dumps(record))

@@ -5,8 +5,9 @@ loaded diffusers pipeline (an export, or one built around a live model) and judg
 register as Python entry points in the group ``tristage.scorers`` (``pyproject.toml``
 ``[project.entry-points."tristage.scorers"]``): the demo's ``adherence``
 (``tristage.demo.adherence:score_pipeline``) is one, and another package can add its own the same way.
-The name is what ``tristage eval --scorer`` takes, and what a run's config can name; the lookup is the
-only link, so ``train/`` never imports ``demo/`` (imports run one way, ``tests/unit/test_layout.py``).
+The name is what ``tristage eval --scorer`` takes; the lookup is the only link, so ``train/`` never
+imports ``demo/`` (imports run one way, ``tests/unit/test_layout.py``).  Image scorers (the group
+``tristage.image_scorers``) are what a run's ``validation.metrics`` names.
 """
 
 from __future__ import annotations
@@ -19,11 +20,26 @@ from tristage.errors import EvalError
 
 GROUP = "tristage.scorers"  # the entry-point group scorers register in
 Scorer = Callable[[Any, int, int], dict]  # (diffusers pipeline, samples per prompt, seed) -> report
+# Image scorers judge images generated elsewhere, one score in [0, 1] per image: what the sample metrics
+# during training need (validation.metrics, train/training/sample_metrics.py), where every rank generates
+# and judges its own share.  The demo's ``adherence`` registers in both groups.
+IMAGE_GROUP = "tristage.image_scorers"
+ImageScorer = Callable[[list, list], list[float]]  # (PIL images, their prompts or class ids) -> scores
 
 
 def scorer_names() -> list[str]:
     """The names of every installed scorer."""
     return sorted(ep.name for ep in entry_points(group=GROUP))
+
+
+def image_scorer_names() -> list[str]:
+    """The names of every installed image scorer."""
+    return sorted(ep.name for ep in entry_points(group=IMAGE_GROUP))
+
+
+def load_image_scorer(name: str) -> ImageScorer:
+    """The image scorer registered as ``name`` (the caller checks the name: ``image_scorer_names``)."""
+    return next(iter(entry_points(group=IMAGE_GROUP, name=name))).load()
 
 
 def load_scorer(name: str) -> Scorer:

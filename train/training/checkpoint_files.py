@@ -106,6 +106,9 @@ class TrainState:
     scheduler: dict = field(default_factory=dict)  # LR scheduler state_dict()
     tracker_run_id: str | None = None  # W&B run id, kept across resumes
     nonfinite_skips: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    val_loss: float | None = None  # the last val/loss (train/training/evaluation.py)
+    best_val_loss: float | None = None  # the lowest val/loss so far
+    best_val_step: int | None = None  # the step it was measured at
     version: str = ""  # tristage version that wrote it
 
 
@@ -324,6 +327,33 @@ def rotate(root: Path, keep_last: int) -> None:
     for _, path in complete_checkpoints(root)[keep_last:]:
         shutil.rmtree(path, ignore_errors=True)
     cleanup(root)
+
+
+BEST = "best"  # checkpoint.keep_best: the checkpoint of the lowest val/loss, outside the rotation
+
+
+def keep_as_best(root: Path, source: Path) -> Path:
+    """Make ``root/best`` a copy of the complete checkpoint ``source``, by hard links where the filesystem
+    allows (no bytes copied; the rotation deleting ``source`` later leaves the copy whole).  Built aside,
+    then swapped in by two renames, so ``best`` is at every moment a complete checkpoint or absent."""
+    best, tmp, old = root / BEST, root / f".tmp-{BEST}", root / f".old-{BEST}"
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    with guarded(tmp):
+        shutil.copytree(source, tmp, copy_function=_link_or_copy)
+        _fsync_tree(tmp)
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
+    return best
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
 
 
 def load_rank_rng(contents: Contents, rank: int) -> None:

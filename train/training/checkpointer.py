@@ -24,6 +24,7 @@ second collective phase entered only once every rank's other files are written.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -42,6 +43,18 @@ from tristage.train.training.nonfinite import DeviceGuard, SyncGuard
 from tristage.train.training.remote_run import RunMirror
 
 log = logging.getLogger(__name__)
+TRAINING_RECORD = "training.json"  # in final/: steps, the last and the best val/loss and its step
+
+
+def training_record(state: ckpt.TrainState) -> dict:
+    """What ``final/training.json`` holds (``tristage export`` carries it into the pipeline folder)."""
+    return {
+        "steps": state.step,
+        "samples": state.samples,
+        "val_loss": state.val_loss,
+        "best_val_loss": state.best_val_loss,
+        "best_val_step": state.best_val_step,
+    }
 
 
 @dataclass
@@ -153,6 +166,16 @@ class Checkpointer:
             return True
         return self._failed(step, tmp, codes, error)
 
+    def save_best(self) -> None:
+        """``checkpoint.keep_best`` (collective): this step's checkpoint -- saved now unless it is on
+        disk -- kept as ``checkpoints/best``, out of the ``keep_last`` rotation, until a lower val/loss
+        replaces it."""
+        state = self.saved.state
+        if self.save() and self.accelerator.is_main_process:
+            best = ckpt.keep_as_best(self.root, ckpt.step_dir(self.root, state.step))
+            self._info(f"step {state.step}: val/loss {state.best_val_loss:.6g} is the best; kept in {best}")
+        self.accelerator.wait_for_everyone()
+
     def _capture(self) -> None:
         """Counters of the live objects into the train state (every rank; they agree)."""
         state = self.saved.state
@@ -225,6 +248,7 @@ class Checkpointer:
                 if self.saved.loader.null_buffer is not None:  # data.null_caption: buffer travels along
                     null_caption.save_buffer(self.saved.loader.null_buffer, final)
                 save_config(self.cfg, final / "config.yaml")
+                (final / TRAINING_RECORD).write_text(json.dumps(training_record(self.saved.state), indent=1))
                 (final / ckpt.MARKER).write_text("ok\n")
                 if self.mirror is not None:
                     self.mirror.push_outputs()

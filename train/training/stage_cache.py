@@ -10,14 +10,25 @@ from __future__ import annotations
 
 from tristage.data.cache import run_cache
 from tristage.data.fingerprint import fingerprint
+from tristage.data.val_split import val_source_data
 from tristage.train.config import Config
 from tristage.train.families import feature_encoders
 
 
+def cached_prompts(cfg: Config) -> list[str]:
+    """The prompts whose T5 features the cache pass stores: ``validation.prompts`` (the grids), then those
+    of ``validation.metrics_prompts`` not among them (the sample metrics)."""
+    v = cfg.validation
+    return list(dict.fromkeys([*v.prompts, *v.metrics_prompts]))
+
+
 def cache_stage(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
-    """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts."""
-    prompts, timeout = cfg.validation.prompts, cfg.run.lock_timeout
-    return run_cache(cfg.data, feature_encoders(cfg), accelerator, prompts, rebuild, timeout)
+    """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts;
+    with ``data.val_paths`` first the source's own validation split, into ``CACHE/val/``."""
+    encoders, timeout = feature_encoders(cfg), cfg.run.lock_timeout
+    if cfg.data.val_paths:
+        run_cache(val_source_data(cfg.data), encoders, accelerator, (), rebuild, timeout)
+    return run_cache(cfg.data, encoders, accelerator, cached_prompts(cfg), rebuild, timeout)
 
 
 def expected_fingerprint(cfg: Config) -> dict[str, str]:

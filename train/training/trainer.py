@@ -45,7 +45,7 @@ from tristage.train.diffusion.objective import Objective
 from tristage.train.families import family_of
 from tristage.train.models import null_caption
 from tristage.train.models.speed import build_for_training
-from tristage.train.training import fsdp, resume_checks, runlock, tracking, validation
+from tristage.train.training import evaluation, fsdp, resume_checks, runlock, tracking, validation
 from tristage.train.training.checkpoint_files import TrainState
 from tristage.train.training.checkpointer import Checkpointer, Saved
 from tristage.train.training.ema import EMA
@@ -85,6 +85,10 @@ class Trainer:
         self.stops = Stops(self.accelerator, cfg.train.max_time)  # stop reasons every rank agrees on
         self._raw: tuple = (None, None)  # (wrapped model, unwrapped model), see _unwrapped
         self.validator = validation.Validator(cfg)  # rank 0 sample grids (train/validation.py)
+        # val/loss and sample metrics on every rank (evaluation.py): a missing split or extractor fails here
+        self.evaluator = evaluation.Evaluator(
+            cfg, self.accelerator, self.objective, self.family, lambda: self.validator.null_buffer
+        )
 
     def _build_model(self) -> torch.nn.Module:
         """The family's model with the configured attention, checkpointing and compilation."""
@@ -167,6 +171,7 @@ class Trainer:
                 bar.update(1)
                 self._maybe_log(window)
                 self.validator.maybe_run(self.state.step, self.accelerator, self._unwrapped(), self.ema)
+                self._evaluate()
                 stop = self.stops.agreed()
                 self._maybe_checkpoint(stop is not None)
         self.checkpointer.save()
@@ -341,6 +346,19 @@ class Trainer:
         self.metrics_file.write(self.state.step, values)
         self._check_nonfinite(self.guard.poll(log_step=True))
 
+    def _evaluate(self) -> None:
+        """``val/*`` when due: to the trackers and metrics.jsonl; a new best ``val/loss`` is recorded in
+        the train state and, with ``checkpoint.keep_best``, its checkpoint kept (every rank sees the same
+        value, so every rank takes the same branch)."""
+        values = self.evaluator.maybe_run(self.state.step, self._unwrapped(), self.ema)
+        if values is None:
+            return
+        if self.metrics_file.is_new(self.state.step):
+            tracking.log(self.accelerator, values, self.state.step)
+        self.metrics_file.write(self.state.step, values)
+        if evaluation.record_best(self.state, self.state.step, values) and self.cfg.checkpoint.keep_best:
+            self.checkpointer.save_best()
+
     def _maybe_checkpoint(self, stopping: bool) -> None:
         if stopping or self.state.step % self.cfg.checkpoint.every == 0:
             self.checkpointer.save()
@@ -371,6 +389,7 @@ class Trainer:
             "dropped_in_buckets": dict(self.loader.dropped),
             "damaged_skipped": self.loader.damaged_skipped,  # this rank's, with data.on_damaged=skip
             "export": self._export_path(),
+            **evaluation.best_record(self.state),
         }
         self._info("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
         return summary

@@ -106,16 +106,23 @@ class Validator:
         return tuple(t.to(device) for t in self.prompt_embeds)
 
     def _null(self, empty: torch.Tensor, empty_mask: torch.Tensor, prompt_mask: torch.Tensor) -> tuple:
-        """T5("") with its mask, or the buffer's rows under each prompt's own mask (official sampling)."""
-        if self.null_buffer is None:
-            return empty, empty_mask
-        tokens = prompt_mask.shape[1]
-        return self.null_buffer[:tokens].to(empty.dtype).expand(len(empty), -1, -1), prompt_mask
+        return null_condition(empty, empty_mask, prompt_mask, self.null_buffer)
 
 
-def load_prompt_features(cfg: Config) -> tuple[torch.Tensor, ...]:
-    """``validation.prompts``' T5 features from the cache folder (data/cache.py write_validation_prompts);
-    a missing or outdated file is one line that says to rerun the cache pass -- never a T5 forward here."""
+def null_condition(
+    empty: torch.Tensor, empty_mask: torch.Tensor, prompt_mask: torch.Tensor, buffer: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5("") with its mask, or the buffer's rows under each prompt's own mask (official sampling)."""
+    if buffer is None:
+        return empty, empty_mask
+    tokens = prompt_mask.shape[1]
+    return buffer[:tokens].to(empty.dtype).expand(len(empty), -1, -1), prompt_mask
+
+
+def load_prompt_features(cfg: Config, prompts: list[str] | None = None) -> tuple[torch.Tensor, ...]:
+    """The T5 features of ``prompts`` (default ``validation.prompts``) from the cache folder (data/cache.py
+    write_validation_prompts); a missing or outdated file is one line that says to rerun the cache pass --
+    never a T5 forward here."""
     import json
 
     from safetensors import safe_open
@@ -123,19 +130,20 @@ def load_prompt_features(cfg: Config) -> tuple[torch.Tensor, ...]:
     from tristage.data.cache_format import VALIDATION_PROMPTS
     from tristage.data.features import CacheError
 
+    prompts = list(cfg.validation.prompts) if prompts is None else prompts
     path = Path(cfg.data.cache_dir) / VALIDATION_PROMPTS
     if not path.is_file():
-        raise CacheError(
-            f"{path}: missing; run `tristage cache` with this config to encode validation.prompts"
-        )
+        raise CacheError(f"{path}: missing; run `tristage cache` with this config to encode its prompts")
     with safe_open(str(path), framework="pt") as stored:
-        if json.loads(stored.metadata()["prompts"]) != list(cfg.validation.prompts):
+        held = json.loads(stored.metadata()["prompts"])
+        if not set(prompts) <= set(held):
             raise CacheError(
-                f"{path}: holds other validation.prompts; rerun `tristage cache` with this config"
+                f"{path}: holds other validation prompts; rerun `tristage cache` with this config"
             )
         embeds, mask = stored.get_tensor("embeds"), stored.get_tensor("mask")  # (P + 1, L, C), (P + 1, L)
-    n = len(cfg.validation.prompts)
-    return embeds[:n], mask[:n], embeds[n:].expand_as(embeds[:n]), mask[n:].expand_as(mask[:n])
+    rows = [held.index(p) for p in prompts]
+    n = len(rows)
+    return embeds[rows], mask[rows], embeds[-1:].expand(n, -1, -1), mask[-1:].expand(n, -1)
 
 
 def _cuda_devices(model: torch.nn.Module) -> list[int]:
