@@ -11,7 +11,8 @@ config, or whose raw files changed, is refused in one line, or with ``--rebuild`
 re-encoded where stale (``data/cache_check.py``).  Rank 0 writes ``manifest.json`` last.
 
 Per sample the shard holds ``KEY.feat.safetensors`` (VAE posterior mean and std,
-and, for text stages, the T5 features trimmed to the caption's real length) and
+for text stages the T5 features trimmed to the caption's real length, and with
+``objective.repa`` the REPA encoder's patch features: ``data/repa_features.py``) and
 ``KEY.json`` (caption, label, original size, crop, bucket, score, and the sample's
 checksum: ``data/cache_format.py``).
 """
@@ -48,6 +49,7 @@ from tristage.data.cache_format import (
 )
 from tristage.data.config import DataConfig, EncoderConfig, SourceConfig
 from tristage.data.fingerprint import fingerprint
+from tristage.data.repa_features import TENSOR, WIDTH, RepaEncoder, RepaFeatures
 from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source
 from tristage.data.text_codec import encode_text_feature
 
@@ -65,24 +67,33 @@ class Encoders:
     tokenizer: object | None
     text_encoder: torch.nn.Module | None
     device: torch.device
+    repa: RepaEncoder | None = None  # the REPA encoder (objective.repa), else None
 
     @classmethod
-    def load(cls, cfg: EncoderConfig, device: torch.device) -> Encoders:
+    def load(
+        cls, cfg: EncoderConfig, device: torch.device, repa: RepaFeatures | None = None, resolution: int = 256
+    ) -> Encoders:
+        """The frozen encoders (``repa``: also the REPA encoder, for images of ``resolution``)."""
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, T5EncoderModel
 
         vae = AutoencoderKL.from_pretrained(cfg.vae).to(device).eval().requires_grad_(False)
+        aligned = None if repa is None else RepaEncoder(repa, resolution, device)
         if cfg.text_encoder is None:  # class-conditional: no text features
-            return cls(vae, None, None, device)
+            return cls(vae, None, None, device, aligned)
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
         t5 = T5EncoderModel.from_pretrained(cfg.text_encoder).to(device).eval().requires_grad_(False)
-        return cls(vae, tokenizer, t5, device)
+        return cls(vae, tokenizer, t5, device, aligned)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) in [-1, 1] -> posterior mean and std, each (B, C, H/8, W/8)."""
         dist = self.vae.encode(pixels.to(self.device)).latent_dist
         return dist.mean, dist.std
+
+    def encode_aligned(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """(B, 3, H, W) in [-1, 1] -> the REPA encoder's (B, h, w, D) patch features; None without one."""
+        return None if self.repa is None else self.repa.encode(pixels)
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], max_tokens: int) -> list[torch.Tensor]:
@@ -163,8 +174,11 @@ class ShardWriter:
         pixels = torch.stack([to_pixels(img) for img, _ in items])  # (B, 3, H, W)
         mean, std = self.encoders.encode_images(pixels)
         texts = self._texts([m["caption"] for _, m in items])
+        aligned = self.encoders.encode_aligned(pixels)  # (B, h, w, D) or None
         for i, (_, meta) in enumerate(items):
             tensors = {"mean": mean[i].to(self.dtype), "std": std[i].to(self.dtype)}
+            if aligned is not None:
+                tensors[TENSOR] = aligned[i].to(self.encoders.repa.dtype)
             if texts is not None:
                 tensors.update(encode_text_feature(texts[i], self.enc.text_feature_dtype))
                 meta["tokens"] = int(texts[i].shape[0])
@@ -295,7 +309,12 @@ def validation_prompts_current(prompts: Sequence[str], cache_dir: Path, fp: dict
 
 
 def write_manifest(
-    source: SourceConfig, units: list[Unit], cache_dir: Path, fp: dict, scaling_factor: float
+    source: SourceConfig,
+    units: list[Unit],
+    cache_dir: Path,
+    fp: dict,
+    scaling_factor: float,
+    repa_width: int | None = None,
 ) -> dict:
     """Collect the done markers into ``manifest.json`` and ``skipped.json`` (rank 0, after all units)."""
     skips, shards = Skips(), []
@@ -313,6 +332,8 @@ def write_manifest(
         "null_caption": NULL_CAPTION if (cache_dir / NULL_CAPTION).exists() else None,
         "skipped": dict(skips.counts),
     }
+    if repa_width is not None:  # the trainer sizes the REPA projector by it, without the encoder
+        manifest[WIDTH] = repa_width
     _atomic_write(cache_dir / SKIPPED, json.dumps(skips.to_dict(), indent=1))
     _atomic_write(cache_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
@@ -361,24 +382,9 @@ def existing_cache(
     return stale, complete_manifest(cache_dir, units) if current else None
 
 
-def run_cache(
-    data: DataConfig, enc: EncoderConfig, accelerator, prompts: Sequence[str] = (), rebuild: bool = False
-) -> dict | None:
-    """The whole pass for one stage's data and encoders, under an ``accelerate`` process group.
-
-    ``enc.text_encoder`` None caches no text (class-conditional); ``prompts`` (``validation.prompts``)
-    get their T5 features stored once, for the validation grids.  A complete cache is recognised
-    before any encoder loads (a requeued job costs a few stats, not a VAE/T5 load)."""
-    cache_dir = Path(data.cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    source = open_source(data.source)
-    units = source.units()
-    fp = fingerprint(data, enc)
-    stale, done = existing_cache(cache_dir, units, source, fp, prompts, rebuild)
-    if done is not None:
-        if accelerator.is_main_process:
-            log.warning("cache: %s is complete (%d samples), nothing to encode", cache_dir, done["samples"])
-        return done if accelerator.is_main_process else None
+def clear_for_encoding(cache_dir: Path, units: list[Unit], stale: list[Unit], accelerator) -> list[Unit]:
+    """Remove this rank's stale shards and temp leftovers; returns the units without a done marker
+    (every rank's same list, read after every rank's removals)."""
     rank, world = accelerator.process_index, accelerator.num_processes
     accelerator.wait_for_everyone()  # every rank has read the folder before any file is removed
     forget(
@@ -388,9 +394,38 @@ def run_cache(
     accelerator.wait_for_everyone()
     fresh = [u for u in units if not done_marker(shard_path(cache_dir, u)).exists()]
     accelerator.wait_for_everyone()  # every rank has listed `fresh` before any unit is written
-    todo = [u for u in fresh if u.index % world == rank]
+    return fresh
+
+
+def run_cache(
+    data: DataConfig,
+    enc: EncoderConfig,
+    accelerator,
+    prompts: Sequence[str] = (),
+    rebuild: bool = False,
+    repa: RepaFeatures | None = None,
+) -> dict | None:
+    """The whole pass for one stage's data and encoders, under an ``accelerate`` process group.
+
+    ``enc.text_encoder`` None caches no text (class-conditional); ``prompts`` (``validation.prompts``)
+    get their T5 features stored once, for the validation grids; ``repa`` adds the REPA encoder's
+    features.  A complete cache is recognised before any encoder loads (a requeued job costs a few
+    stats, not a VAE/T5 load)."""
+    cache_dir = Path(data.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    source = open_source(data.source)
+    units = source.units()
+    fp = fingerprint(data, enc, repa)
+    stale, done = existing_cache(cache_dir, units, source, fp, prompts, rebuild)
+    if done is not None:
+        if accelerator.is_main_process:
+            log.warning("cache: %s is complete (%d samples), nothing to encode", cache_dir, done["samples"])
+        return done if accelerator.is_main_process else None
+    fresh = clear_for_encoding(cache_dir, units, stale, accelerator)
+    todo = own_units(fresh, accelerator.process_index, accelerator.num_processes)
     # Only rank 0 needs the encoders without units of its own (null caption, scaling factor).
-    encoders = Encoders.load(enc, accelerator.device) if todo or accelerator.is_main_process else None
+    need = todo or accelerator.is_main_process
+    encoders = Encoders.load(enc, accelerator.device, repa, data.resolution) if need else None
     start = time.perf_counter()
     encode_units(data, enc, encoders, source, todo, cache_dir, accelerator, fp)
     accelerator.wait_for_everyone()
@@ -398,9 +433,14 @@ def run_cache(
         return None
     write_null_caption(enc, encoders, cache_dir)
     write_validation_prompts(prompts, enc, encoders, cache_dir)
-    manifest = write_manifest(data.source, units, cache_dir, fp, float(encoders.vae.config.scaling_factor))
+    manifest = write_manifest(data.source, units, cache_dir, fp, *manifest_encoders(encoders))
     log_summary(manifest, fresh, cache_dir, time.perf_counter() - start)
     return manifest
+
+
+def manifest_encoders(encoders: Encoders) -> tuple[float, int | None]:
+    """What the manifest records of the encoders: the VAE's scaling factor, the REPA encoder's width."""
+    return float(encoders.vae.config.scaling_factor), None if encoders.repa is None else encoders.repa.width
 
 
 def encode_units(

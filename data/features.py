@@ -43,6 +43,7 @@ from tristage.data.cache_format import (
     spend_readonly_buffer_warning,
 )
 from tristage.data.fingerprint import first_difference
+from tristage.data.repa_features import TENSOR as REPA_TENSOR
 from tristage.data.text_codec import decode_into, decoded_dtype
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,8 @@ class FeatureLoader:
             "keys": [m["key"] for m in metas],
             "position": position,
         }
+        if REPA_TENSOR in feats[0]:  # objective.repa: the encoder's patch features, (b, h, w, D) cached dtype
+            batch["repa"] = torch.stack([f[REPA_TENSOR] for f in feats])
         batch.update(self._conditions(feats, metas, drop))
         return batch
 

@@ -18,6 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tristage.data.config import CaptionConfig, ConfigError, DataConfig, EncoderConfig, check_choice
 from tristage.train.diffusion.objective import ObjectiveConfig
+from tristage.train.models.masking import MaskConfig
+from tristage.train.models.sizes import SIZES
 from tristage.train.training.fsdp import PARALLELISMS, is_sharded_setting
 from tristage.train.training.lr_schedules import LR_SCHEDULES
 
@@ -73,6 +75,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block (slow first steps, faster after)
     allow_tf32: bool = True  # TF32 matmuls and convolutions on CUDA (Ampere and newer)
     parallelism: str = "ddp"  # ddp | fsdp (weights, grads, AdamW, EMA sharded) | fsdp_grad_op (fsdp.py)
+    mask: MaskConfig | None = None  # token masking (MaskDiT / MicroDiT, train/models/masking.py); null: off
 
     def __post_init__(self) -> None:
         # YAML reads an unquoted `no` (accelerate's word, e.g. `train.mixed_precision=no`) as false, and
@@ -122,6 +125,14 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # full-state saves
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # W&B / TensorBoard
     validation: ValidationConfig = field(default_factory=ValidationConfig)  # sample grids
+
+    def __post_init__(self) -> None:
+        # Keys whose range is the model's depth (model.size's); an unknown size is the builder's error.
+        if self.model.size in SIZES:
+            depth = SIZES[self.model.size].num_layers
+            for option in (self.objective.repa, self.train.mask):
+                if option is not None:
+                    option.check_depth(depth)
 
 
 def _one_line(path: str, err: OmegaConfBaseException, source: str | None = None) -> ConfigError:
