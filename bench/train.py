@@ -18,6 +18,13 @@ other processes only ever slow a window down, so the best window is the closest 
 MFU against ``--peak-tflops`` (default: 989, H100 dense bf16, on CUDA; on CPU a fp32 matmul peak measured
 in this run with the same thread count), peak memory (CUDA max allocated, else the process's peak RSS)
 and the data-wait share.  The last line printed is the JSON summary.
+
+``--mask-ratio R`` and ``--repa`` measure an option instead (issue 38, ``docs/cheaper-training.md``):
+Trainer runs with and without it, alternating ``--repeats`` times on the same batches, throughput from
+the Trainer's own metric windows on the device's clock.  ``masked_vs_full_img_per_s`` is the images per
+second with ``train.mask.ratio = R`` over those without; ``repa_overhead`` is the extra time per image
+with ``objective.repa`` (cached encoder features of ``--encoder-width`` on the DiT's token grid, as
+DINOv2-B gives at 224 px for 256 px images, and a projector of ``--projector-dim``).
 """
 
 from __future__ import annotations
@@ -63,11 +70,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--processes", type=int, default=2, help="with --parallelism: processes per run")
     parser.add_argument("--label", default=None, help="a name for this figure, copied into the JSON line")
+    parser.add_argument("--mask-ratio", type=float, default=None, help="compare train.mask.ratio R with none")
+    parser.add_argument("--mask-mode", default="random", help="with --mask-ratio: train.mask.mode")
+    parser.add_argument("--repa", action="store_true", help="compare objective.repa with none")
+    parser.add_argument(
+        "--encoder-width", type=int, default=768, help="with --repa: encoder width (DINOv2-B)"
+    )
+    parser.add_argument(
+        "--projector-dim", type=int, default=2048, help="with --repa: objective.repa.projector_dim"
+    )
     return parser.parse_args(argv)
 
 
-def bench_config(root: Path, args: argparse.Namespace, device: torch.device):
-    """A PixArt stage config of the requested shape, reading the synthetic cache in ``root/cache``."""
+def bench_config(root: Path, args: argparse.Namespace, device: torch.device, extra: tuple[str, ...] = ()):
+    """A PixArt stage config of the shape asked for (and ``extra`` overrides), reading ``root/cache``."""
     from omegaconf import OmegaConf
 
     from tristage.train.config import Config
@@ -102,24 +118,27 @@ def bench_config(root: Path, args: argparse.Namespace, device: torch.device):
         "checkpoint.every=1000000000",
         "checkpoint.keep_last=1",
         "tracking.mode=disabled",
+        *extra,
     ]
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(overrides))
     return OmegaConf.to_object(merged)
 
 
-def write_cache(cfg, samples: int) -> None:
-    """Random features in the cache format (feature shards + manifest with the config's fingerprint)."""
+def write_cache(cfg, samples: int, repa_width: int | None = None) -> None:
+    """Random features in the cache format (feature shards + manifest with the config's fingerprint);
+    ``repa_width``: with REPA encoder features of that width on the DiT's token grid (what DINOv2-B's
+    16 x 16 patch tokens at 224 px are for a 256 px image)."""
     import webdataset as wds
     from safetensors.torch import save, save_file
 
-    from tristage.data.cache_format import MANIFEST, NULL_CAPTION, sample_json
-    from tristage.data.fingerprint import fingerprint
-    from tristage.train.families import feature_encoders
+    from tristage.data.cache_format import NULL_CAPTION, sample_json
+    from tristage.train.models.sizes import size_of
 
     cache, res = Path(cfg.data.cache_dir), cfg.data.resolution
     cache.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     side, text = res // 8, (cfg.encoders.max_tokens, cfg.model.caption_channels)
+    grid = side // size_of(cfg.model.size).patch_size
     with wds.TarWriter(str(cache / "shard-000000.tar")) as writer:
         for i in range(samples):
             tensors = {
@@ -127,13 +146,24 @@ def write_cache(cfg, samples: int) -> None:
                 "std": torch.rand(4, side, side, generator=g).bfloat16() * 0.1,
                 "t5": torch.randn(*text, generator=g).bfloat16(),
             }
+            if repa_width is not None:
+                tensors["repa"] = torch.randn(grid, grid, repa_width, generator=g).bfloat16()
             meta = {"key": f"{i:06d}", "caption": "", "label": None, "score": None, "tokens": text[0]}
             meta.update(original_size=[res, res], crop=[0, 0], bucket=[res, res])
             feat = save(tensors)
             writer.write({"__key__": meta["key"], "feat.safetensors": feat, "json": sample_json(meta, feat)})
     save_file({"t5": torch.zeros(*text).bfloat16()}, cache / NULL_CAPTION)
+    write_manifest(cfg, samples, repa_width)
+
+
+def write_manifest(cfg, samples: int, repa_width: int | None) -> None:
+    """The synthetic cache's manifest: one shard, the config's fingerprint."""
+    from tristage.data.cache_format import MANIFEST, NULL_CAPTION
+    from tristage.data.fingerprint import fingerprint
+    from tristage.train.families import feature_encoders, repa_features
+
     manifest = {
-        "fingerprint": fingerprint(cfg.data, feature_encoders(cfg)),
+        "fingerprint": fingerprint(cfg.data, feature_encoders(cfg), repa_features(cfg)),
         "shards": [{"file": "shard-000000.tar", "samples": samples}],
         "samples": samples,
         "scaling_factor": 0.18215,
@@ -141,7 +171,9 @@ def write_cache(cfg, samples: int) -> None:
         "null_caption": NULL_CAPTION,
         "skipped": {},
     }
-    (cache / MANIFEST).write_text(json.dumps(manifest))
+    if repa_width is not None:
+        manifest["repa_width"] = repa_width
+    (Path(cfg.data.cache_dir) / MANIFEST).write_text(json.dumps(manifest))
 
 
 def sync(device: torch.device) -> None:
@@ -382,6 +414,41 @@ def parallel_figures(windows: list[dict], ranks: list[dict], images: int) -> dic
     }
 
 
+def option_overrides(args: argparse.Namespace, root: Path) -> tuple[str, list[str], list[str]]:
+    """(name, overrides, what to print of them) of the option ``--mask-ratio`` or ``--repa`` measures."""
+    if args.repa:
+        settings = [
+            f"objective.repa.projector_dim={args.projector_dim}",
+            f"encoder width {args.encoder_width}",
+        ]
+        # The encoder is never loaded (its features are cached): a path that does not exist will do.
+        return "repa", [f"objective.repa.encoder={root / 'no-encoder'}", settings[0]], settings
+    overrides = [f"train.mask.ratio={args.mask_ratio}", f"train.mask.mode={args.mask_mode}"]
+    return "masked", overrides, overrides
+
+
+def compare_option(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
+    """Trainer runs without and with the option, alternating ``--repeats`` times, each on its own
+    synthetic cache of the same batches (the REPA one also holds the encoder features)."""
+    name, extra, settings = option_overrides(args, root)
+    base, option = bench_config(root / "base", args, device), bench_config(root / name, args, device, extra)
+    samples = 4 * args.batch * args.grad_accum
+    write_cache(base, samples)
+    write_cache(option, samples, args.encoder_width if args.repa else None)
+    windows: dict[str, list] = {"full": [], name: []}
+    for r in range(args.repeats):
+        windows["full"] += run_trainer(base, root / f"full{r}")
+        windows[name] += run_trainer(option, root / f"{name}{r}")
+    images, clock = args.window * args.batch * args.grad_accum, CLOCKS[device.type]
+    full, other = timing(windows["full"], images), timing(windows[name], images)
+    head = {"device": device_name(device, args.threads), "size": args.size, "resolution": args.resolution}
+    head.update(batch=args.batch, steps=args.steps * args.repeats, clock=clock, option=settings)
+    figures = {f"{k}_{c}": round(v, 3) for k, t in (("full", full), (name, other)) for c, v in t.items()}
+    if args.repa:
+        return {**head, **figures, "repa_overhead": round(full[clock] / other[clock] - 1, 4)}
+    return {**head, **figures, "masked_vs_full_img_per_s": round(other[clock] / full[clock], 4)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -390,6 +457,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if args.parallelism:
             result = compare_parallelism(args, Path(args.workdir or tmp), device)
+        elif args.mask_ratio is not None or args.repa:
+            result = compare_option(args, Path(args.workdir or tmp), device)
         else:
             result = measure(args, Path(args.workdir or tmp), device)
     if args.label is not None:

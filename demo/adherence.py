@@ -288,9 +288,17 @@ def seen_prompts() -> list[tuple[str, Asked]]:
 def stage1_adherence(export_dir: Path, per_class: int, seed: int = 0) -> tuple[dict, list[Image.Image]]:
     """Every class ``per_class`` times through ``DiTPipeline``: one shape of the class's kind and colour."""
     pipe = load_exported(export_dir, DiTPipeline)
-    pipe.set_progress_bar_config(disable=True)
     names = [synthetic.class_name(i) for i in range(len(synthetic.CLASSES))]
     ids = [i for name in names for i in pipe.get_label_ids([name]) * per_class]
+    return class_adherence(pipe, ids, per_class, seed)
+
+
+def class_adherence(
+    pipe: DiTPipeline, ids: list[int], per_class: int, seed: int = 0
+) -> tuple[dict, list[Image.Image]]:
+    """Class ``ids`` (each class ``per_class`` times, in class order) through ``pipe``, scored."""
+    pipe.set_progress_bar_config(disable=True)
+    names = [synthetic.class_name(i) for i in range(len(synthetic.CLASSES))]
     g = torch.Generator().manual_seed(seed)
     images = pipe(ids, guidance_scale=GUIDANCE, num_inference_steps=STEPS, generator=g).images
     scores = [score(classify(im), Asked(*synthetic.CLASSES[i])) for im, i in zip(images, ids)]
