@@ -29,7 +29,7 @@ usage() { sed -n '2,20p' "$0" >&2; exit 2; }
 target=$1; shift
 
 if [ "$target" = demo ]; then
-  exec accelerate launch --num_processes 1 -m tristage.train.cli demo --out "${1:-demo_out}"
+  exec accelerate launch --num_processes 1 -m tristage demo --out "${1:-demo_out}"
 fi
 
 accel=() overrides=() caption=${CAPTION:-0}
@@ -42,10 +42,10 @@ done
 run_stage() {
   local config=${CONFIG[$1]}
   if [ "$caption" = 1 ] && [ "$1" = stage2 ]; then
-    accelerate launch "${accel[@]}" -m tristage.train.cli caption "$config" "${overrides[@]}"
+    accelerate launch "${accel[@]}" -m tristage caption "$config" "${overrides[@]}"
   fi
-  accelerate launch "${accel[@]}" -m tristage.train.cli cache "$config" "${overrides[@]}"
-  accelerate launch "${accel[@]}" -m tristage.train.cli train "$config" "${overrides[@]}"
+  accelerate launch "${accel[@]}" -m tristage cache "$config" "${overrides[@]}"
+  accelerate launch "${accel[@]}" -m tristage train "$config" "${overrides[@]}"
 }
 
 case "$target" in

@@ -3,9 +3,10 @@ score, with and without REPA and token masking (issue 38, ``docs/cheaper-trainin
 
 Each variant is ``demo/configs/stage1.yaml`` (the demo's own world: 1800 images, 2000 steps, batch 16)
 with a few overrides, trained by the real Trainer from one cache pass, with a checkpoint every
-``--every`` steps.  Each checkpoint's EMA weights go through ``DiTPipeline`` (the export's pipeline,
-built in memory) and the demo's adherence classifier (``demo/adherence.py``), every class ``--per-class``
-times at each sampling seed, as the demo report scores stage 1.  The target is the ``shape`` rate the
+``--every`` steps.  Each checkpoint's EMA weights are exported (``tristage export``'s ``DiTPipeline``
+folder, loaded back with ``from_pretrained``) and scored by the demo's adherence classifier
+(``demo/adherence.py``), every class ``--per-class`` times at each sampling seed, as the demo report
+scores stage 1.  The target is the ``shape`` rate the
 committed config reaches (the ``base`` variant at its last step, mean over the seeds) unless ``--target``
 says otherwise; ``steps_to_target`` is the first checkpoint at or above it.  CPU seconds to each
 checkpoint come from the Trainer's metric windows (images / img_per_s x cpu_util).
@@ -98,42 +99,40 @@ def train_variant(name: str, args: argparse.Namespace) -> Path:
     return Path(cfg.run.dir)
 
 
-def ema_pipeline(run_dir: Path, step: int):
-    """``DiTPipeline`` around the EMA weights of checkpoint ``step`` (the pipeline export writes)."""
-    from diffusers import AutoencoderKL
+def export_checkpoint(run_dir: Path, step: int) -> Path:
+    """The pipeline folder of checkpoint ``step``'s EMA weights: a ``final/`` as the Trainer writes it
+    (the transformer's ``save_pretrained`` and the config), then ``tristage export`` of it."""
     from safetensors.torch import load_file
 
-    from tristage.train.config import load_config
+    from tristage.train.config import load_config, save_config
     from tristage.train.families import family_of
-    from tristage.train.inference.pipelines import scheduler_for
+    from tristage.train.inference.export import export
     from tristage.train.training.checkpoint_files import step_dir
 
-    folder = step_dir(run_dir / "checkpoints", step)
-    cfg = load_config(folder / "config.yaml")
-    family = family_of(cfg.model.family)
-    model = family.build(cfg.model, 2 * cfg.model.in_channels)
-    missing, unexpected = model.load_state_dict(load_file(folder / "ema.safetensors"), strict=False)
-    params = {n for n, _ in model.named_parameters()}
-    if unexpected or params & set(missing):
-        raise KeyError(f"{folder}: EMA does not fit the model ({missing[:3]}, {unexpected[:3]})")
-    vae = AutoencoderKL.from_pretrained(cfg.encoders.vae)
-    return family.pipeline(model.eval(), vae, scheduler_for(cfg.objective))
+    folder, out = step_dir(run_dir / "checkpoints", step), run_dir / "scored" / f"step_{step:07d}"
+    if not (out / "export" / "model_index.json").is_file():
+        cfg = load_config(folder / "config.yaml")
+        model = family_of(cfg.model.family).build(cfg.model, 2 * cfg.model.in_channels)
+        missing, unexpected = model.load_state_dict(load_file(folder / "ema.safetensors"), strict=False)
+        if unexpected or {n for n, _ in model.named_parameters()} & set(missing):
+            raise KeyError(f"{folder}: EMA does not fit the model ({missing[:3]}, {unexpected[:3]})")
+        model.save_pretrained(out / "final" / "transformer")
+        save_config(cfg, out / "final" / "config.yaml")
+        export(out, out / "export")
+    return out / "export"
 
 
 def score_checkpoint(run_dir: Path, step: int, args: argparse.Namespace) -> dict:
     """The shape (kind) rate of checkpoint ``step`` at each sampling seed (kept in scores.json)."""
-    from tristage.demo import synthetic
-    from tristage.demo.adherence import class_adherence
+    from tristage.demo.adherence import load_pipeline, stage1_adherence
 
     cache = run_dir / "scores.json"
     scores = json.loads(cache.read_text()) if cache.is_file() else {}
     key = f"{step}:{args.seeds}:{args.per_class}"
     if key not in scores:
-        pipe = ema_pipeline(run_dir, step)
-        ids = [i for i in range(len(synthetic.CLASSES)) for _ in range(args.per_class)]
+        pipe = load_pipeline(export_checkpoint(run_dir, step))
         seeds = [int(s) for s in args.seeds.split(",")]
-        with torch.no_grad():
-            scores[key] = [class_adherence(pipe, ids, args.per_class, s)[0]["shape"] for s in seeds]
+        scores[key] = [stage1_adherence(pipe, args.per_class, s)[0]["shape"] for s in seeds]
         cache.write_text(json.dumps(scores, indent=1))
     return {"step": step, "shape": scores[key], "mean": round(sum(scores[key]) / len(scores[key]), 4)}
 

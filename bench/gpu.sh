@@ -73,7 +73,7 @@ limited() {  # SECONDS CMD...: CMD, SIGKILLed with all its processes (torchrun's
 figure() {  # NAME SECONDS ARGS...: one `tristage bench train`, its JSON line (or an error line)
   local name=$1 limit=$2; shift 2
   local log=$LOGS/$name.log
-  limited "$limit" "$PY" -m tristage.train.cli bench train "$@" --label "$name" >"$log" 2>&1
+  limited "$limit" "$PY" -m tristage bench train "$@" --label "$name" >"$log" 2>&1
   local rc=$?
   local line
   line=$(tail -n 1 "$log")

@@ -26,7 +26,7 @@ from tristage.demo.tiny_run import EVERY, STEPS, write_tiny_stage1
 
 
 def train_cmd(config: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "tristage.train.cli", "train", str(config), f"run.dir={run_dir}"]
+    return [sys.executable, "-m", "tristage", "train", str(config), f"run.dir={run_dir}"]
 
 
 def env() -> dict[str, str]:

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DiTPipeline, PixArtAlphaPipeline
+from diffusers import DiffusionPipeline, DiTPipeline, PixArtAlphaPipeline
 from PIL import Image
 
 from tristage.demo import synthetic
 from tristage.train.inference.grid import grid
-from tristage.train.inference.pipelines import load_exported
+from tristage.train.models.pipelines import load_exported
 
 FOREGROUND_DISTANCE = 60.0  # RGB units from the background: about half the closest palette/background pair
 MIN_OBJECT = 0.005  # share of the image a component needs to count as an object (smaller: a speck)
@@ -285,20 +285,10 @@ def seen_prompts() -> list[tuple[str, Asked]]:
     return prompts
 
 
-def stage1_adherence(export_dir: Path, per_class: int, seed: int = 0) -> tuple[dict, list[Image.Image]]:
-    """Every class ``per_class`` times through ``DiTPipeline``: one shape of the class's kind and colour."""
-    pipe = load_exported(export_dir, DiTPipeline)
+def stage1_adherence(pipe: DiTPipeline, per_class: int, seed: int = 0) -> tuple[dict, list[Image.Image]]:
+    """Every class ``per_class`` times through ``pipe``: one shape of the class's kind and colour."""
     names = [synthetic.class_name(i) for i in range(len(synthetic.CLASSES))]
     ids = [i for name in names for i in pipe.get_label_ids([name]) * per_class]
-    return class_adherence(pipe, ids, per_class, seed)
-
-
-def class_adherence(
-    pipe: DiTPipeline, ids: list[int], per_class: int, seed: int = 0
-) -> tuple[dict, list[Image.Image]]:
-    """Class ``ids`` (each class ``per_class`` times, in class order) through ``pipe``, scored."""
-    pipe.set_progress_bar_config(disable=True)
-    names = [synthetic.class_name(i) for i in range(len(synthetic.CLASSES))]
     g = torch.Generator().manual_seed(seed)
     images = pipe(ids, guidance_scale=GUIDANCE, num_inference_steps=STEPS, generator=g).images
     scores = [score(classify(im), Asked(*synthetic.CLASSES[i])) for im, i in zip(images, ids)]
@@ -309,17 +299,21 @@ def class_adherence(
     return report, images
 
 
-def held_out_adherence(
-    export_dir: Path, per_prompt: int, seed: int = 0, size: int = synthetic.STAGE3_RESOLUTION
-) -> tuple[dict, list[Image.Image]]:
-    """The held-out prompts through ``PixArtAlphaPipeline`` at ``size`` px, ``per_prompt`` samples each."""
-    return prompt_adherence(load_pixart(export_dir), held_out_prompts(), per_prompt, seed, size)
-
-
-def load_pixart(export_dir: Path) -> PixArtAlphaPipeline:
-    pipe = load_exported(export_dir, PixArtAlphaPipeline)
+def load_pipeline(export_dir: Path) -> DiffusionPipeline:
+    """An exported demo pipeline (``DiTPipeline`` or ``PixArtAlphaPipeline``), its progress bar off."""
+    pipe = load_exported(export_dir)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def score_pipeline(pipe: DiffusionPipeline, per_prompt: int, seed: int = 0) -> dict:
+    """The ``adherence`` scorer (entry point group ``tristage.scorers``, pyproject.toml) that
+    ``tristage eval --adherence`` runs: every class through a ``DiTPipeline`` (stage 1), the held-out
+    prompts through a ``PixArtAlphaPipeline`` (the text stages); ``per_prompt`` samples each."""
+    pipe.set_progress_bar_config(disable=True)
+    if isinstance(pipe, DiTPipeline):
+        return stage1_adherence(pipe, per_prompt, seed)[0]
+    return prompt_adherence(pipe, held_out_prompts(), per_prompt, seed)[0]
 
 
 def prompt_adherence(
@@ -354,9 +348,9 @@ def prompt_adherence(
 def adherence_report(out: Path, per_prompt: int, seed: int = 0) -> dict:
     """Measure both exports and write the sample grids."""
     per_class = min(per_prompt, 4)
-    stage1, images1 = stage1_adherence(out / "stage1" / "export", per_class, seed)
+    stage1, images1 = stage1_adherence(load_pipeline(out / "stage1" / "export"), per_class, seed)
     grid(images1, columns=per_class * 3).save(out / "stage1" / "samples.png")
-    pipe = load_pixart(out / "export")
+    pipe = load_pipeline(out / "export")
     held, images3 = prompt_adherence(pipe, held_out_prompts(), per_prompt, seed)
     grid(images3, columns=per_prompt).save(out / "samples.png")
     per_seen = max(1, per_prompt // 2)

@@ -94,8 +94,8 @@ def core_phrase(colour: str, shape: str, background: str) -> str:
 SIDE_RANGE = (0.30, 0.60)  # sample_scene's sides (the VAE's training renders), share of the short side
 OBJECT_SIDE = 0.60  # the side of an object-centric shape (centred_scene), share of the short side
 SIDES = {"small": 0.46, "large": 0.64}  # the two sizes a placed shape's caption names (placed_scene);
-# was 0.40 / 0.60 (and 0.33 / 0.55 before that): each step up raised the text stages' kinds (README,
-# "Where the demo stands").  A small shape still fits its corner cell's third of the image flush.
+# was 0.40 / 0.60 (and 0.33 / 0.55 before that): each step up raised the text stages' kinds (docs/demo.md,
+# changelog).  A small shape still fits its corner cell's third of the image flush.
 LARGE_ABOVE = 0.55  # a side above this share of the short side is "large" (between the two SIDES)
 
 
@@ -132,8 +132,8 @@ def centred_scene(
     within 5 % of the side, a stage-1 shape's edges fell anywhere inside an 8 px token, and the demo's
     2000 steps drew shapes flat per token (kind 54-68 %); exactly centred, with ``objective.detail_weight``,
     79-83 %.  A side of 0.60, not 0.45: stage 1 alone, kind 79 / 81 % -> 90 / 93 % (sampling seeds 0 / 1);
-    a shape spans more tokens, and the demo VAE keeps larger triangles' tips (README, "Where the demo
-    stands")."""
+    a shape spans more tokens, and the demo VAE keeps larger triangles' tips (docs/demo.md,
+    changelog)."""
     side = OBJECT_SIDE * min(height, width)
     cx, cy = width / 2, height / 2
     return Scene(colour, shape, background, height, width, cx, cy, side, placed=False)
@@ -155,7 +155,7 @@ def placed_scene(
 # or position; the rest are placed, and their captions name both.  Stage 1's images are all
 # object-centric.  A caption that fixes the layout is what lets a few hundred CPU steps learn one clean
 # shape per prompt: with sizes and positions drawn at random (sample_scene) the same budget drew
-# clusters of blobs (README, "Where the demo stands").
+# clusters of blobs (docs/demo.md, changelog).
 PLAIN_SHARE = 1 / 3
 
 
@@ -282,7 +282,7 @@ def write_stage2(out: Path, n: int, size: int = 64, seed: int = 1, per_shard: in
 # rectangle to the model, and without PixArt's aspect-ratio micro-conditioning (the MS variant's
 # embedders need a hidden width divisible by 3; the demo's is 64) it cannot tell the two apart.  Stage 3
 # alone from one stage 2: placed kinds over all 54 size x position x kind prompts 62 % with the three
-# buckets, 67 % with milder ones (88 x 104, 104 x 88), 87 % square only (README, "Where the demo stands").
+# buckets, 67 % with milder ones (88 x 104, 104 x 88), 87 % square only (docs/demo.md, changelog).
 STAGE3_RESOLUTION = 96
 STAGE3_SIZES: tuple[tuple[int, int], ...] = ((96, 96),)
 

@@ -20,8 +20,11 @@ from tristage.data.config import CaptionConfig, ConfigError, DataConfig, Encoder
 from tristage.train.diffusion.objective import ObjectiveConfig
 from tristage.train.models.masking import MaskConfig
 from tristage.train.models.sizes import SIZES
-from tristage.train.training.fsdp import PARALLELISMS, is_sharded_setting
-from tristage.train.training.lr_schedules import LR_SCHEDULES
+
+LR_SCHEDULES = ("constant", "cosine")  # optim.lr_schedule (train/training/lr_schedules.py FACTORS)
+# train.parallelism: DDP, or FSDP2 re-sharding the weights after the forward or not (train/training/fsdp.py)
+PARALLELISMS = ("ddp", "fsdp", "fsdp_grad_op")
+SHARDED_PARALLELISMS = ("fsdp", "fsdp_grad_op")  # the ones that shard weights, grads, AdamW and EMA
 
 
 @dataclass
@@ -82,6 +85,11 @@ class TrainConfig:
         # OmegaConf then stores the string "False": both mean no mixed precision.
         if self.mixed_precision in ("False", "false"):
             self.mixed_precision = "no"
+
+    @property
+    def sharded(self) -> bool:
+        """Whether ``parallelism`` shards the model (FSDP), and so the checkpoints (DCP)."""
+        return self.parallelism in SHARDED_PARALLELISMS
 
 
 @dataclass
@@ -209,9 +217,9 @@ def check_train_options(cfg: Config, path: str) -> None:
     _check_attention_backend(cfg.model.attention_backend, path)
     _check_choice(path, "train.nonfinite_check", cfg.train.nonfinite_check, NONFINITE_CHECKS)
     _check_choice(path, "train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISIONS)
-    _check_choice(path, "optim.lr_schedule", cfg.optim.lr_schedule, tuple(LR_SCHEDULES))
-    _check_choice(path, "train.parallelism", cfg.train.parallelism, tuple(PARALLELISMS))
-    if is_sharded_setting(cfg.train.parallelism) and cfg.train.mixed_precision == "fp16":
+    _check_choice(path, "optim.lr_schedule", cfg.optim.lr_schedule, LR_SCHEDULES)
+    _check_choice(path, "train.parallelism", cfg.train.parallelism, PARALLELISMS)
+    if cfg.train.sharded and cfg.train.mixed_precision == "fp16":
         raise ConfigError(f"{path}: key 'train.mixed_precision': fp16 is not supported with FSDP; use bf16")
     if cfg.train.grad_accum < 1:
         raise ConfigError(f"{path}: key 'train.grad_accum': must be >= 1 (micro-batches per optimizer step)")

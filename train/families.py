@@ -15,8 +15,8 @@ from tristage.data.config import EncoderConfig
 from tristage.data.repa_features import RepaFeatures
 from tristage.train.config import Config
 from tristage.train.conversion.converters import DIT_CONVERTERS, PIXART_CONVERTERS, Converter
-from tristage.train.inference.pipelines import dit_pipeline, pixart_pipeline
 from tristage.train.models.dit import ClassConditionalDiT, build_dit
+from tristage.train.models.pipelines import dit_pipeline, pixart_pipeline
 from tristage.train.models.pixart import build_pixart
 from tristage.train.models.sizes import size_of
 

@@ -10,5 +10,5 @@ folders sit beside this package instead, so the checkout root is added to its se
 from pathlib import Path
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
-if (_CHECKOUT / "train" / "cli.py").is_file() and str(_CHECKOUT) not in __path__:
+if (_CHECKOUT / "train" / "training" / "trainer.py").is_file() and str(_CHECKOUT) not in __path__:
     __path__.append(str(_CHECKOUT))

@@ -20,12 +20,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from tristage import cli
 from tristage.data.caption import Captioner, CaptionError, part_done, parts_dir, resolve_dtype, run_caption
 from tristage.data.config import PAPER_CAPTION_PROMPT
 from tristage.data.sources import Skips, open_source
 from tristage.demo import synthetic
 from tristage.demo.captioner import write_captioner, write_next_captioner
-from tristage.train import cli
 from tristage.train.config import load_config
 from tristage.train.families import cache_stage
 from tristage.train.training.trainer import Trainer

@@ -7,7 +7,7 @@ import resource
 import subprocess
 import sys
 
-from tristage.train.cli import build_parser
+from tristage.cli import build_parser
 
 from ..conftest import tristage, user_folder
 
@@ -15,7 +15,7 @@ HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 
 
 def test_building_the_parser_imports_nothing_heavy():
-    code = "import sys, tristage.train.cli as c\nc.build_parser()\n"
+    code = "import sys, tristage.cli as c\nc.build_parser()\n"
     code += "print([m for m in sys.argv[1:] if m in sys.modules])"
     out = subprocess.run(
         [sys.executable, "-c", code, *HEAVY], cwd=user_folder(), capture_output=True, text=True

@@ -99,7 +99,7 @@ def test_export_cli(demo_dir, tmp_path):
 def test_sample_defaults_to_the_trained_size(demo_dir, tmp_path):
     from PIL import Image
 
-    from tristage.train.cli import main
+    from tristage.cli import main
 
     args = ["sample", str(demo_dir / "export"), "--prompt", "a red circle", "--steps", "2"]
     assert main([*args, "--out", str(tmp_path)]) == 0

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from tristage.bench import resume as bench_resume
+from tristage.cli import main as cli_main
 from tristage.data.features import CacheError
 from tristage.demo.tiny_run import write_tiny_stage1
-from tristage.train.cli import main as cli_main
 from tristage.train.config import load_config
 from tristage.train.training import checkpoint_files as ckpt
 from tristage.train.training.trainer import Trainer

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tristage.train.cli import main
+from tristage.cli import main
 from tristage.train.inference.sample import SAMPLERS
 
 from ..conftest import run_cli
@@ -110,7 +110,7 @@ def test_pixart_export_with_a_null_buffer_samples_with_it(exports, tmp_path):
     import torch
 
     from tristage.train.inference.sample import load_pipeline
-    from tristage.train.training.null_caption import save_buffer
+    from tristage.train.models.null_caption import save_buffer
 
     export = tmp_path / "export"
     shutil.copytree(exports["pixart"], export)

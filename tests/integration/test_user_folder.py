@@ -39,7 +39,7 @@ def test_train_from_a_folder_with_its_own_data_train_and_bench(setup, tmp_path, 
     cwd = user_folder(tmp_path / "user_project")
     command = {
         "console_script": [str(Path(sys.executable).parent / "tristage")],
-        "python_m": [sys.executable, "-m", "tristage.train.cli"],
+        "python_m": [sys.executable, "-m", "tristage"],
     }[entry]
     run_dir = tmp_path / "run"
     result = subprocess.run(

@@ -23,6 +23,7 @@ from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file
 
+from tristage.cli import main as cli_main
 from tristage.data.cache_format import tar_members
 from tristage.data.features import (
     CacheError,
@@ -35,7 +36,6 @@ from tristage.data.fingerprint import fingerprint
 from tristage.demo import synthetic
 from tristage.demo.encoders import write_demo_text_encoder
 from tristage.demo.run import source_overrides
-from tristage.train.cli import main as cli_main
 from tristage.train.config import Config, load_config
 from tristage.train.families import cache_stage, feature_encoders
 
@@ -599,7 +599,7 @@ def test_trainer_keeps_the_buffer_through_resume_final_and_export(stage2, tmp_pa
     from tristage.train.conversion.init_from import load_initial_weights
     from tristage.train.families import family_of
     from tristage.train.inference.export import export
-    from tristage.train.training.null_caption import BUFFER_FILE, load_buffer
+    from tristage.train.models.null_caption import BUFFER_FILE, load_buffer
     from tristage.train.training.trainer import Trainer
 
     cfg = copy.deepcopy(stage2[0])

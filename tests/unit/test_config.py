@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tristage.train.cli import main
+from tristage.cli import main
 from tristage.train.config import Config, ConfigError, load_config, save_config
 
 from ..conftest import ROOT
@@ -41,7 +41,7 @@ def test_full_demo_takes_its_steps_from_the_demo_configs():
 
 
 def test_paper_settings_in_real_configs():
-    """Stage 1 from scratch = DiT's train.py; stages 2-3 = PixArt-alpha's configs (README "Recipe")."""
+    """Stage 1 from scratch = DiT's train.py; stages 2-3 = PixArt-alpha's configs (docs/recipe.md)."""
     stage1 = load_config(ROOT / "configs/stage1_imagenet.yaml")
     assert (stage1.optim.lr, stage1.optim.weight_decay, stage1.optim.grad_clip) == (1e-4, 0.0, None)
     assert not stage1.optim.auto_lr and stage1.optim.warmup_steps == 0
@@ -103,6 +103,17 @@ def test_encoder_dtype_choices_are_the_ones_the_cache_pass_knows():
     from tristage.data.text_codec import TEXT_CODECS
 
     assert FEATURE_DTYPES == tuple(DTYPES) and TEXT_FEATURE_DTYPES == tuple(TEXT_CODECS)
+
+
+def test_training_choices_are_the_ones_the_components_know():
+    """The config declares the choice lists; the components key their tables by the same names."""
+    from tristage.train.config import LR_SCHEDULES, PARALLELISMS, SHARDED_PARALLELISMS
+    from tristage.train.training.fsdp import RESHARD_AFTER_FORWARD
+    from tristage.train.training.lr_schedules import FACTORS
+
+    assert tuple(FACTORS) == LR_SCHEDULES
+    assert tuple(RESHARD_AFTER_FORWARD) == SHARDED_PARALLELISMS
+    assert set(SHARDED_PARALLELISMS) < set(PARALLELISMS)
 
 
 def test_unknown_key_in_yaml(tmp_path):

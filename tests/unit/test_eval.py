@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tristage.train.cli import main
+from tristage.cli import main
 from tristage.train.inference import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,6 +177,7 @@ def test_clip_score_on_a_tiny_local_clip_is_deterministic(tmp_path):
         (["SAMPLES", "--clip", "NOWHERE"], "is not a saved CLIP folder"),
         (["NOWHERE", "--clip", "x"], "not a `tristage sample` output"),
         (["--adherence", "NOWHERE"], "not a pipeline folder"),
+        (["--adherence", "NOWHERE", "--scorer", "nope"], "no scorer named 'nope'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
@@ -185,3 +186,28 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, message):
     assert main(["eval", *[subs.get(a, a) for a in args]]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_the_demo_registers_its_adherence_scorer_by_name():
+    """``tristage eval --adherence`` finds the demo's scorer through the installed entry point, so the
+    evaluator (``train/``) names no demo module (tests/unit/test_layout.py holds that)."""
+    from tristage.demo.adherence import score_pipeline
+    from tristage.train.inference.scorers import load_scorer, scorer_names
+
+    assert "adherence" in scorer_names() and load_scorer("adherence") is score_pipeline
+
+
+def test_a_scorer_gets_the_export_loaded_as_users_load_it(tmp_path):
+    """The evaluator takes the scorer as an argument and hands it the pipeline ``from_pretrained`` gives."""
+    from diffusers import DiTPipeline
+
+    from ..tiny_exports import dit_export
+
+    export, calls = dit_export(tmp_path), []
+
+    def scorer(pipe, per_prompt: int, seed: int) -> dict:
+        calls.append((type(pipe), pipe.get_label_ids(["cube"]), per_prompt, seed))
+        return {"rate": 0.5}
+
+    assert evaluate.score_export(export, scorer, 3, 7) == {"rate": 0.5}
+    assert calls == [(DiTPipeline, [1], 3, 7)]

@@ -1,6 +1,6 @@
 """The layout holds (issue 16, a layout that shows the architecture): the install can't collide (our
 imports live under ``tristage.*``, so a user's own ``data/``, ``train.py`` or ``bench.py`` in the working
-folder never shadows them, item 7), no module imports upward (item 2), and the README map is true."""
+folder never shadows them, item 7), no module imports upward (item 2), and the module map is true."""
 
 from __future__ import annotations
 
@@ -10,23 +10,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-def test_readme_map_names_every_module():
-    """The README's "Where things live" map stays true: every module of the role folders is named in it,
-    and every file it names exists."""
+
+
+def test_module_map_names_every_module():
+    """The module map (docs/layout.md, "Where things live") stays true: every module of the role folders
+    and every script is named in it, and every file it names exists."""
     import re
 
-    root = Path(__file__).resolve().parents[2]
-    readme = (root / "README.md").read_text()
-    section = readme[readme.index("## Where things live") :]
-    named = set(re.findall(r"`(?:[a-z_]+/)*([a-z_]+\.py)`", section))
+    page = (ROOT / "docs" / "layout.md").read_text()
+    named = set(re.findall(r"`(?:[a-z_]+/)*([a-z_]+\.py)`", page))
     modules = {
         p.name
-        for folder in ("train", "data", "demo", "bench")
-        for p in (root / folder).rglob("*.py")
+        for folder in ("train", "data", "demo", "bench", "scripts", "tristage")
+        for p in (ROOT / folder).rglob("*.py")
         if p.name != "__init__.py" and "assets" not in p.parts
     }
-    assert sorted(modules - named) == [], "modules missing from the README map"
-    assert sorted(named - modules - {"__init__.py"}) == [], "the README map names files that don't exist"
+    assert sorted(modules - named) == [], "modules missing from the map in docs/layout.md"
+    assert sorted(named - modules - {"__init__.py"}) == [], "docs/layout.md names files that don't exist"
 
 
 def imported_modules(path: Path, package: str) -> set[str]:
@@ -58,9 +58,87 @@ def upward_imports(folder: Path, package: str, forbidden: str) -> list[str]:
 
 
 def test_no_module_imports_upward():
-    """``data/`` imports nothing from ``train/``; models import nothing from training."""
+    """``data/`` imports nothing from ``train/``; models import nothing from training; ``train/`` nothing
+    from the demo (it registers its scorer by name instead: ``train/inference/scorers.py``)."""
     assert upward_imports(ROOT / "data", "tristage.data", "tristage.train") == []
     assert upward_imports(ROOT / "train/models", "tristage.train.models", "tristage.train.training") == []
+    assert upward_imports(ROOT / "train", "tristage.train", "tristage.demo") == []
+    assert upward_imports(ROOT / "train", "tristage.train", "tristage.bench") == []
+
+
+# Imports run one way (issue 39 item 3): a module imports its own layer or the ones below it.
+LAYERS = (
+    ("the CLI", ("tristage.cli", "tristage.__main__")),
+    ("demo / bench", ("tristage.demo", "tristage.bench")),
+    ("training / inference", ("tristage.train.training", "tristage.train.inference")),
+    (
+        "models / diffusion / conversion",
+        ("tristage.train.models", "tristage.train.diffusion", "tristage.train.conversion")
+        + ("tristage.train.families", "tristage.train.config"),
+    ),
+    ("data", ("tristage.data",)),
+    ("base", ("tristage.errors", "tristage.files")),
+)
+
+
+def layer_of(module: str) -> int | None:
+    """The index in LAYERS of the longest prefix ``module`` falls under (None: a bare package name)."""
+    hits = [
+        (len(prefix), i)
+        for i, (_, prefixes) in enumerate(LAYERS)
+        for prefix in prefixes
+        if module == prefix or module.startswith(prefix + ".")
+    ]
+    return max(hits)[1] if hits else None
+
+
+def module_name(path: Path, root: Path) -> str:
+    """``tristage.train.training.ema`` for ``train/training/ema.py`` (the package maps the folders)."""
+    parts = path.relative_to(root).with_suffix("").parts
+    parts = parts[:-1] if parts[-1] == "__init__" else parts
+    return ".".join(parts if parts[0] == "tristage" else ("tristage", *parts))
+
+
+def arrows_up(root: Path) -> list[str]:
+    """``a (layer) -> b (layer)`` for each import of a higher layer, over every package folder."""
+    found = []
+    for folder in ("tristage", "train", "data", "demo", "bench"):
+        for path in sorted((root / folder).rglob("*.py")) if (root / folder).is_dir() else []:
+            name = module_name(path, root)
+            package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+            mine = layer_of(name)
+            for imported in sorted(imported_modules(path, package)):
+                theirs = layer_of(imported)
+                if None not in (mine, theirs) and theirs < mine:
+                    found.append(f"{name} ({LAYERS[mine][0]}) -> {imported} ({LAYERS[theirs][0]})")
+    return found
+
+
+def test_imports_run_one_way():
+    """The CLI, then the demo and benchmarks, then training / inference, then models / diffusion /
+    conversion (with the config and the family specs), then data, then the error classes."""
+    assert arrows_up(ROOT) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "line", "caught"),
+    [
+        ("train/inference/evaluate.py", "from tristage.demo import adherence", True),
+        ("train/training/trainer.py", "def f():\n    from tristage.demo.run import run_demo", True),
+        ("train/config.py", "from tristage.train.training.fsdp import PARALLELISMS", True),
+        ("train/families.py", "from tristage.train.inference import export", True),
+        ("train/conversion/init_from.py", "from ..training import ema", True),
+        ("data/cache.py", "import tristage.train.config", True),
+        ("data/cache.py", "from tristage.files import atomic_write", False),
+        ("demo/run.py", "from tristage.train.training.trainer import run_train", False),
+        ("tristage/cli.py", "from tristage.demo.run import run_demo", False),
+        ("train/training/trainer.py", "from tristage.train.inference import grid", False),
+    ],
+)
+def test_the_layer_check_sees_an_arrow_up(tmp_path, path, line, caught):
+    (tmp_path / path).parent.mkdir(parents=True)
+    (tmp_path / path).write_text(line + "\n")
+    assert bool(arrows_up(tmp_path)) is caught, arrows_up(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -147,7 +225,7 @@ def pipeline_constructions(path: Path) -> list[str]:
 
 
 def test_export_and_validation_share_one_pipeline_builder():
-    """Only ``train/inference/pipelines.py`` builds a pipeline from parts: export and validation both
+    """Only ``train/models/pipelines.py`` builds a pipeline from parts: export and validation both
     take it from the family's spec, so a grid shows the model a user loads."""
     from tristage.train.families import FAMILIES
 
@@ -157,8 +235,8 @@ def test_export_and_validation_share_one_pipeline_builder():
         for p in (ROOT / folder).rglob("*.py")
         for hit in pipeline_constructions(p)
     ]
-    assert found and {hit.split(":")[0] for hit in found} == {"train/inference/pipelines.py"}
-    assert {spec.pipeline.__module__ for spec in FAMILIES.values()} == {"tristage.train.inference.pipelines"}
+    assert found and {hit.split(":")[0] for hit in found} == {"train/models/pipelines.py"}
+    assert {spec.pipeline.__module__ for spec in FAMILIES.values()} == {"tristage.train.models.pipelines"}
 
 
 MAX_FUNCTION_LINES = 40  # issue 16: "no function runs past ~40 lines"
@@ -193,7 +271,7 @@ def test_the_length_check_counts_a_long_function(tmp_path):
 def test_the_cli_catches_only_tristage_errors():
     """One error base (issue 39 item 1): the CLI turns ``TristageError`` into one line and exit 2, and
     catches nothing else, so a bug's ``KeyError`` or ``FileNotFoundError`` keeps its traceback."""
-    tree = ast.parse((ROOT / "train" / "cli.py").read_text())
+    tree = ast.parse((ROOT / "tristage" / "cli.py").read_text())
     caught = [ast.unparse(node.type) for node in ast.walk(tree) if isinstance(node, ast.ExceptHandler)]
     assert caught == ["TristageError"]
 
@@ -209,7 +287,7 @@ def test_every_error_class_derives_from_the_one_base():
     strays = []
     for folder in ("train", "data", "demo", "bench", "tristage"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            if "assets" in path.parts or path.name == "__init__.py":
+            if "assets" in path.parts or path.name in ("__init__.py", "__main__.py"):  # __main__ runs
                 continue
             parts = path.relative_to(ROOT).with_suffix("").parts
             name = ".".join(parts if parts[0] == "tristage" else ("tristage", *parts))

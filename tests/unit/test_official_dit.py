@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import PixArtTransformer2DModel
 
-from tristage.train.cli import main
+from tristage.cli import main
 from tristage.train.config import ConfigError, load_config
 from tristage.train.conversion.dit_layouts import dit_to_diffusers
 from tristage.train.conversion.init_from import load_initial_weights

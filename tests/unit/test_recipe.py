@@ -1,4 +1,4 @@
-"""Recipe fidelity: the README's recipe table is what ships, named commands exist, the official EMA."""
+"""Recipe fidelity: docs/recipe.md's table is what ships, named commands exist, the official EMA."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from tristage.train.cli import build_parser
+from tristage.cli import build_parser
 from tristage.train.config import load_config
 from tristage.train.training.ema import EMA
 
@@ -18,8 +18,8 @@ STAGES = {"1": "stage1_imagenet.yaml", "2": "stage2_sam_llava.yaml", "3": "stage
 
 
 def recipe_rows() -> list[tuple[str, list[str], object]]:
-    """(key, stages, tristage value) of every row between the README's recipe-table markers."""
-    text = (ROOT / "README.md").read_text()
+    """(key, stages, tristage value) of every row between docs/recipe.md's recipe-table markers."""
+    text = (ROOT / "docs" / "recipe.md").read_text()
     table = text.split("<!-- recipe-table -->")[1].split("<!-- /recipe-table -->")[0]
     rows = []
     for line in table.strip().splitlines()[2:]:  # header and separator
@@ -36,7 +36,7 @@ def config_value(cfg, key: str):
     return cfg
 
 
-def test_readme_recipe_table_matches_the_shipped_configs():
+def test_recipe_table_matches_the_shipped_configs():
     rows = recipe_rows()
     assert len(rows) > 25
     configs = {n: load_config(ROOT / "configs" / name) for n, name in STAGES.items()}
@@ -44,7 +44,7 @@ def test_readme_recipe_table_matches_the_shipped_configs():
         for stage in stages:
             shipped = config_value(configs[stage], key)
             assert shipped == pytest.approx(value) if isinstance(value, float) else shipped == value, (
-                f"README recipe table says {key} = {value!r} for stage {stage}, "
+                f"docs/recipe.md recipe table says {key} = {value!r} for stage {stage}, "
                 f"configs/{STAGES[stage]} has {shipped!r}"
             )
     covered = {(key, stage) for key, stages, _ in rows for stage in stages}
@@ -60,8 +60,10 @@ def test_recipe_table_check_can_fail():
 
 
 def named_commands() -> set[tuple[str, ...]]:
-    """Every ``tristage WORD [WORD]`` named in the README or in a shipped config."""
-    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in (ROOT / "configs").rglob("*.yaml")]
+    """Every ``tristage WORD [WORD]`` named in the README, a docs page or a shipped config (the stage
+    configs and the demo's)."""
+    files = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "configs").rglob("*.yaml")]
+    texts = [p.read_text() for p in files + sorted((ROOT / "demo" / "configs").glob("*.yaml"))]
     found = set()
     for text in texts:
         for match in re.finditer(r"`tristage ([a-z][a-z0-9-]*)(?: ([a-z][a-z0-9-]*))?", text):

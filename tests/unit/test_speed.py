@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tristage.cli import main as cli_main
 from tristage.demo.tiny_run import write_tiny_stage1
-from tristage.train.cli import main as cli_main
 from tristage.train.config import ConfigError, ModelConfig, check_train_options, load_config
 from tristage.train.families import family_of
 from tristage.train.models.speed import compile_blocks, enable_checkpointing

@@ -266,7 +266,7 @@ def dit_to_diffusers(dit: ClassConditionalDiT) -> DiTTransformer2DModel:
     diffusers keeps a copy of the timestep and class embedders in every block; each gets ours. Its
     timestep sinusoid is hard-coded to shift 1, which no weight change can emulate (the frequencies
     themselves differ), so a shift-0 DiT (the official weights) exports with one warning line: the
-    pipeline then samples a slightly different model (README "Stage handoff").
+    pipeline then samples a slightly different model (docs/handoff.md, "Export").
     """
     cfg = dit.config
     if cfg.freq_shift != DIFFUSERS_FREQ_SHIFT:

@@ -28,7 +28,7 @@ from tristage.train.conversion.dit_layouts import DIFFUSERS_DIT_KEY, OFFICIAL_DI
 from tristage.train.conversion.keymap import read_weights_file
 from tristage.train.conversion.reparam import dit_to_pixart
 from tristage.train.families import family_of
-from tristage.train.training.null_caption import load_buffer
+from tristage.train.models.null_caption import load_buffer
 
 HUB_CLASS = "Transformer2DModel"  # the hub's older DiT and PixArt folders both carry this class name
 

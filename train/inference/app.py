@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tristage.errors import AppError
 
-# Styles: (prompt template, negative prompt).  The README's style table lists the same entries.
+# Styles: (prompt template, negative prompt).  docs/inference.md lists the same entries
+# (tests/unit/test_docs.py compares them).
 STYLES: dict[str, tuple[str, str]] = {
     "No style": ("{prompt}", ""),
     "Cinematic": (

@@ -10,8 +10,10 @@
   class label), each group is compared with ``REFERENCE/<label>/``, and the per-class FIDs are averaged.
 * CLIP score (torchmetrics ``CLIPScore``) of each image against its prompt, from a local CLIP folder
   ``--clip PATH`` (``CLIPModel`` + ``CLIPProcessor`` saved with ``save_pretrained``).
-* ``--adherence EXPORT_DIR``: the demo's adherence rates (``demo/adherence.py``): single shape, kind,
-  colour, background, size and position, by an independent shape classifier.
+* ``--adherence EXPORT_DIR``: a named scorer's report on a pipeline folder (``--scorer``, default
+  ``adherence``: the demo's rates of single shape, kind, colour, background, size and position, by an
+  independent shape classifier, ``demo/adherence.py``).  Scorers are found by name
+  (``train/inference/scorers.py``), so nothing here imports the demo.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from PIL import Image
 
 from tristage.errors import EvalError
+from tristage.train.inference.scorers import Scorer, load_scorer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -218,7 +221,8 @@ def clip_score(clip_dir: str | Path, images: torch.Tensor, prompts: list[str], b
 # -- the command ----------------------------------------------------------------------------------
 def run_eval(args: argparse.Namespace) -> dict:
     if args.adherence:
-        results = {"adherence": adherence(Path(args.adherence), args.per_prompt, args.seed)}
+        scorer = load_scorer(args.scorer)  # before the pipeline loads: a wrong name fails at once
+        results = {args.scorer: score_export(Path(args.adherence), scorer, args.per_prompt, args.seed)}
     elif args.save_stats:
         results = save_reference_stats(args)
     else:
@@ -266,15 +270,10 @@ def reference_of(path: Path, size: int) -> torch.Tensor | dict:
     return load_folder(path, size)
 
 
-def adherence(export_dir: Path, per_prompt: int, seed: int = 0) -> dict:
-    """Stage-1 (DiTPipeline) or held-out (PixArtAlphaPipeline) adherence, by the export's pipeline."""
-    from tristage.demo import adherence as demo_adherence
+def score_export(export_dir: Path, scorer: Scorer, per_prompt: int, seed: int = 0) -> dict:
+    """``scorer``'s report on the pipeline folder ``export_dir``, loaded as users load it."""
+    from tristage.train.models.pipelines import load_exported
 
-    index = export_dir / "model_index.json"
-    if not index.is_file():
+    if not (export_dir / "model_index.json").is_file():
         raise EvalError(f"{export_dir}: not a pipeline folder (model_index.json missing)")
-    if json.loads(index.read_text())["_class_name"] == "DiTPipeline":
-        report, _ = demo_adherence.stage1_adherence(export_dir, per_prompt, seed)
-    else:
-        report, _ = demo_adherence.held_out_adherence(export_dir, per_prompt, seed)
-    return report
+    return scorer(load_exported(export_dir), per_prompt, seed)

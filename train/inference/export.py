@@ -1,5 +1,5 @@
 """Export a finished stage to a diffusers pipeline folder, built by its family's pipeline builder
-(``train/inference/pipelines.py``, the one validation samples with):
+(``train/models/pipelines.py``, the one validation samples with):
 
 * stage 1 (``ClassConditionalDiT``) -> ``DiTPipeline`` with ``id2label`` in
   ``model_index.json`` (``save_pretrained`` does not write it by itself);
@@ -32,9 +32,9 @@ from tristage.errors import CheckpointError
 from tristage.train.config import Config, load_config
 from tristage.train.conversion.init_from import model_folder, source_class
 from tristage.train.families import Family, family_of
-from tristage.train.inference.pipelines import scheduler_for
-from tristage.train.inference.sample import TRAINING_SIZE
-from tristage.train.training.null_caption import BUFFER_FILE
+from tristage.train.inference.sample import TRAINING_SIZE, quiet_loading
+from tristage.train.models.null_caption import BUFFER_FILE
+from tristage.train.models.pipelines import scheduler_for
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def export(run_dir: str | Path, out: str | Path) -> Path:
     if not (final / "config.yaml").is_file():
         raise CheckpointError(f"{final}: no finished stage here (final/config.yaml missing)")
     cfg = load_config(final / "config.yaml")
+    quiet_loading()  # the command prints the folder it wrote, not loading and writing bars
     folder, family = model_folder(final), family_of(cfg.model.family)
     source_class(folder)  # a final/ without its model: the one-line "holds no model" error
     vae = AutoencoderKL.from_pretrained(cfg.encoders.vae)

@@ -61,7 +61,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 def load_pipeline(export_dir: str, sampler: str = "dpm-solver++") -> DiffusionPipeline:
     if not (Path(export_dir) / "model_index.json").is_file():
         raise SampleError(f"{export_dir}: not a pipeline folder (model_index.json missing)")
-    from tristage.train.inference.pipelines import load_exported
+    from tristage.train.models.pipelines import load_exported
 
     quiet_loading()
     pipe = load_exported(export_dir)
@@ -71,14 +71,13 @@ def load_pipeline(export_dir: str, sampler: str = "dpm-solver++") -> DiffusionPi
 
 
 def quiet_loading() -> None:
-    """No loading progress bars or type notes: a user error stays one line on stderr."""
+    """No loading progress bars: a command's output stays its own lines.  Warnings stay on: the calls
+    that caused them are fixed where they are made (``load_exported``, ``clean_caption=False``)."""
     import transformers
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 
 def set_sampler(pipe: DiffusionPipeline, sampler: str) -> None:
@@ -161,7 +160,7 @@ def buffer_null(pipe: DiffusionPipeline, export_dir: Path, prompt: str) -> dict:
     """An export trained with ``data.null_caption: buffer`` keeps its null beside ``model_index.json``:
     the prompt's T5 features, and as the negative the buffer under the prompt's own mask (how the model
     was trained and how PixArt-alpha samples). ``{}`` when there is none (the pipeline's T5("") is right)."""
-    from tristage.train.training.null_caption import load_buffer
+    from tristage.train.models.null_caption import load_buffer
 
     buffer = load_buffer(export_dir)
     if buffer is None:

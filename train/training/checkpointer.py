@@ -34,10 +34,10 @@ from accelerate import Accelerator
 from tristage.data.features import FeatureLoader
 from tristage.data.fingerprint import tristage_version
 from tristage.train.config import Config, save_config, to_yaml
+from tristage.train.models import null_caption
 from tristage.train.training import checkpoint_files as ckpt
-from tristage.train.training import dcp, null_caption
+from tristage.train.training import dcp
 from tristage.train.training.ema import EMA
-from tristage.train.training.fsdp import is_sharded_setting
 from tristage.train.training.nonfinite import DeviceGuard, SyncGuard
 from tristage.train.training.validation import whole_ema_model
 
@@ -66,7 +66,7 @@ class Checkpointer:
         self.saved: Saved | None = None
         self._found: tuple[Path, ckpt.Contents] | None = None
         self._last_saved = -1  # step of the checkpoint this process last committed or resumed from
-        self.sharded = is_sharded_setting(cfg.train.parallelism)  # DCP shards instead of whole files
+        self.sharded = cfg.train.sharded  # DCP shards instead of whole files
 
     # -- resume ----------------------------------------------------------------------------------
     def find(self) -> Path | None:

@@ -24,13 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-# train.parallelism -> reshard_after_forward of fully_shard (None: not sharded, DDP).
-PARALLELISMS: dict[str, bool | None] = {"ddp": None, "fsdp": True, "fsdp_grad_op": False}
-
-
-def is_sharded_setting(parallelism: str) -> bool:
-    """Whether ``train.parallelism`` asks for FSDP (and so for sharded checkpoints)."""
-    return PARALLELISMS[parallelism] is not None
+# A sharded train.parallelism (train/config.py SHARDED_PARALLELISMS) -> fully_shard's reshard_after_forward.
+RESHARD_AFTER_FORWARD: dict[str, bool] = {"fsdp": True, "fsdp_grad_op": False}
 
 
 def shard(model: torch.nn.Module, parallelism: str, device: torch.device, bf16: bool) -> bool:
@@ -41,9 +36,9 @@ def shard(model: torch.nn.Module, parallelism: str, device: torch.device, bf16: 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    reshard = PARALLELISMS[parallelism]
-    if reshard is None or not dist.is_initialized():
+    if parallelism not in RESHARD_AFTER_FORWARD or not dist.is_initialized():  # ddp, or one process
         return False
+    reshard = RESHARD_AFTER_FORWARD[parallelism]
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy()
     if bf16 and device.type == "cuda":

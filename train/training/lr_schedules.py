@@ -19,11 +19,11 @@ def _cosine(step: int, warmup: int, total: int) -> float:
     return _constant(step, warmup, total) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# optim.lr_schedule -> lr factor of (step, warm-up steps, max steps); the config checks the name
-LR_SCHEDULES: dict[str, Callable[[int, int, int], float]] = {"constant": _constant, "cosine": _cosine}
+# optim.lr_schedule (its choices: train/config.py LR_SCHEDULES) -> lr factor of (step, warm-up, max steps)
+FACTORS: dict[str, Callable[[int, int, int], float]] = {"constant": _constant, "cosine": _cosine}
 
 
 def lr_lambda(name: str, warmup_steps: int, max_steps: int) -> Callable[[int], float]:
     """The ``LambdaLR`` factor of schedule ``name``."""
-    schedule, warmup = LR_SCHEDULES[name], max(1, warmup_steps)
+    schedule, warmup = FACTORS[name], max(1, warmup_steps)
     return lambda step: schedule(step, warmup, max_steps)

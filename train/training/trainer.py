@@ -10,7 +10,7 @@ One optimizer step is ``train.grad_accum`` micro-batches of ``data.batch_size`` 
 the global batch ``batch_size x processes x grad_accum`` is what the lr scaling, the loader's
 stream and position, ``samples_seen``, img/s and the checkpoints count in.
 
-Speed (see README "Scale and speed"): the model is built with the configured attention backend,
+Speed (see docs/scaling.md, "Speed options"): the model is built with the configured attention backend,
 activation checkpointing of the first ``model.checkpoint_blocks`` blocks and, with ``train.compile``,
 one ``torch.compile`` per block; AdamW is fused on CUDA and foreach elsewhere; the EMA is foreach.
 Host syncs: metrics stay on the device between log steps (``Window``).  The NaN guard
@@ -45,10 +45,10 @@ from tristage.train.conversion.init_from import load_initial_weights
 from tristage.train.diffusion import repa
 from tristage.train.diffusion.objective import Objective
 from tristage.train.families import family_of, feature_encoders, repa_features
-from tristage.train.models import masking
+from tristage.train.models import masking, null_caption
 from tristage.train.models.sizes import size_of
 from tristage.train.models.speed import build_for_training
-from tristage.train.training import fsdp, null_caption, tracking, validation
+from tristage.train.training import fsdp, tracking, validation
 from tristage.train.training.checkpointer import Checkpointer, Saved
 from tristage.train.training.ema import EMA
 from tristage.train.training.lr_schedules import lr_lambda
@@ -219,7 +219,7 @@ class Trainer:
 
     def _prepare(self) -> None:
         """DDP through accelerate, or FSDP: ``fully_shard`` the model, rebuild AdamW over the shards
-        and let accelerate wrap only the optimizer (README "Scale and speed")."""
+        and let accelerate wrap only the optimizer (docs/scaling.md, "Sharded training")."""
         device, bf16 = self.accelerator.device, self.cfg.train.mixed_precision == "bf16"
         self.model.to(device)
         self.sharded = fsdp.shard(self.model, self.cfg.train.parallelism, device, bf16)

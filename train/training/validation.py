@@ -1,6 +1,6 @@
 """Validation sample grids: every ``validation.every`` steps rank 0 samples with the EMA weights.
 
-The pipeline is the one export saves: the family's builder (``train/inference/pipelines.py``) around
+The pipeline is the one export saves: the family's builder (``train/models/pipelines.py``) around
 the live transformer.  A class-conditional family (stage 1, DiT) samples ``validation.class_labels``;
 a text family (stages 2-3, PixArt) samples ``validation.prompts``, whose T5 features the cache pass
 computed on the accelerator (``data/cache.py`` write_validation_prompts): no T5 is loaded here, so no
@@ -22,7 +22,7 @@ from tristage.train.config import Config
 from tristage.train.diffusion.repa import without_projector
 from tristage.train.families import Family, family_of
 from tristage.train.inference.grid import grid
-from tristage.train.inference.pipelines import scheduler_for
+from tristage.train.models.pipelines import scheduler_for
 from tristage.train.training import fsdp
 
 

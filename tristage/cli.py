@@ -1,8 +1,15 @@
-"""``tristage`` command line: caption, cache, train, export, convert, sample, eval, app, demo.
+"""``tristage`` command line: caption, cache, train, export, convert, sample, eval, app, demo, bench.
 
 Bad input (config keys, paths, caches, checkpoints) ends with one line on stderr naming the file or
 key, and exit code 2 -- no traceback: every such error is a ``tristage.errors.TristageError``.  Any
 other exception is a bug and keeps its traceback (exit 1).
+
+The command sits at the top of the namespace, above everything it dispatches to: imports run one way,
+the CLI, then the demo and the benchmarks, then training / inference (``train/training``,
+``train/inference``), then models / diffusion / conversion, then ``data/`` (``tests/unit/test_layout.py``
+holds the order).  ``tristage demo`` and ``tristage bench`` need the command to reach ``demo/`` and
+``bench/``; from inside ``train/`` that was an arrow back up from training to the demo, so the command
+is ``tristage.cli`` (and ``python -m tristage``, ``tristage/__main__.py``), and ``train/`` has none.
 """
 
 from __future__ import annotations
@@ -129,7 +136,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip", help="local CLIP folder for the CLIP score")
     parser.add_argument("--size", type=int, default=None, help="resize images to SIZE x SIZE first")
     parser.add_argument("--save-stats", help="write the reference statistics to this .npz and exit")
-    parser.add_argument("--adherence", metavar="EXPORT_DIR", help="the demo adherence rate of an export")
+    parser.add_argument(
+        "--adherence", metavar="EXPORT_DIR", help="score an exported pipeline with --scorer (demo adherence)"
+    )
+    parser.add_argument(
+        "--scorer", default="adherence", help="a registered scorer (entry points tristage.scorers)"
+    )
     parser.add_argument("--per-prompt", type=int, default=8, help="adherence: samples per prompt")
     parser.add_argument("--seed", type=int, default=0, help="adherence: sampling seed")
     parser.add_argument("--out", help="also write the results here (JSON)")
@@ -216,7 +228,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tristage {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

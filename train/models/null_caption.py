@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tristage.train.config import ConfigError
+from tristage.errors import ConfigError
 
 BUFFER_FILE = "null_caption_buffer.safetensors"
 _KEY = "y_embedding"  # the official name
