@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -437,8 +438,9 @@ def compare_option(args: argparse.Namespace, root: Path, device: torch.device) -
     write_cache(option, samples, args.encoder_width if args.repa else None)
     windows: dict[str, list] = {"full": [], name: []}
     for r in range(args.repeats):
-        windows["full"] += run_trainer(base, root / f"full{r}")
-        windows[name] += run_trainer(option, root / f"{name}{r}")
+        for key, cfg in (("full", base), (name, option)):
+            windows[key] += run_trainer(cfg, root / f"{key}{r}")
+            shutil.rmtree(root / f"{key}{r}")  # its final checkpoint: ~12 GB at XL/2 (weights, AdamW, EMA)
     images, clock = args.window * args.batch * args.grad_accum, CLOCKS[device.type]
     full, other = timing(windows["full"], images), timing(windows[name], images)
     head = {"device": device_name(device, args.threads), "size": args.size, "resolution": args.resolution}

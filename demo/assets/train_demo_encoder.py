@@ -19,10 +19,12 @@ text stages' six held-out combinations (as the demo VAE's renders).
 
 Re-create the committed weights with::
 
-    python -m tristage.demo.assets.train_demo_encoder --threads 2
+    python -m tristage.demo.assets.train_demo_encoder --threads 1
 
-It is seeded (data, initialisation, batch order), so the same torch version and thread count
-reproduce the same weights; it prints the held-out patch accuracies at the end.
+(1500 steps of 64 renders, after rendering 6512; 1382 s on one thread of a shared 2-core machine.)
+It is seeded (data, initialisation, batch order), so the same torch version and thread
+count reproduce the same weights.  The committed ones score, on 512 held-out renders: the kind of
+95.1 % of the patches on a shape, the surface of 99.9 % of all patches, the coverage within 0.011.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, float]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=6000, help="training renders")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)

@@ -91,7 +91,7 @@ class Trainer:
         out_channels = self.cfg.model.in_channels * (2 if self.cfg.objective.learn_sigma else 1)
         model = build_for_training(self.family.build, self.cfg.model, out_channels, self.cfg.train.compile)
         self.tap = repa.attach(model, self.cfg.objective.repa, self.loader.manifest.get(REPA_WIDTH))
-        self.masking = masking.install(model, self.cfg.train.mask, self.family.token_head)
+        masking.install(model, self.cfg.train.mask, self.family.token_head)  # hooks: the model holds them
         return model
 
     def _optimizer(self) -> None:
