@@ -18,6 +18,13 @@ other processes only ever slow a window down, so the best window is the closest 
 MFU against ``--peak-tflops`` (default: 989, H100 dense bf16, on CUDA; on CPU a fp32 matmul peak measured
 in this run with the same thread count), peak memory (CUDA max allocated, else the process's peak RSS)
 and the data-wait share.  The last line printed is the JSON summary.
+
+``--mask-ratio R`` and ``--repa`` measure an option instead (issue 38, ``docs/cheaper-training.md``):
+Trainer runs with and without it, alternating ``--repeats`` times on the same batches, throughput from
+the Trainer's own metric windows on the device's clock.  ``masked_vs_full_img_per_s`` is the images per
+second with ``train.mask.ratio = R`` over those without; ``repa_overhead`` is the extra time per image
+with ``objective.repa`` (cached encoder features of ``--encoder-width`` on the DiT's token grid, as
+DINOv2-B gives at 224 px for 256 px images, and a projector of ``--projector-dim``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,6 +63,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (TFLOP/s)")
     parser.add_argument("--threads", type=int, default=1, help="CPU: torch threads (compute)")
     parser.add_argument("--workdir", default=None, help="keep the cache and runs here (default: temp)")
+    comparison_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a run compares or adds: parallelisms, the validation loss, token masking, REPA."""
     parser.add_argument(
         "--parallelism",
         default=None,
@@ -70,11 +84,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="validation.loss_every for the Trainer runs: also report the share of wall time val/loss takes",
     )
     parser.add_argument("--val-samples", type=int, default=64, help="held-out samples val/loss reads")
-    return parser.parse_args(argv)
+    parser.add_argument("--mask-ratio", type=float, default=None, help="compare train.mask.ratio R with none")
+    parser.add_argument("--mask-mode", default="random", help="with --mask-ratio: train.mask.mode")
+    parser.add_argument("--repa", action="store_true", help="compare objective.repa with none")
+    parser.add_argument(
+        "--encoder-width", type=int, default=768, help="with --repa: encoder width (DINOv2-B)"
+    )
+    parser.add_argument(
+        "--projector-dim", type=int, default=2048, help="with --repa: objective.repa.projector_dim"
+    )
 
 
-def bench_config(root: Path, args: argparse.Namespace, device: torch.device):
-    """A PixArt stage config of the requested shape, reading the synthetic cache in ``root/cache``."""
+def bench_config(root: Path, args: argparse.Namespace, device: torch.device, extra: tuple[str, ...] = ()):
+    """A PixArt stage config of the shape asked for (and ``extra`` overrides), reading ``root/cache``."""
     from omegaconf import OmegaConf
 
     from tristage.train.config import Config
@@ -109,46 +131,51 @@ def bench_config(root: Path, args: argparse.Namespace, device: torch.device):
         "checkpoint.every=1000000000",
         "checkpoint.keep_last=1",
         "tracking.mode=disabled",
-        *val_overrides(args),
+        *val_overrides(args, extra),
     ]
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(overrides))
     return OmegaConf.to_object(merged)
 
 
-def val_overrides(args: argparse.Namespace) -> list[str]:
-    """--val-loss-every N: a held-out split (``write_cache`` writes it) and its loss every N steps."""
+def val_overrides(args: argparse.Namespace, extra: tuple[str, ...] = ()) -> list[str]:
+    """--val-loss-every N: a held-out split (``write_cache`` writes it) and its loss every N steps; then
+    ``extra``."""
     if not args.val_loss_every:
-        return []
-    return ["data.val_fraction=0.01", f"validation.loss_every={args.val_loss_every}"]
+        return list(extra)
+    return ["data.val_fraction=0.01", f"validation.loss_every={args.val_loss_every}", *extra]
 
 
-def write_cache(cfg, samples: int, held_out: int = 0) -> None:
+def write_cache(cfg, samples: int, held_out: int = 0, repa_width: int | None = None) -> None:
     """Random features in the cache format (feature shards + manifest with the config's fingerprint), and
-    ``held_out`` more in ``val/`` (the held-out split val/loss reads)."""
+    ``held_out`` more in ``val/`` (the held-out split val/loss reads); ``repa_width``: with REPA encoder
+    features of that width on the DiT's token grid (what DINOv2-B's 16 x 16 patch tokens at 224 px are
+    for a 256 px image)."""
     from safetensors.torch import save_file
 
     from tristage.data.cache_format import NULL_CAPTION
     from tristage.data.val_split import val_dir
 
     cache, text = Path(cfg.data.cache_dir), (cfg.encoders.max_tokens, cfg.model.caption_channels)
-    write_features(cfg, cache, samples, seed=0)
+    write_features(cfg, cache, samples, seed=0, repa_width=repa_width)
     save_file({"t5": torch.zeros(*text).bfloat16()}, cache / NULL_CAPTION)
     if held_out:
-        write_features(cfg, val_dir(cache), held_out, seed=1)
+        write_features(cfg, val_dir(cache), held_out, seed=1, repa_width=repa_width)
 
 
-def write_features(cfg, folder: Path, samples: int, seed: int) -> None:
+def write_features(cfg, folder: Path, samples: int, seed: int, repa_width: int | None) -> None:
     """One shard of ``samples`` random samples and its manifest in ``folder``."""
     import webdataset as wds
     from safetensors.torch import save
 
     from tristage.data.cache_format import MANIFEST, NULL_CAPTION, sample_json
+    from tristage.train.models.sizes import size_of
     from tristage.train.training.stage_cache import expected_fingerprint
 
     res = cfg.data.resolution
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
     side, text = res // 8, (cfg.encoders.max_tokens, cfg.model.caption_channels)
+    grid = side // size_of(cfg.model.size).patch_size
     with wds.TarWriter(str(folder / "shard-000000.tar")) as writer:
         for i in range(samples):
             tensors = {
@@ -156,6 +183,8 @@ def write_features(cfg, folder: Path, samples: int, seed: int) -> None:
                 "std": torch.rand(4, side, side, generator=g).bfloat16() * 0.1,
                 "t5": torch.randn(*text, generator=g).bfloat16(),
             }
+            if repa_width is not None:
+                tensors["repa"] = torch.randn(grid, grid, repa_width, generator=g).bfloat16()
             meta = {"key": f"{seed}_{i:06d}", "caption": "", "label": None, "score": None, "tokens": text[0]}
             meta.update(original_size=[res, res], crop=[0, 0], bucket=[res, res])
             feat = save(tensors)
@@ -169,6 +198,8 @@ def write_features(cfg, folder: Path, samples: int, seed: int) -> None:
         "null_caption": NULL_CAPTION,
         "skipped": {},
     }
+    if repa_width is not None:
+        manifest["repa_width"] = repa_width
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -446,6 +477,42 @@ def parallel_figures(windows: list[dict], ranks: list[dict], images: int) -> dic
     }
 
 
+def option_overrides(args: argparse.Namespace, root: Path) -> tuple[str, list[str], list[str]]:
+    """(name, overrides, what to print of them) of the option ``--mask-ratio`` or ``--repa`` measures."""
+    if args.repa:
+        settings = [
+            f"objective.repa.projector_dim={args.projector_dim}",
+            f"encoder width {args.encoder_width}",
+        ]
+        # The encoder is never loaded (its features are cached): a path that does not exist will do.
+        return "repa", [f"objective.repa.encoder={root / 'no-encoder'}", settings[0]], settings
+    overrides = [f"train.mask.ratio={args.mask_ratio}", f"train.mask.mode={args.mask_mode}"]
+    return "masked", overrides, overrides
+
+
+def compare_option(args: argparse.Namespace, root: Path, device: torch.device) -> dict:
+    """Trainer runs without and with the option, alternating ``--repeats`` times, each on its own
+    synthetic cache of the same batches (the REPA one also holds the encoder features)."""
+    name, extra, settings = option_overrides(args, root)
+    base, option = bench_config(root / "base", args, device), bench_config(root / name, args, device, extra)
+    samples = 4 * args.batch * args.grad_accum
+    write_cache(base, samples)
+    write_cache(option, samples, repa_width=args.encoder_width if args.repa else None)
+    windows: dict[str, list] = {"full": [], name: []}
+    for r in range(args.repeats):
+        for key, cfg in (("full", base), (name, option)):
+            windows[key] += run_trainer(cfg, root / f"{key}{r}")
+            shutil.rmtree(root / f"{key}{r}")  # its final checkpoint: ~12 GB at XL/2 (weights, AdamW, EMA)
+    images, clock = args.window * args.batch * args.grad_accum, CLOCKS[device.type]
+    full, other = timing(windows["full"], images), timing(windows[name], images)
+    head = {"device": device_name(device, args.threads), "size": args.size, "resolution": args.resolution}
+    head.update(batch=args.batch, steps=args.steps * args.repeats, clock=clock, option=settings)
+    figures = {f"{k}_{c}": round(v, 3) for k, t in (("full", full), (name, other)) for c, v in t.items()}
+    if args.repa:
+        return {**head, **figures, "repa_overhead": round(full[clock] / other[clock] - 1, 4)}
+    return {**head, **figures, "masked_vs_full_img_per_s": round(other[clock] / full[clock], 4)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -454,6 +521,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if args.parallelism:
             result = compare_parallelism(args, Path(args.workdir or tmp), device)
+        elif args.mask_ratio is not None or args.repa:
+            result = compare_option(args, Path(args.workdir or tmp), device)
         else:
             result = measure(args, Path(args.workdir or tmp), device)
             if args.val_loss_every:

@@ -13,7 +13,8 @@ re-encoded.  A folder of the previous format is upgraded in place (``data/cache_
 Rank 0 writes ``manifest.json`` last.  ``data.cache_dir`` may be an ``s3://`` or ``gs://`` URL.
 
 Per sample the shard holds ``KEY.feat.safetensors`` (VAE posterior mean and std,
-and, for text stages, the T5 features trimmed to the caption's real length) and
+for text stages the T5 features trimmed to the caption's real length, and with
+``objective.repa`` the REPA encoder's patch features: ``data/repa_features.py``) and
 ``KEY.json`` (caption, label, original size, crop, bucket, score, and the sample's
 checksum: ``data/cache_format.py``).
 """
@@ -61,6 +62,7 @@ from tristage.data.cache_migrate import upgrade_legacy
 from tristage.data.config import DataConfig, EncoderConfig, SourceConfig
 from tristage.data.decode import open_rgb
 from tristage.data.fingerprint import fingerprint
+from tristage.data.repa_features import TENSOR, WIDTH, RepaEncoder, RepaFeatures
 from tristage.data.sources import RawItem, Skips, Unit, class_names, open_source, skipped_text
 from tristage.data.text_codec import encode_text_feature
 from tristage.data.unit_work import UnitPass, work_through
@@ -83,24 +85,33 @@ class Encoders:
     tokenizer: object | None
     text_encoder: torch.nn.Module | None
     device: torch.device
+    repa: RepaEncoder | None = None  # the REPA encoder (objective.repa), else None
 
     @classmethod
-    def load(cls, cfg: EncoderConfig, device: torch.device) -> Encoders:
+    def load(
+        cls, cfg: EncoderConfig, device: torch.device, repa: RepaFeatures | None = None, resolution: int = 256
+    ) -> Encoders:
+        """The frozen encoders (``repa``: also the REPA encoder, for images of ``resolution``)."""
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, T5EncoderModel
 
         vae = AutoencoderKL.from_pretrained(cfg.vae).to(device).eval().requires_grad_(False)
+        aligned = None if repa is None else RepaEncoder(repa, resolution, device)
         if cfg.text_encoder is None:  # class-conditional: no text features
-            return cls(vae, None, None, device)
+            return cls(vae, None, None, device, aligned)
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
         t5 = T5EncoderModel.from_pretrained(cfg.text_encoder).to(device).eval().requires_grad_(False)
-        return cls(vae, tokenizer, t5, device)
+        return cls(vae, tokenizer, t5, device, aligned)
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) in [-1, 1] -> posterior mean and std, each (B, C, H/8, W/8)."""
         dist = self.vae.encode(pixels.to(self.device)).latent_dist
         return dist.mean, dist.std
+
+    def encode_aligned(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """(B, 3, H, W) in [-1, 1] -> the REPA encoder's (B, h, w, D) patch features; None without one."""
+        return None if self.repa is None else self.repa.encode(pixels)
 
     @torch.no_grad()
     def encode_text(self, captions: list[str], max_tokens: int) -> list[torch.Tensor]:
@@ -174,8 +185,11 @@ class ShardWriter:
         pixels = torch.stack([to_pixels(img) for img, _ in items])  # (B, 3, H, W)
         mean, std = self.encoders.encode_images(pixels)
         texts = self._texts([m["caption"] for _, m in items])
+        aligned = self.encoders.encode_aligned(pixels)  # (B, h, w, D) or None
         for i, (_, meta) in enumerate(items):
             tensors = {"mean": mean[i].to(self.dtype), "std": std[i].to(self.dtype)}
+            if aligned is not None:
+                tensors[TENSOR] = aligned[i].to(self.encoders.repa.dtype)
             if texts is not None:
                 tensors.update(encode_text_feature(texts[i], self.enc.text_feature_dtype))
                 meta["tokens"] = int(texts[i].shape[0])
@@ -315,7 +329,12 @@ def validation_prompts_current(prompts: Sequence[str], cache_dir: str, fp: dict)
 
 
 def write_manifest(
-    source: SourceConfig, units: list[Unit], cache_dir: str | Path, fp: dict, scaling_factor: float
+    source: SourceConfig,
+    units: list[Unit],
+    cache_dir: str | Path,
+    fp: dict,
+    scaling_factor: float,
+    repa_width: int | None = None,
 ) -> dict:
     """Collect the units' done markers into ``manifest.json`` and ``skipped.json`` (rank 0, after all
     units): per shard its file, samples, unit key and content identity."""
@@ -339,6 +358,8 @@ def write_manifest(
         "skipped": dict(skips.counts),
         "noted": dict(skips.noted),  # kept, with a note: animated_first_frame
     }
+    if repa_width is not None:  # the trainer sizes the REPA projector by it, without the encoder
+        manifest[WIDTH] = repa_width
     storage.write_text(storage.join(cache_dir, SKIPPED), json.dumps(skips.to_dict(), indent=1))
     storage.write_text(storage.join(cache_dir, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
@@ -407,11 +428,13 @@ def run_cache(
     prompts: Sequence[str] = (),
     rebuild: bool = False,
     lock_timeout: float = 120.0,
+    repa: RepaFeatures | None = None,
 ) -> dict | None:
     """The whole pass for one stage's data and encoders, under an ``accelerate`` process group.
 
     ``enc.text_encoder`` None caches no text (class-conditional); ``prompts`` (``validation.prompts``)
-    get their T5 features stored once, for the validation grids.  A complete cache is recognised
+    get their T5 features stored once, for the validation grids; ``repa`` adds the REPA encoder's
+    features.  A complete cache is recognised
     before any encoder loads (a requeued job costs a few stats, not a VAE/T5 load).  Units are shared
     with any other pass into the same folder through per-unit locks (``data/unit_work.py``;
     ``lock_timeout``: ``run.lock_timeout``)."""
@@ -420,7 +443,7 @@ def run_cache(
         check_writable(cache_dir, "data.cache_dir")  # creates it, or one line naming the key
     storage.makedirs(cache_dir)
     source = open_source(data.source)
-    fp = fingerprint(data, enc)
+    fp = fingerprint(data, enc, repa)
     plan = survey(cache_dir, source, fp, prompts, rebuild)
     if plan.done is not None:
         if accelerator.is_main_process:
@@ -433,12 +456,12 @@ def run_cache(
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     forget(own_units(plan.stale, rank, world), cache_dir, drop_manifest=bool(plan.stale) and main)
     accelerator.wait_for_everyone()
-    return encode_pass(data, enc, accelerator, (source, plan), fp, prompts, lock_timeout)
+    return encode_pass(data, (enc, repa), accelerator, (source, plan), fp, prompts, lock_timeout)
 
 
 def encode_pass(
     data: DataConfig,
-    enc: EncoderConfig,
+    encoding: tuple[EncoderConfig, RepaFeatures | None],
     accelerator,
     read: tuple,
     fp: dict,
@@ -446,11 +469,12 @@ def encode_pass(
     lock_timeout: float,
 ) -> dict | None:
     """Every unit not done, shared with any other pass; then rank 0 writes the manifest (returned).
-    ``read``: the opened source and the survey's :class:`Plan`."""
-    (source, plan), main = read, accelerator.is_main_process
+    ``encoding``: the encoders and the REPA features to cache; ``read``: the opened source and the
+    survey's :class:`Plan`."""
+    (source, plan), (enc, repa), main = read, encoding, accelerator.is_main_process
     # Loaded when first needed: a process whose units another pass encodes never loads them (rank 0
     # always does, for the null caption and the scaling factor).
-    encoders = functools.cache(lambda: Encoders.load(enc, accelerator.device))
+    encoders = functools.cache(lambda: Encoders.load(enc, accelerator.device, repa, data.resolution))
     recorded = (fp, plan.idents)
     work = cache_pass(data, enc, encoders, source, accelerator.process_index, recorded, lock_timeout)
     start = time.perf_counter()
@@ -539,10 +563,10 @@ def finish_cache(
     try:
         write_null_caption(enc, encoders, cache_dir)
         write_validation_prompts(prompts, enc, encoders, cache_dir)
-        scale = float(encoders.vae.config.scaling_factor)
+        recorded = manifest_encoders(encoders)
         if data.val_fraction:  # before the stage's manifest, which marks the whole cache complete
-            write_manifest(data.source, units, str(val_dir(cache_dir)), fp, scale)
-        return write_manifest(data.source, units, cache_dir, fp, scale)
+            write_manifest(data.source, units, str(val_dir(cache_dir)), fp, *recorded)
+        return write_manifest(data.source, units, cache_dir, fp, *recorded)
     except OSError as err:
         if not is_refused(err):
             raise
@@ -550,6 +574,11 @@ def finish_cache(
             for tmp in Path(cache_dir).glob(f"*.tmp-{os.getpid()}"):  # what the atomic writes left
                 tmp.unlink(missing_ok=True)
         raise storage_error(cache_dir, err) from None
+
+
+def manifest_encoders(encoders: Encoders) -> tuple[float, int | None]:
+    """What the manifest records of the encoders: the VAE's scaling factor, the REPA encoder's width."""
+    return float(encoders.vae.config.scaling_factor), None if encoders.repa is None else encoders.repa.width
 
 
 def log_summary(manifest: dict, images: int, cache_dir: str, seconds: float) -> None:

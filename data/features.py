@@ -58,6 +58,7 @@ from tristage.data.cache_migrate import UPGRADE_HINT, is_legacy
 from tristage.data.config import DataConfig
 from tristage.data.fingerprint import first_difference
 from tristage.data.remote_cache import ShardCache
+from tristage.data.repa_features import TENSOR as REPA_TENSOR
 from tristage.data.text_codec import decode_into, decoded_dtype
 
 log = logging.getLogger(__name__)
@@ -332,6 +333,8 @@ class FeatureLoader:
             "keys": [m["key"] for m in metas],
             "position": position,
         }
+        if REPA_TENSOR in feats[0]:  # objective.repa: the encoder's patch features, (b, h, w, D) cached dtype
+            batch["repa"] = torch.stack([f[REPA_TENSOR] for f in feats])
         batch.update(self._conditions(feats, metas, drop))
         return batch
 

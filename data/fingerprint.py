@@ -29,6 +29,7 @@ import xxhash
 from tristage.data.buckets import bucket_table
 from tristage.data.cache_format import FORMAT
 from tristage.data.config import DataConfig, EncoderConfig
+from tristage.data.repa_features import RepaFeatures
 from tristage.files import atomic_write
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt")
@@ -118,10 +119,12 @@ def weights_digest(name_or_path: str | None) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint(data: DataConfig, enc: EncoderConfig) -> dict[str, str]:
+def fingerprint(data: DataConfig, enc: EncoderConfig, repa: RepaFeatures | None = None) -> dict[str, str]:
     """Field -> value for every input of the features (all values are strings).
 
-    ``enc.text_encoder`` None: no text features (a class-conditional stage), so no T5 field counts."""
+    ``enc.text_encoder`` None: no text features (a class-conditional stage), so no T5 field counts.
+    ``repa`` (the REPA encoder's features) adds its fields; without it there are none, so a cache with
+    REPA features and one without never pass for each other."""
     text = enc.text_encoder
     table = bucket_table(data.resolution) if data.multi_aspect else {"1.0": (data.resolution,) * 2}
     table_hash = hashlib.sha256(repr(sorted(table.items())).encode()).hexdigest()[:16]
@@ -135,12 +138,22 @@ def fingerprint(data: DataConfig, enc: EncoderConfig) -> dict[str, str]:
         "max_tokens": str(enc.max_tokens) if text else "none",
         "feature_dtype": enc.feature_dtype,
         "text_feature_dtype": enc.text_feature_dtype if text else "none",
+        **(repa_fields(repa) if repa is not None else {}),
         "source": repr(sorted((k, v) for k, v in asdict(data.source).items() if k not in SOURCE_PATHS)),
         "tristage_version": tristage_version(),
         "cache_format": FORMAT,
         # data.val_fraction changes which samples the training shards hold (data/val_split.py); absent at
         # 0, so caches without a split keep their fingerprint
         **({"val_fraction": str(data.val_fraction)} if data.val_fraction else {}),
+    }
+
+
+def repa_fields(repa: RepaFeatures) -> dict[str, str]:
+    """The REPA encoder's identity (weights digest included), input resolution and stored dtype."""
+    return {
+        "repa_encoder": f"{repa.encoder}@{weights_digest(repa.encoder)}",
+        "repa_resolution": str(repa.resolution),
+        "repa_feature_dtype": repa.dtype,
     }
 
 

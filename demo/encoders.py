@@ -1,10 +1,13 @@
-"""Tiny frozen text encoder for the offline demo: a word-level tokenizer and a 2-layer T5.
+"""Tiny frozen encoders for the offline demo: a word-level tokenizer and a 2-layer T5, and a small
+DINOv2 for REPA.
 
 The real stages use ``google/t5-v1_1-xxl``.  The demo builds a T5EncoderModel of
 the same class from a small config (random, frozen, seeded) and a tokenizer
 whose vocabulary covers the demo captions, saves both with ``save_pretrained``
 and everything downstream loads them back through ``from_pretrained`` -- the
-same path a real hub id takes.
+same path a real hub id takes.  REPA's reference encoder is ``facebook/dinov2-base``;
+the demo's is a ``Dinov2Model`` of the same class, 4 layers wide 64, trained on the demo's
+own renders (``demo/assets/train_demo_encoder.py``, committed in ``demo/assets/demo_encoder``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+from transformers import Dinov2Config, Dinov2Model, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from tristage.demo import synthetic
 
@@ -94,3 +97,43 @@ def write_encoders(root: Path, vae_channels: tuple[int, ...] = (16, 16, 32, 32))
     ).save_pretrained(root / "vae")
     tokenizer, text_encoder = write_demo_text_encoder(root)
     return {"vae": root / "vae", "tokenizer": tokenizer, "text_encoder": text_encoder}
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2's preprocessing
+
+
+def build_vision_encoder(
+    hidden: int = 64, layers: int = 4, patch: int = 8, image_size: int = 64, seed: int = 0
+) -> Dinov2Model:
+    """A small ``Dinov2Model`` (DINOv2's class: CLS + patch tokens, final LayerNorm), random from ``seed``."""
+    config = Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=4 * hidden,
+        patch_size=patch,
+        image_size=image_size,
+    )
+    torch.manual_seed(seed)
+    return Dinov2Model(config).eval()
+
+
+def save_vision_encoder(model: Dinov2Model, folder: Path) -> Path:
+    """Weights plus the image processor's config (mean and std, as the hub's DINOv2 folders hold)."""
+    from transformers import BitImageProcessorPil
+
+    side = model.config.image_size
+    model.save_pretrained(folder)
+    processor = BitImageProcessorPil(
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+    )
+    processor.save_pretrained(folder)
+    return folder
+
+
+def demo_vision_encoder_path() -> Path:
+    """The committed demo REPA encoder (trained once by ``demo/assets/train_demo_encoder.py``)."""
+    return Path(__file__).parent / "assets" / "demo_encoder"

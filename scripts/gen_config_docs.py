@@ -133,13 +133,26 @@ class Resolver:
         return self.lookup(self.module(origin[0]), origin[1], kind)
 
     def dataclass_of(self, module: Module, annotation: ast.expr) -> tuple[Module, ast.ClassDef] | None:
-        """The config dataclass a field's annotation names, if it names one."""
+        """The config dataclass a field's annotation names (``X`` or ``X | None``), if it names one."""
+        annotation = _without_none(annotation)
         if not isinstance(annotation, ast.Name):
             return None
         found = self.lookup(module, annotation.id, "class")
         if found is None or not _is_dataclass(found[1]):
             return None
         return found
+
+
+def _without_none(annotation: ast.expr) -> ast.expr:
+    """``X | None`` -> ``X``: an optional section (null: off), whose keys are documented all the same."""
+    if isinstance(annotation, ast.BinOp) and isinstance(annotation.op, ast.BitOr):
+        sides = [s for s in (annotation.left, annotation.right) if not _is_none(s)]
+        return sides[0] if len(sides) == 1 else annotation
+    return annotation
+
+
+def _is_none(node: ast.expr) -> bool:
+    return isinstance(node, ast.Constant) and node.value is None
 
 
 def _is_dataclass(node: ast.ClassDef) -> bool:
@@ -223,6 +236,8 @@ def leaf_keys(resolver: Resolver, module: Module, cls: ast.ClassDef, prefix: str
         key = f"{prefix}{node.target.id}"
         nested = resolver.dataclass_of(module, node.annotation)
         if nested is not None:
+            if _without_none(node.annotation) is not node.annotation:  # optional: its own row (null: off)
+                keys.append(leaf(resolver, module, node, docstring, key))
             keys += leaf_keys(resolver, *nested, prefix=f"{key}.")
         else:
             keys.append(leaf(resolver, module, node, docstring, key))

@@ -110,6 +110,38 @@ class OptimConfig:
             positive("optim.grad_clip", self.grad_clip)
 
 
+MASK_MODES = ("random", "deferred")  # train.mask.mode (train/models/masking.py)
+
+
+@dataclass
+class MaskConfig:
+    """``train.mask``: drop a share of the patch tokens during (part of) training; null = off."""
+
+    ratio: float = 0.5  # share of each image's patch tokens dropped (MaskDiT: 0.5; MicroDiT: 0.75)
+    until_step: int | None = None  # steps below this are masked, later ones not (null: the whole run)
+    mode: str = "random"  # "random" (MaskDiT: drop after the patch embedding) | "deferred" (MicroDiT)
+    mixer_blocks: int = 1  # deferred: leading transformer blocks that see every token (the patch-mixer)
+
+    def __post_init__(self) -> None:
+        in_range("train.mask.ratio", self.ratio, 0.0, 1.0, open_high=True)  # the share dropped
+        if self.until_step is not None:
+            at_least("train.mask.until_step", self.until_step, 0)
+        check_choice("train.mask.mode", self.mode, MASK_MODES)
+        at_least("train.mask.mixer_blocks", self.mixer_blocks, 1)
+
+    def check_depth(self, depth: int) -> None:
+        """Deferred masking needs a block after the mixer (the model's depth comes from model.size)."""
+        if self.mode == "deferred" and self.mixer_blocks >= depth:
+            raise ConfigError(
+                f"key 'train.mask.mixer_blocks': {self.mixer_blocks} leaves no masked block in a model of "
+                f"depth {depth}; use 1 to {depth - 1}"
+            )
+
+    def active(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) trains masked."""
+        return self.until_step is None or step < self.until_step
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 300_000  # optimizer steps for the stage
@@ -125,6 +157,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each transformer block (slow first steps, faster after)
     allow_tf32: bool = True  # TF32 matmuls and convolutions on CUDA (Ampere and newer)
     parallelism: str = "ddp"  # ddp | fsdp (weights, grads, AdamW, EMA sharded) | fsdp_grad_op (fsdp.py)
+    mask: MaskConfig | None = None  # token masking (MaskDiT / MicroDiT, train/models/masking.py); null: off
 
     def __post_init__(self) -> None:
         # YAML reads an unquoted `no` (accelerate's word, e.g. `train.mixed_precision=no`) as false, and
@@ -244,6 +277,12 @@ class Config:
         check_choice("init_from_weights", self.init_from_weights, INIT_FROM_WEIGHTS)
         for i, label in enumerate(self.validation.class_labels):
             in_range(f"validation.class_labels[{i}]", label, 0, self.model.num_classes - 1)
+        # Keys whose range is the model's depth (model.size's); an unknown size is the builder's error.
+        if self.model.size in SIZES:
+            depth = SIZES[self.model.size].num_layers
+            for option in (self.objective.repa, self.train.mask):
+                if option is not None:
+                    option.check_depth(depth)
 
 
 def _one_line(path: str, err: OmegaConfBaseException, source: str | None = None) -> ConfigError:

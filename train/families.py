@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from diffusers import PixArtTransformer2DModel
 
 from tristage.data.config import EncoderConfig
+from tristage.data.repa_features import RepaFeatures
 from tristage.train.config import Config
 from tristage.train.conversion.converters import DIT_CONVERTERS, PIXART_CONVERTERS, Converter
 from tristage.train.models.dit import ClassConditionalDiT, build_dit
@@ -43,6 +44,7 @@ class Family:
     needs_text: bool  # conditioned on T5 caption features (else on class labels: no T5 anywhere)
     converters: Mapping[str, Converter]  # init_from source kind -> conversion into this family
     pipeline: Callable  # (transformer, vae, scheduler, text_encoder, tokenizer) -> diffusers pipeline
+    token_head: str  # the model's final per-token linear (token masking scatters its output to the grid)
 
 
 def _build_dit(cfg, out_channels: int) -> ClassConditionalDiT:
@@ -72,10 +74,18 @@ def _build_pixart(cfg, out_channels: int) -> PixArtTransformer2DModel:
 
 # model.family (its choices: train/config.py MODEL_FAMILIES) -> the spec
 FAMILIES: dict[str, Family] = {
-    # name: Family(model class, build, inputs, needs_text, converters (init_from), pipeline builder)
-    "dit": Family(ClassConditionalDiT, _build_dit, dit_inputs, False, DIT_CONVERTERS, dit_pipeline),
+    # name: Family(model class, build, inputs, needs_text, converters (init_from), pipeline, token head)
+    "dit": Family(
+        ClassConditionalDiT, _build_dit, dit_inputs, False, DIT_CONVERTERS, dit_pipeline, "proj_out_2"
+    ),
     "pixart": Family(
-        PixArtTransformer2DModel, _build_pixart, pixart_inputs, True, PIXART_CONVERTERS, pixart_pipeline
+        PixArtTransformer2DModel,
+        _build_pixart,
+        pixart_inputs,
+        True,
+        PIXART_CONVERTERS,
+        pixart_pipeline,
+        "proj_out",
     ),
 }
 
@@ -92,3 +102,9 @@ def feature_encoders(cfg: Config) -> EncoderConfig:
     if family_of(cfg.model.family).needs_text:
         return cfg.encoders
     return replace(cfg.encoders, text_encoder=None)
+
+
+def repa_features(cfg: Config) -> RepaFeatures | None:
+    """The REPA encoder features the run trains on (``objective.repa``), or None."""
+    repa = cfg.objective.repa
+    return None if repa is None else RepaFeatures(repa.encoder, repa.encoder_resolution, repa.feature_dtype)

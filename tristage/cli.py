@@ -123,7 +123,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 # `tristage bench NAME` -> bench/NAME.py, installed as tristage.bench.NAME
-BENCHES = {"resume": "resume", "cache": "cache", "train": "train", "caption": "caption"}
+BENCHES = {
+    "resume": "resume",
+    "cache": "cache",
+    "train": "train",
+    "caption": "caption",
+    "convergence": "convergence",
+}
 
 
 def _with_config(sub: argparse.ArgumentParser) -> None:

@@ -33,6 +33,22 @@ def test_bench_train_prints_overhead_throughput_and_the_validation_share():
     assert 0 < figures["val_share_of_wall"] < 1 and figures["val_rows_per_training_image"] > 0
 
 
+def test_bench_train_prints_the_cheaper_training_figures(capsys):
+    """``--mask-ratio`` and ``--repa`` (issue 38): Trainer runs with and without the option, one ratio
+    (the console script once; the second in this process, as ``tristage bench`` runs it)."""
+    from tristage.bench import train
+
+    args = "--steps 2 --repeats 1 --resolution 64 --window 2 --batch 2 --size tiny".split()
+    masked = run_cli("bench", "train", *args, "--mask-ratio", "0.5")
+    assert masked.returncode == 0, masked.stderr[-2000:]
+    figures = last_json(masked.stdout)
+    assert figures["masked_vs_full_img_per_s"] > 0 and figures["option"][0] == "train.mask.ratio=0.5"
+    assert figures["masked_img_per_s"] > 0 and figures["full_img_per_s"] > 0
+    train.main([*args, "--repa", "--encoder-width", "16", "--projector-dim", "32", "--threads", "1"])
+    figures = last_json(capsys.readouterr().out)
+    assert "repa_overhead" in figures and figures["repa_img_per_s"] > 0 and figures["steps"] == 2
+
+
 def test_bench_caption_prints_the_ratio(capsys):
     from tristage.bench import caption
 

@@ -132,16 +132,21 @@ def kill_all(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_fsdp_run_killed_and_resumed_is_bit_identical(runs, setup, tmp_path):
-    run_dir = tmp_path / "killed"
-    proc = launch_2proc(setup, run_dir)
+def kill_after_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int) -> int:
+    """SIGKILL the run (``kill_all``) once its checkpoint ``step`` is complete, a moment into the next
+    step; returns the newest complete checkpoint's step."""
     deadline = time.time() + TIMEOUT
-    while newest_step(run_dir) < EVERY and proc.poll() is None and time.time() < deadline:
+    while newest_step(run_dir) < step and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.05)  # into the next step: a longer wait let a fast machine reach the last save (6 of 6)
     assert proc.poll() is None, "the run ended before it could be killed"
     kill_all(proc)
-    killed_at = newest_step(run_dir)
+    return newest_step(run_dir)
+
+
+def test_fsdp_run_killed_and_resumed_is_bit_identical(runs, setup, tmp_path):
+    run_dir = tmp_path / "killed"
+    killed_at = kill_after_checkpoint(launch_2proc(setup, run_dir), run_dir, EVERY)
     assert EVERY <= killed_at < STEPS and not (run_dir / "final").exists()
     result = run_cli_2proc("train", str(setup), *overrides(run_dir, "fsdp"), timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]

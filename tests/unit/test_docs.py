@@ -80,17 +80,26 @@ def test_configuration_page_is_current():
 
 def test_configuration_page_has_every_key_of_the_typed_config():
     """Every leaf key the loader knows (walked through the real dataclasses) has its row, with its default."""
+    import typing
     from dataclasses import MISSING, fields, is_dataclass
 
     from tristage.train.config import Config
+
+    def optional_section(cls, name):
+        """``X | None`` where X is a config dataclass (an optional section, null: off), else None."""
+        args = typing.get_args(typing.get_type_hints(cls)[name])
+        sections = [a for a in args if is_dataclass(a)]
+        return sections[0] if type(None) in args and sections else None
 
     def leaves(cls, prefix=""):
         for f in fields(cls):
             default = f.default_factory() if f.default_factory is not MISSING else f.default
             if is_dataclass(default):
                 yield from leaves(type(default), f"{prefix}{f.name}.")
-            else:
-                yield f"{prefix}{f.name}", default
+                continue
+            yield f"{prefix}{f.name}", default
+            if (section := optional_section(cls, f.name)) is not None:
+                yield from leaves(section, f"{prefix}{f.name}.")
 
     rows = {row.key: row for section in gen_config_docs().sections() for row in section.keys}
     keys = dict(leaves(Config))

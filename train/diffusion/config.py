@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from omegaconf import MISSING
+
 from tristage.checks import at_least, check_choice, in_range, positive
+from tristage.data.config import FEATURE_DTYPES
 from tristage.errors import ConfigError
 
 # The choices, in the names diffusers uses where it has them (objective.py keys its tables by them).
@@ -15,6 +18,41 @@ PREDICTIONS = ("epsilon", "v", "flow")  # objective.prediction (objective.py TAR
 BETA_SCHEDULES = ("linear", "scaled_linear")  # objective.beta_schedule (objective.py BETA_SCHEDULE_FNS)
 WEIGHTINGS = ("none", "min_snr")  # objective.weighting
 MIN_SNR_PREDICTIONS = ("epsilon", "v")  # where min-SNR is defined (objective.py MIN_SNR_DENOMINATOR)
+PROJECTOR = "repa_projector"  # the REPA projector's attribute on the transformer (its state-dict prefix)
+PAPER_BLOCK, PAPER_DEPTH = 8, 28  # REPA aligns SiT-XL/2's block 8 of 28
+
+
+@dataclass
+class RepaConfig:
+    """``objective.repa``: align an early block with a frozen encoder's cached patch features; null = off
+    (``repa.py``)."""
+
+    encoder: str = MISSING  # vision encoder, hub id or folder (AutoModel): e.g. facebook/dinov2-base
+    encoder_resolution: int = 224  # encoder input side for an image of data.resolution (REPA: 224 at 256 px)
+    block: int | None = None  # 1-based block whose output is aligned; null: 8 of 28, scaled to the depth
+    weight: float = 0.5  # lambda: the alignment loss's weight in the total loss (REPA: 0.5)
+    projector_dim: int = 2048  # hidden width of the 3-layer projector MLP (REPA: 2048)
+    feature_dtype: str = "bfloat16"  # dtype of the cached encoder features: bfloat16 | float16 | float32
+
+    def __post_init__(self) -> None:
+        at_least("objective.repa.encoder_resolution", self.encoder_resolution, 1)
+        at_least("objective.repa.projector_dim", self.projector_dim, 1)
+        if self.block is not None:
+            at_least("objective.repa.block", self.block, 1)  # 1-based
+        positive("objective.repa.weight", self.weight)
+        check_choice("objective.repa.feature_dtype", self.feature_dtype, FEATURE_DTYPES)
+
+    def block_for(self, depth: int) -> int:
+        """The aligned block of a ``depth``-block model: ``block``, or REPA's 8 of 28 scaled to the depth."""
+        return self.block or max(1, round(PAPER_BLOCK * depth / PAPER_DEPTH))
+
+    def check_depth(self, depth: int) -> None:
+        """The block must exist (the model's depth comes from model.size)."""
+        if self.block_for(depth) > depth:
+            raise ConfigError(
+                f"key 'objective.repa.block': {self.block} is past the model's depth {depth}; "
+                f"use 1 to {depth}"
+            )
 
 
 @dataclass
@@ -48,6 +86,9 @@ class ObjectiveConfig:
     the detail's MSE, so fine structure the plain loss barely sees gets a gradient of its own."""
     detail_pool: int = 2
     """Side in latent pixels of the blocks whose mean detail_weight removes (a patch-2 token: 2)."""
+    repa: RepaConfig | None = None
+    """REPA: align an early block with a frozen encoder's cached patch features (train/diffusion/repa.py);
+    null (the default) is off."""
 
     def __post_init__(self) -> None:
         check_choice("objective.prediction", self.prediction, PREDICTIONS)

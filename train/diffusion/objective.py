@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from tristage.train.diffusion.config import ObjectiveConfig
+from tristage.train.diffusion.repa import RepaTap, alignment_loss, target_tokens
+from tristage.train.models.masking import KeptTokens
 
 LN2 = math.log(2.0)
 
@@ -72,6 +74,17 @@ DIFFUSERS_PREDICTION_TYPE: dict[str, str] = {"epsilon": "epsilon", "v": "v_predi
 def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over all but the batch dimension: (B, ...) -> (B,)."""
     return x.flatten(1).mean(dim=1)
+
+
+def _mean_kept(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over all but the batch dimension of the elements a (B, 1, H, W) bool ``mask`` keeps (None: all).
+
+    ``where``, not a product: a dropped element never reaches the mean (nor its gradient), whatever it
+    holds.  With every element kept this is ``_mean_flat`` bit for bit (the share divided by is 1.0)."""
+    if mask is None:
+        return _mean_flat(x)
+    kept = mask.flatten(1).to(x.dtype).mean(dim=1)  # (B,) share of the pixels kept
+    return _mean_flat(torch.where(mask, x, 0.0)) / kept
 
 
 def block_detail(x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -282,20 +295,23 @@ class Objective:
         t: torch.Tensor,
         eps: torch.Tensor,
         var_values: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample VLB term L_t in bits (B,): KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0 and the
         discretised decoder NLL -log p(x0|x1) for t == 0 (IDDPM ``_vb_terms_bpd``, clip_denoised=False).
 
-        Pass a detached `eps` to train only the variance through this term, as ``loss`` does.
+        Pass a detached `eps` to train only the variance through this term, as ``loss`` does. Both terms
+        are sums of independent per-dimension terms, so over the pixels a bool ``mask`` (B, 1, H, W) keeps
+        (token masking) their mean is the same bound per kept dimension.
         """
         pred_x0 = self._gather("sqrt_recip_alphas_cumprod", t, x_t) * x_t
         pred_x0 = pred_x0 - self._gather("sqrt_recipm1_alphas_cumprod", t, x_t) * eps  # (B, C, H, W)
         model_mean, _ = self.q_posterior(pred_x0, x_t, t)
         model_log_var = self.model_log_variance(var_values, t)  # (B, C, H, W)
         true_mean, true_log_var = self.q_posterior(x0, x_t, t)
-        kl = _mean_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / LN2  # (B,)
+        kl = _mean_kept(normal_kl(true_mean, true_log_var, model_mean, model_log_var), mask) / LN2  # (B,)
         log_lik = discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
-        decoder_nll = -_mean_flat(log_lik) / LN2  # (B,)
+        decoder_nll = -_mean_kept(log_lik, mask) / LN2  # (B,)
         return torch.where(t == 0, decoder_nll, kl)
 
     def loss_terms(
@@ -305,12 +321,14 @@ class Objective:
         noise: torch.Tensor,
         x_t: torch.Tensor,
         t: torch.Tensor,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample (weighted MSE, VLB), each (B,), from the raw model output (2*C channels if learn_sigma).
 
         Hybrid loss as DiT (LossType.MSE, ModelVarType.LEARNED_RANGE): the VLB sees the mean through a
         stop-gradient, so it trains only the variance. DiT does not multiply the VLB by T / 1000 (that is
         IDDPM's RESCALED_MSE); neither do we. For "v", the detached v is converted to eps for the VLB mean.
+        A bool ``mask`` (B, 1, H, W) limits both terms to the pixels of the kept tokens (token masking).
         """
         channels = x0.shape[1]
         expected = channels * (2 if self.config.learn_sigma else 1)
@@ -321,15 +339,17 @@ class Objective:
             )
         pred, var_values = model_output[:, :channels], model_output[:, channels:]  # (B, C, H, W) each
         error = self.target(x0, noise, t) - pred  # (B, C, H, W)
-        mse = _mean_flat(error**2)
+        if mask is not None:  # dropped pixels out of the detail blocks' means too
+            error = torch.where(mask, error, 0.0)
+        mse = _mean_kept(error**2, mask)
         if self.config.detail_weight:
             detail = block_detail(error, self.config.detail_pool)
-            mse = mse + self.config.detail_weight * _mean_flat(detail**2)
+            mse = mse + self.config.detail_weight * _mean_kept(detail**2, mask)
         mse = mse * self.mse_weight(t, x0.dtype)  # (B,)
         if not self.config.learn_sigma:
             return mse, torch.zeros_like(mse)
         eps = self.to_eps(pred.detach(), x_t, t)  # stop-grad mean
-        return mse, self.vlb(x0, x_t, t, eps, var_values)
+        return mse, self.vlb(x0, x_t, t, eps, var_values, mask)
 
     def loss(
         self,
@@ -338,6 +358,8 @@ class Objective:
         *,
         noise: torch.Tensor,
         timesteps: torch.Tensor,
+        kept: KeptTokens | None = None,
+        tap: RepaTap | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One training loss on ``batch = {"latents": x0 (B, C, H, W), "cond": {model kwargs}}`` at the
         given ``timesteps`` (B,) (in the model's units, see the module docstring) and ``noise`` (like x0).
@@ -346,21 +368,46 @@ class Objective:
         float32; the model gets x_t in the latents' dtype. Returns the scalar mean loss and detached metric
         tensors: "loss_mse" and "loss_vlb" (batch means; "loss_mse" weighted as it enters the loss),
         "per_sample_loss" (B,) and "timesteps" (B,), for per-timestep-bucket logging without a host sync.
-        """
+
+        ``kept`` (token masking): the model runs on those tokens (``keep_tokens=``), the loss is taken on
+        their pixels.  ``objective.repa``: ``batch["repa"]`` holds the cached encoder features and ``tap``
+        the projected block; "repa_loss" and "repa_cos" are logged (``_alignment_term``)."""
         latents = batch["latents"]
         x0 = latents.to(torch.promote_types(latents.dtype, torch.float32))  # (B, C, H, W)
         noise = noise.to(x0.dtype)
         x_t = self.add_noise(x0, noise, timesteps)  # (B, C, H, W)
-        out = model(x_t.to(latents.dtype), timestep=timesteps, return_dict=False, **batch.get("cond", {}))[0]
-        mse, vlb = self.loss_terms(out.to(x0.dtype), x0, noise, x_t, timesteps)
-        per_sample = mse + vlb  # (B,)
-        metrics = {
-            "loss_mse": mse.detach().mean(),
-            "loss_vlb": vlb.detach().mean(),
-            "per_sample_loss": per_sample.detach(),
-            "timesteps": timesteps.detach(),
-        }
+        masked = {} if kept is None else {"keep_tokens": kept.index}
+        cond = batch.get("cond", {})
+        out = model(x_t.to(latents.dtype), timestep=timesteps, return_dict=False, **cond, **masked)[0]
+        mask = None if kept is None else kept.pixels()
+        mse, vlb = self.loss_terms(out.to(x0.dtype), x0, noise, x_t, timesteps, mask)
+        metrics = {"loss_mse": mse.detach().mean(), "loss_vlb": vlb.detach().mean()}
+        per_sample = mse + vlb + self._alignment_term(batch, tap, x0.shape[-2:], kept, metrics)  # (B,)
+        metrics.update(per_sample_loss=per_sample.detach(), timesteps=timesteps.detach())
         return per_sample.mean(), metrics
+
+    def _alignment_term(
+        self, batch: Mapping[str, Any], tap: RepaTap | None, size, kept: KeptTokens | None, metrics: dict
+    ) -> torch.Tensor | float:
+        """``weight`` x the per-sample REPA loss (B,), logged into ``metrics``; 0 without objective.repa."""
+        if self.config.repa is None:
+            return 0.0
+        align = self.alignment(batch["repa"], tap, size, kept)  # (B,)
+        metrics.update(repa_loss=align.detach().mean(), repa_cos=-align.detach().mean())
+        return self.config.repa.weight * align
+
+    def alignment(
+        self, features: torch.Tensor, tap: RepaTap, size: tuple[int, int], kept: KeptTokens | None
+    ) -> torch.Tensor:
+        """Per-sample REPA loss (B,) of the tap's projected tokens against cached encoder ``features``
+        (B, h, w, D), on the DiT's token grid of latents of ``size`` -- on the kept tokens under masking."""
+        grid = (size[0] // tap.patch, size[1] // tap.patch)
+        target = target_tokens(features.to(torch.float32), grid)  # (B, N, D)
+        projected = tap.take()  # (B, N, D), or (B, K, D) when the block ran on the kept tokens
+        if kept is not None:
+            target = kept.gather(target)
+            projected = kept.gather(projected) if projected.shape[1] != target.shape[1] else projected
+        return alignment_loss(projected, target)
 
     def scheduler_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for a diffusers DDPM-family scheduler (DDPM, DDIM, DPMSolverMultistep, ...)

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import torch
 
+from tristage.train.diffusion.repa import without_projector
 from tristage.train.training import fsdp
 
 
@@ -81,15 +82,16 @@ def ema_weights(model: torch.nn.Module, ema: EMA):
 def whole_ema_model(model: torch.nn.Module, ema: EMA, is_main: bool, device: torch.device):
     """The EMA weights in a whole (unsharded) model on the main process (None elsewhere).
 
-    Unsharded: ``model`` itself, EMA swapped in for the duration.  Sharded (FSDP): every rank takes
-    part in gathering the EMA, one tensor at a time, into a plain copy on the main process (built from
-    the model's config), so sampling and ``save_pretrained`` see ordinary tensors and no rank waits on
-    a collective the others never enter."""
+    Unsharded: ``model`` itself, EMA swapped in for the duration (and a REPA projector, which the EMA
+    does not hold and inference never uses, detached: ``final/`` and the pipelines never see it).
+    Sharded (FSDP): every rank takes part in gathering the EMA, one tensor at a time, into a plain copy
+    on the main process (built from the model's config), so sampling and ``save_pretrained`` see
+    ordinary tensors and no rank waits on a collective the others never enter."""
     if not fsdp.is_sharded(model):
         if not is_main:
             yield None
             return
-        with ema_weights(model, ema):
+        with without_projector(model), ema_weights(model, ema):
             yield model
         return
     weights = fsdp.gather_full(ema.state_dict(), is_main)

@@ -27,9 +27,10 @@ class Window:
         self.data_wait = 0.0  # seconds spent waiting on the loader (Trainer._next_batch)
 
     def add(self, metrics: dict, batch: int) -> None:
-        for key in ("loss", "loss_mse", "loss_vlb", "grad_norm"):
-            value = metrics[key].float()
-            self.sums[key] = self.sums.get(key, torch.zeros((), device=self.device)) + value
+        """Sum every scalar metric (loss, its terms, grad_norm, repa_loss...); bucket the per-sample loss."""
+        for key, value in metrics.items():
+            if value.dim() == 0:
+                self.sums[key] = self.sums.get(key, torch.zeros((), device=self.device)) + value.float()
         t = metrics["timesteps"].float()
         bucket = (t / self.num_timesteps * TIMESTEP_BUCKETS).long().clamp(0, TIMESTEP_BUCKETS - 1)
         self.bucket_sum.index_add_(0, bucket, metrics["per_sample_loss"].float())

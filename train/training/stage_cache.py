@@ -12,7 +12,7 @@ from tristage.data.cache import run_cache
 from tristage.data.fingerprint import fingerprint
 from tristage.data.val_split import val_source_data
 from tristage.train.config import Config
-from tristage.train.families import feature_encoders
+from tristage.train.families import feature_encoders, repa_features
 
 
 def cached_prompts(cfg: Config) -> list[str]:
@@ -23,14 +23,15 @@ def cached_prompts(cfg: Config) -> list[str]:
 
 
 def cache_stage(cfg: Config, accelerator, rebuild: bool = False) -> dict | None:
-    """``tristage cache`` for one stage config: its data, its family's encoders, its validation prompts;
+    """``tristage cache`` for one stage config: its data, its family's encoders (and the REPA encoder's
+    features, with ``objective.repa``), its validation prompts;
     with ``data.val_paths`` first the source's own validation split, into ``CACHE/val/``."""
-    encoders, timeout = feature_encoders(cfg), cfg.run.lock_timeout
+    encoders, timeout, repa = feature_encoders(cfg), cfg.run.lock_timeout, repa_features(cfg)
     if cfg.data.val_paths:
-        run_cache(val_source_data(cfg.data), encoders, accelerator, (), rebuild, timeout)
-    return run_cache(cfg.data, encoders, accelerator, cached_prompts(cfg), rebuild, timeout)
+        run_cache(val_source_data(cfg.data), encoders, accelerator, (), rebuild, timeout, repa)
+    return run_cache(cfg.data, encoders, accelerator, cached_prompts(cfg), rebuild, timeout, repa)
 
 
 def expected_fingerprint(cfg: Config) -> dict[str, str]:
     """What the manifest of the stage's cache must hold (``data/fingerprint.py``)."""
-    return fingerprint(cfg.data, feature_encoders(cfg))
+    return fingerprint(cfg.data, feature_encoders(cfg), repa_features(cfg))

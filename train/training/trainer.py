@@ -39,11 +39,14 @@ from omegaconf import OmegaConf
 
 from tristage.data.features import CacheError, FeatureLoader, LoaderSpec, sample_latents
 from tristage.data.fingerprint import tristage_version
+from tristage.data.repa_features import WIDTH as REPA_WIDTH
 from tristage.train.config import Config, save_config
 from tristage.train.conversion.init_from import load_initial_weights
+from tristage.train.diffusion import repa
 from tristage.train.diffusion.objective import Objective
 from tristage.train.families import family_of
-from tristage.train.models import null_caption
+from tristage.train.models import masking, null_caption
+from tristage.train.models.sizes import size_of
 from tristage.train.models.speed import build_for_training
 from tristage.train.training import evaluation, fsdp, resume_checks, runlock, tracking, validation
 from tristage.train.training.checkpoint_files import TrainState
@@ -74,10 +77,10 @@ class Trainer:
         set_tf32(cfg.train.allow_tf32)
         self.objective = Objective(cfg.objective)
         self.family = family_of(cfg.model.family)
+        self.loader = self._loader()  # before the model: the REPA projector's width is in its manifest
         self.model = self._build_model()
         self.guard = GUARDS[cfg.train.nonfinite_check](self.accelerator.device)
         self.sharded = False  # train.parallelism fsdp*: the model's parameters are DTensor shards
-        self.loader = self._loader()
         self.adamw = self.optimizer = self.scheduler = None  # AdamW and its schedule: built once, in _prepare
         self.state = TrainState(version=tristage_version())  # step, samples seen (saved by the Checkpointer)
         self.checkpointer = Checkpointer(cfg, self.accelerator, self.mirror)  # saves and restores everything
@@ -91,9 +94,13 @@ class Trainer:
         )
 
     def _build_model(self) -> torch.nn.Module:
-        """The family's model with the configured attention, checkpointing and compilation."""
+        """The family's model with the configured attention, checkpointing and compilation, its REPA
+        projector and tap (``objective.repa``) and its token-masking hooks (``train.mask``)."""
         out_channels = self.cfg.model.in_channels * (2 if self.cfg.objective.learn_sigma else 1)
-        return build_for_training(self.family.build, self.cfg.model, out_channels, self.cfg.train.compile)
+        model = build_for_training(self.family.build, self.cfg.model, out_channels, self.cfg.train.compile)
+        self.tap = repa.attach(model, self.cfg.objective.repa, self.loader.manifest.get(REPA_WIDTH))
+        masking.install(model, self.cfg.train.mask, self.family.token_head)  # hooks: the model holds them
+        return model
 
     def _optimizer(self) -> None:
         """AdamW over the model's parameters as they train (whole, or FSDP's shards) and its LR schedule."""
@@ -201,12 +208,14 @@ class Trainer:
         resume = self.checkpointer.find()
         source_null = None
         if resume is None and self.cfg.init_from is not None:
-            source_null = load_initial_weights(self.model, self.cfg)  # before it is wrapped or sharded
+            with repa.without_projector(self.model):  # the handoff carries no projector: it starts afresh
+                source_null = load_initial_weights(self.model, self.cfg)  # before it is wrapped or sharded
         elif self.cfg.init_from is not None:
             self._info(f"resuming from {resume}; init_from={self.cfg.init_from} is ignored")
         self._set_null_caption(source_null)  # a resumed run reads the buffer it keeps in run.dir
         self._prepare()
-        self.ema = EMA(self._unwrapped(), self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
+        with repa.without_projector(self._unwrapped()) as plain:  # the EMA is what final/ exports
+            self.ema = EMA(plain, self.cfg.train.ema_decay, self.cfg.train.ema_warmup)
         # The raw AdamW: its state dict is what DCP's get_state_dict maps to parameter names.
         parts = Saved(self.model, self.ema, self.adamw, self.scheduler, self.loader, self.guard, self.state)
         self.checkpointer.load(parts)
@@ -296,18 +305,25 @@ class Trainer:
         device = self.accelerator.device
         batch = {k: to_device(v, device) for k, v in batch.items()}
         latents, noise = sample_latents(batch, device)
-        cond = self.family.inputs(batch)
+        inputs = {"latents": latents, "cond": self.family.inputs(batch), "repa": batch.get("repa")}
         timesteps = self.objective.timesteps_from_uniform(batch["u"]).to(device)
+        kept = self._kept(batch, latents)
         with self.accelerator.autocast():
             loss, metrics = self.objective.loss(
-                self.model,
-                {"latents": latents, "cond": cond},
-                noise=noise,
-                timesteps=timesteps,
+                self.model, inputs, noise=noise, timesteps=timesteps, kept=kept, tap=self.tap
             )
         self.accelerator.backward(loss * scale if scale != 1.0 else loss)
         metrics.update(loss=loss.detach())
         return metrics
+
+    def _kept(self, batch: dict, latents: torch.Tensor) -> masking.KeptTokens | None:
+        """This step's kept tokens under ``train.mask`` (None: unmasked, off or past ``until_step``)."""
+        mask = self.cfg.train.mask
+        if mask is None or not mask.active(self.state.step):
+            return None
+        patch = size_of(self.cfg.model.size).patch_size
+        grid = (latents.shape[-2] // patch, latents.shape[-1] // patch)
+        return masking.draw_kept(batch["noise_draw"], grid, patch, mask.ratio, latents.device)
 
     def _clip_grad_norm(self) -> torch.Tensor:
         """Clip to ``optim.grad_clip`` (None: no clipping, as DiT) and return the global norm."""
