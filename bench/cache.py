@@ -62,6 +62,9 @@ class FakeEncoders:
     def encode_text(self, captions: list[str], max_tokens: int) -> list[torch.Tensor]:
         return [torch.randn(min(self.tokens, max_tokens), self.width, generator=self.g) for _ in captions]
 
+    def encode_aligned(self, pixels: torch.Tensor) -> None:
+        return None  # no REPA encoder (objective.repa off)
+
 
 def bench_config(cache_dir: Path, batch_size: int = 16, text_dtype: str = "bfloat16"):
     from tristage.train.config import Config

@@ -55,7 +55,8 @@ def ours(cfg, captioner, accelerator) -> tuple[Clock, int]:
     source = caption_source(cfg)
     units = source.units()
     clock = Clock(captioner.device)
-    caption_units(captioner, source, units, parts, accelerator)
+    background = tuple(cfg.data.source.alpha_background)
+    caption_units(captioner, source, units, parts, accelerator, cfg.run.lock_timeout, background)
     captions, _, _ = assemble(units, parts, str(cfg.caption.output))
     return clock.stop(), captions
 

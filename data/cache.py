@@ -203,6 +203,18 @@ class ShardWriter:
             return None
         return self.encoders.encode_text(captions, self.enc.max_tokens)
 
+    def abort(self) -> None:
+        """Drop the temporary shard's open file without writing more: after a failed write (a full disk)
+        tarfile's own close, run again at garbage collection, would fail once more and print a traceback.
+        The temporary file itself is removed by the unit's owner (``remove_stale_tmp``)."""
+        self.writer.tarstream.closed = True  # no end-of-archive blocks
+        stream, self.writer.own_fileobj = self.writer.own_fileobj, None
+        if stream is not None and not stream.closed:
+            try:
+                stream.close()
+            except OSError:
+                pass  # the buffered bytes the disk refused: the shard is abandoned anyway
+
     def close(self, skips: Skips, images: int, rank: int, provenance: dict | None = None) -> None:
         """Flush, fsync, rename into place, then write the completeness marker.
 
@@ -263,14 +275,20 @@ def cache_unit(
     val = str(val_dir(cache_dir))
     held = ShardWriter(enc, encoders, shard_path(val, unit), staging_dir(val)) if data.val_fraction else None
     seen = 0
-    for item in source.read(unit, skips):
-        seen += 1
-        decoded = decode(item, data, skips)
-        if decoded is not None:
-            (held if held and held_out(item.key, data.val_fraction) else writer).add(*decoded)
-    if held is not None:  # closed first: a unit marked done has both shards
-        held.close(Skips(), held.written, rank, provenance)
-    writer.close(skips, seen, rank, provenance)
+    try:
+        for item in source.read(unit, skips):
+            seen += 1
+            decoded = decode(item, data, skips)
+            if decoded is not None:
+                (held if held and held_out(item.key, data.val_fraction) else writer).add(*decoded)
+        if held is not None:  # closed first: a unit marked done has both shards
+            held.close(Skips(), held.written, rank, provenance)
+        writer.close(skips, seen, rank, provenance)
+    except BaseException:
+        for open_writer in (writer, held):
+            if open_writer is not None:
+                open_writer.abort()
+        raise
     return seen
 
 

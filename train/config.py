@@ -343,9 +343,16 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _one_line(f"{path} (command-line override)", err) from None
-    except ConfigError as err:  # a section's __post_init__ check: it names the key, we add the file
-        raise ConfigError(f"{path}: {err}") from None
+    except ConfigError as err:  # a section's __post_init__ check: it names the key, we add where it was set
+        raise ConfigError(f"{_origin(path, overrides, str(err))}: {err}") from None
     return cfg
+
+
+def _origin(path: str, overrides: list[str] | tuple[str, ...], message: str) -> str:
+    """Where the key a check names was set: the file, or the command line when an override set it."""
+    named = re.match(r"key '([\w.]+)", message)
+    given = {item.split("=", 1)[0].lstrip("+") for item in overrides}
+    return f"{path} (command-line override)" if named and named.group(1) in given else path
 
 
 def to_yaml(cfg: Config) -> str:

@@ -18,9 +18,9 @@ from tristage.demo.tiny_run import write_tiny_stage1
 from tristage.train.config import load_config, save_config
 from tristage.train.inference.export import export
 from tristage.train.training import checkpoint_files as ckpt
-from tristage.train.training import dcp
 from tristage.train.training.stage_cache import cache_stage
 
+from ..checkpoints import read_full
 from ..conftest import run_cli, run_cli_2proc, start_2proc
 from .test_fsdp import kill_after_checkpoint
 
@@ -97,7 +97,7 @@ def test_repa_and_masking_train_alike_under_ddp_and_fsdp(runs, tmp_path):
     }
     assert any(
         k.startswith("repa_projector.")
-        for k in dcp.read_full(ckpt.step_dir(runs["fsdp"] / "checkpoints", STEPS), "model")
+        for k in read_full(ckpt.step_dir(runs["fsdp"] / "checkpoints", STEPS), "model")
     )
     for run_dir in runs.values():  # training-only: not in the EMA, final/ or the export
         assert not any(k.startswith("repa_projector.") for k in final_weights(run_dir))
@@ -124,7 +124,7 @@ def test_fsdp_run_killed_and_resumed_is_bit_identical(runs, setup, tmp_path):
     last = ckpt.step_dir(run_dir / "checkpoints", STEPS)
     reference = ckpt.step_dir(runs["fsdp"] / "checkpoints", STEPS)
     for entry in ("model", "ema", "optim"):
-        got, want = dcp.read_full(last, entry), dcp.read_full(reference, entry)
+        got, want = read_full(last, entry), read_full(reference, entry)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), entry
     got, want = final_weights(run_dir), final_weights(runs["fsdp"])
     assert all(torch.equal(got[k], want[k]) for k in want)
@@ -142,7 +142,7 @@ def launch_2proc_with(config: Path, run_dir: Path) -> subprocess.Popen:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("train.mask.ratio=1.0", "key 'train.mask.ratio': must be in [0, 1) (share dropped), got 1.0"),
+        ("train.mask.ratio=1.0", "key 'train.mask.ratio': must be in [0.0, 1.0), got 1.0"),
         ("objective.repa.block=3", "key 'objective.repa.block': 3 is past the model's depth 2; use 1 to 2"),
     ],
 )

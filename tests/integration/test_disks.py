@@ -102,6 +102,8 @@ def captioning(tmp_path_factory) -> dict:
 
 
 def one_line(stderr: str) -> str:
+    """The one error line; no traceback anywhere (not even one Python prints while collecting garbage)."""
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
     lines = [line for line in stderr.splitlines() if line.startswith("tristage ")]
     assert len(lines) == 1, stderr[-3000:]
     return lines[0]

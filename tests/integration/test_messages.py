@@ -91,9 +91,11 @@ def test_a_blank_prompt_is_one_line_and_writes_nothing(exports, tmp_path, prompt
     assert not out.exists()
 
 
-def test_unconditional_samples_the_empty_prompt(exports, tmp_path):
+@pytest.mark.parametrize("blank", [[], ["--prompt", ""], ["--prompt", "   "]])
+def test_unconditional_samples_the_empty_prompt(exports, tmp_path, blank):
+    """--unconditional adds the empty prompt once; a blank --prompt beside it is that prompt, not an error."""
     out = tmp_path / "out"
-    args = ["--prompt", "a red circle", "--unconditional", "--steps", "2", "--out", str(out)]
+    args = ["--prompt", "a red circle", *blank, "--unconditional", "--steps", "2", "--out", str(out)]
     result = run_cli("sample", str(exports["pixart"]), *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in out.glob("*.png")) == ["000_00.png", "001_00.png"]

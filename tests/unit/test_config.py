@@ -94,7 +94,7 @@ def test_data_choices_are_checked_where_declared(override, message):
     path = ROOT / "demo/configs/stage1.yaml"
     with pytest.raises(ConfigError) as err:
         load_config(path, [override])
-    assert str(err.value).startswith(f"{path}: {message}") and "\n" not in str(err.value)
+    assert str(err.value).startswith(f"{path} (command-line override): {message}") and "\n" not in str(err.value)
 
 
 def test_encoder_dtype_choices_are_the_ones_the_cache_pass_knows():
@@ -177,3 +177,17 @@ def test_init_from_folder_without_a_model_is_one_line(capsys, tmp_path):
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "init_from" in line and str(empty) in line and "holds no model" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_value_is_named_where_it_was_set(tmp_path):
+    """The file when the YAML set it, the command line when an override did."""
+    path = tmp_path / "stage.yaml"
+    path.write_text((ROOT / "demo/configs/stage1.yaml").read_text().replace("lr: 1.0e-3", "lr: -1.0"))
+    with pytest.raises(ConfigError) as in_file:
+        load_config(path)
+    assert str(in_file.value) == f"{path}: key 'optim.lr': must be > 0, got -1.0"
+    with pytest.raises(ConfigError) as on_line:
+        load_config(ROOT / "demo/configs/stage1.yaml", ["optim.lr=-2"])
+    assert str(on_line.value) == (
+        f"{ROOT / 'demo/configs/stage1.yaml'} (command-line override): key 'optim.lr': must be > 0, got -2.0"
+    )

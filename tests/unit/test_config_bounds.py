@@ -56,7 +56,7 @@ def _refused(key: str, value: str) -> str:
     with pytest.raises(ConfigError) as err:
         load_config(CONFIG, ["run.dir=unused", f"{key}={value}"])
     message = str(err.value)
-    assert "\n" not in message and message.startswith(f"{CONFIG}: "), message
+    assert "\n" not in message and message.startswith(f"{CONFIG} (command-line override): "), message
     return message
 
 
@@ -103,7 +103,7 @@ def test_every_numeric_key_has_a_bound(key: str, kind: type, is_list: bool):
 )
 def test_a_bad_value_is_one_line_naming_key_value_and_range(override: str, message: str):
     key, value = override.split("=", 1)
-    assert _refused(key, value).startswith(f"{CONFIG}: {message}")
+    assert _refused(key, value).startswith(f"{CONFIG} (command-line override): {message}")
 
 
 def test_the_defaults_are_in_range():

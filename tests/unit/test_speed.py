@@ -82,7 +82,7 @@ def test_xformers_missing_is_a_one_line_error_naming_the_key(setup, tmp_path, ca
     ],
 )
 def test_bad_speed_options_name_key_and_file(setup, tmp_path, override, message):
-    with pytest.raises(ConfigError, match="^" + re.escape(f"{setup}: {message}")):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{setup} (command-line override): {message}")):
         cfg_for(setup, tmp_path / "run", override)
 
 

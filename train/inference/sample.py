@@ -110,13 +110,14 @@ def check_numbers(steps: int, num_images: int, guidance: float) -> None:
 
 def prompts_of(args: argparse.Namespace) -> list[str]:
     """The prompts to sample, in order; ``--unconditional`` adds the empty one.  A blank ``--prompt`` is
-    refused: it would silently sample the unconditional model (blank prompt-file lines are skipped)."""
+    refused unless ``--unconditional`` is given (then it is that empty prompt): alone it would silently
+    sample the unconditional model.  Blank prompt-file lines are skipped."""
     for n, prompt in enumerate(args.prompt, 1):
-        if not prompt.strip():
+        if not prompt.strip() and not args.unconditional:
             raise SampleError(
                 f"--prompt number {n} is empty; give text, or --unconditional to sample without a prompt"
             )
-    prompts = list(args.prompt)
+    prompts = [p for p in args.prompt if p.strip()]
     if args.prompt_file:
         prompts += [p.strip() for p in Path(args.prompt_file).read_text().splitlines() if p.strip()]
     if args.unconditional:
