@@ -56,5 +56,7 @@ def test_a_value_out_of_range_is_one_line_and_nothing_is_written(setup, tmp_path
     before = _files(cache)
     result = run_cli("train", str(setup), f"run.dir={tmp_path / 'run'}", override)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines() == [f"tristage train: error: {setup} (command-line override): {message}"]
+    assert result.stderr.strip().splitlines() == [
+        f"tristage train: error: {setup} (command-line override): {message}"
+    ]
     assert not (tmp_path / "run").exists() and _files(cache) == before

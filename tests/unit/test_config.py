@@ -94,7 +94,9 @@ def test_data_choices_are_checked_where_declared(override, message):
     path = ROOT / "demo/configs/stage1.yaml"
     with pytest.raises(ConfigError) as err:
         load_config(path, [override])
-    assert str(err.value).startswith(f"{path} (command-line override): {message}") and "\n" not in str(err.value)
+    text = str(err.value)
+    assert text.startswith(f"{path} (command-line override): {message}") and "
+" not in text
 
 
 def test_encoder_dtype_choices_are_the_ones_the_cache_pass_knows():

@@ -204,7 +204,9 @@ def test_bad_mask_keys_are_one_line_naming_the_key(override, message):
     path = ROOT / "demo/configs/stage1.yaml"
     with pytest.raises(ConfigError) as err:
         load_config(path, [override])
-    assert str(err.value).startswith(f"{path} (command-line override): {message}") and "\n" not in str(err.value)
+    text = str(err.value)
+    assert text.startswith(f"{path} (command-line override): {message}") and "
+" not in text
 
 
 def test_deferred_mixer_must_leave_a_masked_block():
