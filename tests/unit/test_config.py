@@ -95,8 +95,7 @@ def test_data_choices_are_checked_where_declared(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(path, [override])
     text = str(err.value)
-    assert text.startswith(f"{path} (command-line override): {message}") and "
-" not in text
+    assert text.startswith(f"{path} (command-line override): {message}") and "\n" not in text
 
 
 def test_encoder_dtype_choices_are_the_ones_the_cache_pass_knows():

@@ -205,8 +205,7 @@ def test_bad_mask_keys_are_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(path, [override])
     text = str(err.value)
-    assert text.startswith(f"{path} (command-line override): {message}") and "
-" not in text
+    assert text.startswith(f"{path} (command-line override): {message}") and "\n" not in text
 
 
 def test_deferred_mixer_must_leave_a_masked_block():

@@ -191,8 +191,7 @@ def test_bad_repa_keys_are_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(path, ["objective.repa.encoder=some/encoder", *overrides])
     text = str(err.value)
-    assert text.startswith(f"{path} (command-line override): {message}") and "
-" not in text
+    assert text.startswith(f"{path} (command-line override): {message}") and "\n" not in text
     assert load_config(path, ["objective.repa.encoder=e", "objective.repa.block=6"]).objective.repa.block == 6
 
 
