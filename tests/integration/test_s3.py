@@ -80,6 +80,8 @@ def overrides(raw: str, cache_dir: str, run_dir: str, *extra: str) -> list[str]:
         f"train.max_steps={STEPS}",
         "train.log_every=1",
         "validation.every=0",
+        "validation.loss_every=0",
+        "validation.metrics_every=0",
         f"checkpoint.every={STEPS // 2}",
         "checkpoint.keep_last=2",
         "tracking.mode=disabled",
