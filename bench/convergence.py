@@ -77,6 +77,8 @@ def variant_config(name: str, args: argparse.Namespace):
         "checkpoint.keep_last=1000",
         "tracking.mode=disabled",
         "validation.every=0",
+        "validation.loss_every=0",  # the steps to the target are what is compared, not the evaluations
+        "validation.metrics_every=0",
         *((f"train.max_steps={args.steps}",) if args.steps else ()),
         *repa,
         *VARIANTS[name],
@@ -89,7 +91,7 @@ def train_variant(name: str, args: argparse.Namespace) -> Path:
     """Cache (once per cache folder) and train the variant unless its run finished; its run folder."""
     from accelerate import Accelerator
 
-    from tristage.train.families import cache_stage
+    from tristage.train.training.stage_cache import cache_stage
     from tristage.train.training.trainer import run_train
 
     cfg = variant_config(name, args)
@@ -164,7 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     from tristage.demo.run import FULL
 
     if not (args.workdir / "data" / "synsets.txt").is_file():
-        synthetic.write_stage1(args.workdir / "data", args.images or FULL.stage1_images)
+        # with the demo's held-out split: the stage config names it (data.val_paths)
+        images = args.images or FULL.stage1_images
+        synthetic.write_stage1(args.workdir / "data", images, held_out=FULL.held_out)
     names = args.variants.split(",")
     if args.target is None and "base" not in names:
         raise SystemExit("tristage bench convergence: without base in --variants, give --target")

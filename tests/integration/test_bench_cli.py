@@ -49,6 +49,20 @@ def test_bench_train_prints_the_cheaper_training_figures(capsys):
     assert "repa_overhead" in figures and figures["repa_img_per_s"] > 0 and figures["steps"] == 2
 
 
+def test_bench_convergence_prints_steps_to_the_target(tmp_path):
+    """``tristage bench convergence`` from the console script, on a tiny world: every variant's curve of
+    scored checkpoints and its steps to base's last shape rate."""
+    args = "--variants base,mask --images 36 --steps 20 --every 10 --seeds 0 --per-class 1".split()
+    done = run_cli("bench", "convergence", *args, "--workdir", str(tmp_path / "work"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = last_json(done.stdout)
+    assert set(figures["variants"]) == {"base", "mask"} and figures["seeds"] == "0"
+    for variant in figures["variants"].values():
+        assert [row["step"] for row in variant["curve"]] == [10, 20]
+        assert all(0.0 <= row["mean"] <= 1.0 for row in variant["curve"])
+    assert figures["variants"]["base"]["steps_to_target"] in (10, 20)  # base reaches its own last rate
+
+
 def test_bench_caption_prints_the_ratio(capsys):
     from tristage.bench import caption
 
