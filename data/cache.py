@@ -246,11 +246,7 @@ def staging_dir(cache_dir: str) -> Path:
     a URL a local folder named after it (so a rerun finds, and deletes, a killed pass's leftovers)."""
     if storage.is_local(cache_dir):
         return Path(cache_dir)
-    import tempfile
-
-    import xxhash
-
-    folder = Path(tempfile.gettempdir()) / "tristage-staging" / xxhash.xxh3_64_hexdigest(cache_dir.encode())
+    folder = storage.local_folder_for(cache_dir, "staging")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -548,6 +544,7 @@ def cache_pass(
     are then shared by the passes of one host)."""
     cache_dir, (fp, idents) = str(data.cache_dir), recorded
     locks, local = staging_dir(cache_dir), storage.is_local(cache_dir)
+    folders = (cache_dir, str(val_dir(cache_dir))) if data.val_fraction else (cache_dir,)
 
     def provenance(u: Unit) -> dict:
         return {"fingerprint": fp, "unit": u.key, "input": idents[u.key]}
@@ -562,7 +559,7 @@ def cache_pass(
         done=lambda u: storage.exists(marker(u)),
         run=lambda u: cache_unit(data, enc, encoders(), source, u, cache_dir, rank, provenance(u)),
         outputs=lambda u: [Path(shard_path(cache_dir, u)), Path(marker(u))] if local else [],
-        remove_tmp=lambda u: remove_stale_tmp([u], cache_dir, str(val_dir(cache_dir))),
+        remove_tmp=lambda u: remove_stale_tmp([u], *folders),
         lock_timeout=lock_timeout,
     )
 

@@ -250,9 +250,7 @@ def lock_folder(parts: str) -> Path:
     folder named after them (units are then shared by the passes of one host)."""
     if storage.is_local(parts):
         return Path(parts)
-    import xxhash
-
-    folder = Path(tempfile.gettempdir()) / "tristage-locks" / xxhash.xxh3_64_hexdigest(parts.encode())
+    folder = storage.local_folder_for(parts, "locks")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

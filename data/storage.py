@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import glob as local_glob
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,6 +117,12 @@ def glob(pattern: str) -> list[str]:
         return sorted(local_glob.glob(pattern))
     fs, path = _filesystem(pattern)
     return sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
+
+
+def local_folder_for(url: str, kind: str) -> Path:
+    """The local folder that stands in for ``url`` on this host: ``TMPDIR/tristage-KIND/<xxh3 of url>``,
+    the same on every rerun (so a rerun finds what a killed pass left there); not created here."""
+    return Path(tempfile.gettempdir()) / f"tristage-{kind}" / xxhash.xxh3_64_hexdigest(url.encode())
 
 
 @_remote

@@ -22,11 +22,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
-
-import xxhash
 
 from tristage.data import storage
 from tristage.train.config import Config
@@ -38,7 +35,7 @@ STEP = re.compile(r"step_(\d+)")
 
 def working_dir(url: str) -> Path:
     """The local working folder of the run at ``url`` (TMPDIR: put it on local disk)."""
-    return Path(tempfile.gettempdir()) / "tristage-runs" / xxhash.xxh3_64_hexdigest(url.encode())
+    return storage.local_folder_for(url, "runs")
 
 
 class RunMirror:
